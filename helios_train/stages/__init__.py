@@ -1,0 +1,72 @@
+"""Stage algorithms. A stage supplies roles (models + optimizer settings), the phases of a step and
+the loss of one micro-batch for a role; `helios_train/trainer.py` runs every stage the same way."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+STAGES = {
+    "base": "helios_train.stages.base:BaseStage",
+}
+PLANNED = {
+    "mid": "the Mid stage (PUPC) is not implemented yet (issue: Mid stage)",
+    "distilled": "the Distilled stage (ODE + DMD) is not implemented yet (issue: Distilled stage)",
+}
+
+
+@dataclass
+class RoleSpec:
+    module: torch.nn.Module
+    optim: Any  # OptimConfig
+
+
+class Stage:
+    """Interface (and shared helpers) of a stage. Subclasses fill the methods below."""
+
+    name = "abstract"
+
+    def __init__(self, cfg, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        self.roles: dict = {}  # name → PreparedRole, set by `bind`
+
+    def role_specs(self) -> dict[str, RoleSpec]:
+        raise NotImplementedError
+
+    def bind(self, prepared: dict) -> None:
+        self.roles = prepared
+
+    def phases(self, step: int) -> list[str]:
+        """Role names updated at `step`, in order (one optimizer step each)."""
+        return list(self.roles)
+
+    def prepare_batch(self, batch: dict) -> dict:
+        return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    def loss(self, role: str, batch: dict, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def tokens_per_sample(self) -> dict[str, int]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def check_stage_name(name: str) -> None:
+    if name in PLANNED:
+        raise NotImplementedError(f"stage={name}: {PLANNED[name]}")
+    if name not in STAGES:
+        raise ValueError(f"stage.name={name!r}: expected one of {sorted(STAGES) + sorted(PLANNED)}")
+
+
+def build_stage(cfg, device: torch.device) -> Stage:
+    check_stage_name(cfg.stage.name)
+    module_name, cls_name = STAGES[cfg.stage.name].split(":")
+    return getattr(importlib.import_module(module_name), cls_name)(cfg, device)

@@ -1,0 +1,46 @@
+"""`python -m helios_train stage=base|mid|distilled [overrides]` — Hydra entry, dispatch only."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from helios_train.config import register_configs
+
+CONF_DIR = os.environ.get("HELIOS_CONF_DIR", str(Path(__file__).resolve().parent.parent / "conf"))
+register_configs()
+
+
+def run(cfg: DictConfig) -> dict:
+    from helios_train import run_setup
+    from helios_train.trainer import Trainer
+    from helios_train.tracking import wandb_env_defaults
+
+    wandb_env_defaults()
+    run_setup.validate(cfg)
+    is_main = int(os.environ.get("RANK", 0)) == 0
+    run_setup.ensure_toy_assets(cfg)  # file-locked: every rank may call it
+    shards = run_setup.resolve_shards(cfg, run_setup.world_size())
+    from helios_train.model.loading import check_model_dir
+
+    check_model_dir(cfg.model)
+    run_dir, resume_from, config = run_setup.prepare_run_dir(cfg, is_main)
+    trainer = Trainer(cfg, run_dir, shards, resume_from, config)
+    return trainer.train()
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    logging.getLogger("helios_train").setLevel(logging.INFO)
+    result = run(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        shown = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in result.items() if "/" not in k}
+        print(f"[helios-train] done: {shown}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

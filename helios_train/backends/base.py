@@ -1,0 +1,114 @@
+"""The small interface the trainer uses for every execution backend (single, DDP, DeepSpeed).
+
+A stage declares roles (generator, critic, ...), each a module with its trainable parameters. The
+backend `prepare`s each role — wrapping the module (DDP / DeepSpeed engine) and owning how its
+gradients are reduced, clipped and applied — so the training loop is the same under every backend.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from helios_train import checkpoint as ckpt
+
+
+@dataclass
+class PreparedRole:
+    name: str
+    module: torch.nn.Module  # the unwrapped model (for saving / adapter toggling)
+    model: torch.nn.Module  # what the stage calls forward on (DDP / engine wrapper or the module)
+    optimizer: Optional[torch.optim.Optimizer]
+    scheduler: Any
+    max_grad_norm: float
+    params: list = field(default_factory=list)
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("trainer.device=cuda but CUDA is not available")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+class Backend:
+    """Single-process backend; DDP and DeepSpeed override the distributed parts."""
+
+    name = "single"
+
+    def __init__(self, launcher_cfg, trainer_cfg):
+        self.launcher_cfg = launcher_cfg
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if self.world_size != 1 and self.name == "single":
+            raise RuntimeError(
+                f"launcher=single but WORLD_SIZE={self.world_size}: use launcher=ddp (or deepspeed) under torchrun"
+            )
+        self.device = resolve_device(trainer_cfg.device, self.local_rank)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- roles -------------------------------------------------------------------------------
+    def prepare(self, name, module, optimizer, scheduler, max_grad_norm) -> PreparedRole:
+        params = [p for p in module.parameters() if p.requires_grad]
+        return PreparedRole(name, module, module, optimizer, scheduler, max_grad_norm, params)
+
+    def accumulation_context(self, role: PreparedRole, is_last_micro: bool):
+        return contextlib.nullcontext()
+
+    def backward(self, role: PreparedRole, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def grad_norm_and_step(self, role: PreparedRole) -> tuple[float, bool]:
+        """Clip, then step unless the gradient is non-finite. Returns (pre-clip norm, stepped)."""
+        norm = torch.nn.utils.clip_grad_norm_(role.params, role.max_grad_norm or float("inf"))
+        norm = float(self.all_max(norm.detach()))
+        stepped = math.isfinite(norm)
+        if stepped:
+            role.optimizer.step()
+            role.scheduler.step()
+        role.optimizer.zero_grad(set_to_none=True)
+        return norm, stepped
+
+    def current_lr(self, role: PreparedRole) -> float:
+        return role.optimizer.param_groups[0]["lr"]
+
+    # -- collectives -------------------------------------------------------------------------
+    def barrier(self) -> None:
+        pass
+
+    def all_mean(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def all_max(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def all_sum_int(self, value: int) -> int:
+        return value
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_role(self, role: PreparedRole, directory: Path) -> None:
+        if self.is_main:
+            ckpt.save_trainables(role.module, directory / f"{role.name}.trainable.safetensors")
+            ckpt.save_torch(role.optimizer.state_dict(), directory / f"{role.name}.optimizer.pt")
+            ckpt.save_torch(role.scheduler.state_dict(), directory / f"{role.name}.scheduler.pt")
+
+    def load_role(self, role: PreparedRole, directory: Path) -> None:
+        ckpt.load_trainables(role.module, directory / f"{role.name}.trainable.safetensors")
+        role.optimizer.load_state_dict(ckpt.load_torch(directory / f"{role.name}.optimizer.pt"))
+        role.scheduler.load_state_dict(ckpt.load_torch(directory / f"{role.name}.scheduler.pt"))
+
+    def shutdown(self) -> None:
+        pass

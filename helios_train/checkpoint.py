@@ -1,0 +1,124 @@
+"""Atomic training checkpoints: `checkpoint-<step>/` exists only once every file of it is written.
+
+Layout of one checkpoint (all ranks take part; rank 0 writes the shared parts):
+  <role>.trainable.safetensors  trainable tensors only (LoRA + full-trained extras), fp32
+  <role>.optimizer.pt / <role>.scheduler.pt   torch state dicts (loaded with weights_only=True)
+  rng-rank<r>.pt                torch CPU / device / generator RNG states, python `random` state
+  data-rank<r>.json             data-loader position of every worker of rank r
+  trainer_state.json            step, counters, stage state
+  COMPLETE                      written last; a directory without it is never resumed from
+
+Writes go to `.tmp-checkpoint-<step>/` and are renamed at the end, so a kill at any moment leaves
+either the previous complete checkpoint or the new one, never a half one; stale temp dirs are
+removed at start-up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MARKER = "COMPLETE"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first."""
+    out = []
+    if run_dir.is_dir():
+        for child in run_dir.iterdir():
+            m = _CKPT.match(child.name)
+            if m and (child / MARKER).is_file():
+                out.append((int(m.group(1)), child))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    found = checkpoint_dirs(run_dir)
+    return found[-1][1] if found else None
+
+
+def remove_incomplete(run_dir: Path) -> list[Path]:
+    """Delete temp dirs and marker-less checkpoint dirs left by an interrupted write."""
+    removed = []
+    if run_dir.is_dir():
+        for child in run_dir.iterdir():
+            half = child.name.startswith(".tmp-checkpoint-") or (
+                _CKPT.match(child.name) and not (child / MARKER).is_file()
+            )
+            if half and child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+    return removed
+
+
+def prune(run_dir: Path, keep: Optional[int]) -> None:
+    if keep is None or keep <= 0:
+        return
+    for _, path in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def tmp_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / f".tmp-checkpoint-{step}"
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def save_trainables(module: torch.nn.Module, path: Path) -> None:
+    save_file(trainable_state(module), str(path))
+
+
+def load_trainables(module: torch.nn.Module, path: Path) -> None:
+    state = load_file(str(path))
+    params = dict(module.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state))[:5], sorted(set(state) - expected)[:5]
+        raise ValueError(
+            f"{path}: trainable tensors do not match this model (missing {missing}, unexpected {extra}); "
+            "was the LoRA rank or the trainables policy changed?"
+        )
+    with torch.no_grad():
+        for name, value in state.items():
+            if params[name].shape != value.shape:
+                raise ValueError(f"{path}: {name} has shape {list(value.shape)}, model has {list(params[name].shape)}")
+            params[name].copy_(value.to(params[name].dtype))
+
+
+def save_torch(obj, path: Path) -> None:
+    torch.save(obj, str(path))
+
+
+def load_torch(path: Path):
+    # weights_only: a checkpoint file can never execute code when loaded (see tests/test_security.py).
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def write_json(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".part")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def finalize(run_dir: Path, step: int, keep: Optional[int]) -> Path:
+    """Mark the temp dir complete and move it into place (rank 0 only, after every rank wrote)."""
+    src, dst = tmp_dir(run_dir, step), run_dir / f"checkpoint-{step}"
+    (src / MARKER).write_text(str(step))
+    if dst.exists():  # re-saving the same step (e.g. final == periodic): replace atomically enough
+        shutil.rmtree(dst)
+    os.replace(src, dst)
+    prune(run_dir, keep)
+    return dst

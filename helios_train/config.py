@@ -1,0 +1,167 @@
+"""Structured config schema for every stage, registered in Hydra's ConfigStore.
+
+Why dataclasses: Hydra merges the YAML files of `conf/` into these typed nodes in struct mode, so a
+misspelled key (`trainer.lr_rate=1`) or a wrong type fails at start-up with Hydra's message naming
+the key, before any model is built. Mechanism-specific configs live next to their mechanism
+(`anti_drift.AntiDriftConfig`, `pyramid.PyramidConfig`, ...) and are composed here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from helios_train.anti_drift import AntiDriftConfig
+from helios_train.guidance import GuidanceConfig
+from helios_train.history import HistoryConfig
+from helios_train.pyramid import PyramidConfig
+from helios_train.task_dropout import TaskDropoutConfig
+from helios_train.timesteps import TimestepConfig
+
+
+@dataclass
+class LoraConfig:
+    """PEFT LoRA on the transformer (spec §1.4): every nn.Linear whose name has no "norm"."""
+
+    rank: int = 128
+    alpha: Optional[int] = None  # None = rank (scale 1, as the official recipes)
+    init: str = "gaussian"  # PEFT init_lora_weights: A ~ N(0, 1/r), B = 0
+    dropout: float = 0.0
+    target: str = "all-linear"
+    exclude: list[str] = field(default_factory=lambda: ["norm"])  # substrings of module names to skip
+
+
+@dataclass
+class TrainablesConfig:
+    """Which tensors a stage trains (spec §1.4 table). Modes: "full" | "lora" | "frozen"."""
+
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    patch_embedding: str = "lora"
+    memory_patches: str = "full"  # patch_short / patch_mid / patch_long
+    # Only when the checkpoint has no memory patches (starting from Wan2.1):
+    # "after_load" copies the *loaded* patch_embedding into them (spec §4 intent, our default);
+    # "official" derives them from a random patch embedding (the official order bug, spec §12.1).
+    memory_patch_init: str = "after_load"
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # Diffusers-layout folder (transformer/, vae/, text_encoder/, tokenizer/, scheduler/, model_index.json).
+    path: str = MISSING
+    transformer_path: Optional[str] = None  # overrides <path>/<transformer_subfolder>
+    transformer_subfolder: str = "transformer"
+    build_toy: bool = False  # build the tiny random checkpoint at `path` when missing
+    weight_dtype: str = "fp32"  # frozen base weights: fp32 | bf16 (trainables always fp32)
+    gradient_checkpointing: bool = False
+    text_max_length: int = 512
+    # Transformer config overrides applied when building from scratch (toy) — empty for real weights.
+    transformer_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ToyDataConfig:
+    num_videos: int = 24
+    videos_per_shard: int = 3
+    height: int = 64
+    width: int = 128
+    frame_choices: list[int] = field(default_factory=lambda: [99, 121, 132, 165])
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    mode: str = "latents"  # latents (pre-encoded shards) | raw (mp4 decoded + encoded online)
+    shards: str = MISSING  # brace pattern, glob or comma-separated list of .tar paths
+    build_toy: bool = False
+    toy: ToyDataConfig = field(default_factory=ToyDataConfig)
+    batch_size: int = 2
+    num_workers: int = 0
+    shuffle_buffer: int = 16
+    seed: int = 0
+    # Expected latent geometry; shard members that disagree are skipped and counted.
+    latent_channels: int = 16
+    latent_height: Optional[int] = None
+    latent_width: Optional[int] = None
+    min_chunks: int = 3  # official length filter: >= 121 frames -> >= 3 chunks of 33
+    max_skip_fraction: float = 0.5  # stop when more than this fraction of read samples is bad
+
+
+@dataclass
+class StageConfig:
+    name: str = MISSING
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    timesteps: TimestepConfig = field(default_factory=TimestepConfig)
+    anti_drift: AntiDriftConfig = field(default_factory=AntiDriftConfig)
+    task_dropout: TaskDropoutConfig = field(default_factory=TaskDropoutConfig)
+    trainables: TrainablesConfig = field(default_factory=TrainablesConfig)
+    pyramid: PyramidConfig = field(default_factory=PyramidConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-4
+    eps: float = 1e-8
+    lr_scheduler: str = "constant"  # any diffusers.optimization.get_scheduler name
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 30
+    grad_accum_steps: int = 1
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mixed_precision: str = "no"  # no | bf16 (autocast on CUDA; CPU runs fp32 unless asked)
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 43
+    seed_per_rank: bool = True  # False = official behaviour: every rank draws the same noise/timesteps
+    log_every: int = 1
+    checkpoint_every: int = 10
+    checkpoints_total_limit: Optional[int] = None
+    max_consecutive_nonfinite: int = 5
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "single"  # single | ddp | deepspeed
+    backend: str = "auto"  # process-group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    find_unused_parameters: bool = False
+
+
+@dataclass
+class TrackerConfig:
+    name: str = "wandb"
+    mode: str = "offline"  # online | offline | disabled
+    project: str = "helios-train"
+    entity: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    stage: StageConfig = field(default_factory=StageConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    run_name: str = MISSING
+    output_root: str = "checkpoints"
+    toy_root: str = "checkpoints/_toy"
+    # auto: continue from the newest complete checkpoint of this run if there is one;
+    # latest: same but fail if there is none; never: fail if the run dir already has checkpoints;
+    # or a path to a checkpoint-N directory.
+    resume: str = "auto"
+
+
+def register_configs() -> None:
+    """Register the schema so `conf/config.yaml` can list it first in its defaults."""
+    cs = ConfigStore.instance()
+    cs.store(name="helios_schema", node=Config)

@@ -1,0 +1,77 @@
+"""Safe decoders for shard members: `.npy` without pickles, `.json`, and `.mp4` through decord.
+
+Why not webdataset's default decoders: they unpickle `.pyd`/`.pickle` members and need torchvision
+for video. Here every member type we accept is listed explicitly and anything else is ignored.
+"""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import torch
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; `reason` is the counter it is skipped under."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def decode_npy(data: bytes, name: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exn:  # includes "Object arrays cannot be loaded when allow_pickle=False"
+        raise BadSample("bad_array", f"member {name}: not a plain .npy array ({exn})") from exn
+
+
+def decode_json(data: bytes | None, name: str) -> dict:
+    if data is None:
+        return {}
+    try:
+        meta = json.loads(data.decode("utf-8"))
+    except Exception as exn:
+        raise BadSample("bad_json", f"member {name}: invalid JSON ({exn})") from exn
+    if not isinstance(meta, dict):
+        raise BadSample("bad_json", f"member {name}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def caption_of(meta: dict, key: str) -> str:
+    """The caption (official `cap[0]` lists are accepted too); a missing one skips the sample."""
+    cap = meta.get("caption", meta.get("cap"))
+    if isinstance(cap, list):
+        cap = cap[0] if cap else None
+    if not isinstance(cap, str) or not cap.strip():
+        raise BadSample("missing_caption", f"sample {key}: no caption in its json member")
+    return cap
+
+
+def decode_mp4(data: bytes, key: str, first_frame: int = 0, num_frames: int | None = None) -> torch.Tensor:
+    """Decode frames [first, first+num) of an mp4 with decord → float tensor [3, F, H, W] in [-1, 1]."""
+    import decord  # imported lazily: worker processes that only read latents never need it
+
+    try:
+        reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
+        total = len(reader)
+        end = total if num_frames is None else first_frame + num_frames
+        if end > total:
+            raise BadSample("too_short", f"sample {key}: needs frames up to {end}, video has {total}")
+        frames = reader.get_batch(list(range(first_frame, end))).asnumpy()  # [F, H, W, 3] uint8
+    except BadSample:
+        raise
+    except Exception as exn:
+        raise BadSample("decode_error", f"sample {key}: mp4 could not be decoded ({exn})") from exn
+    video = torch.from_numpy(frames).permute(3, 0, 1, 2).float()
+    return video / 127.5 - 1.0
+
+
+def mp4_frame_count(data: bytes, key: str) -> int:
+    import decord
+
+    try:
+        return len(decord.VideoReader(io.BytesIO(data), num_threads=1))
+    except Exception as exn:
+        raise BadSample("decode_error", f"sample {key}: mp4 could not be opened ({exn})") from exn

@@ -1,0 +1,115 @@
+"""Turn one raw shard sample into the Base-stage sample contract (spec §2 "Training sampling").
+
+Contract (both modes yield the same keys after `OnlineEncoder` has run on raw batches):
+  key: str, caption: str, chunk_index: int,
+  x0 [C,1,h,w] (first latent of the video, zero when chunk_index == 0),
+  history [C,19,h,w] (oldest → newest, zero-padded), target [C,9,h,w], prompt_embeds [L,D].
+Raw mode yields frames instead of latents (`context_frames`, `context_valid`, `first_frame`) and the
+trainer encodes them on its device (`helios_train/data/online_encoding.py`).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import torch
+
+from helios_train.data.decoding import BadSample, caption_of, decode_json, decode_mp4, decode_npy, mp4_frame_count
+from helios_train.history import HistoryConfig, assemble_history_sample
+
+PIXEL_FRAMES_PER_CHUNK = 33  # (9 - 1) * 4 + 1 pixel frames per 9-latent chunk (causal Wan VAE)
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """Per-sample, per-epoch randomness (chunk choice) that does not depend on worker or order."""
+    digest = hashlib.sha256(f"{seed}/{epoch}/{key}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def context_chunks(history_cfg: HistoryConfig) -> int:
+    """How many whole chunks before the target are needed to fill the history (19 frames → 3)."""
+    return math.ceil(sum(history_cfg.history_sizes) / history_cfg.latent_window_size)
+
+
+def latent_sample(raw: dict, data_cfg, history_cfg: HistoryConfig, epoch: int) -> dict:
+    key = raw["__key__"]
+    if "latents.npy" not in raw:
+        raise BadSample("missing_member", f"sample {key}: no latents.npy member")
+    if "prompt_embed.npy" not in raw:
+        raise BadSample("missing_member", f"sample {key}: no prompt_embed.npy member")
+    meta = decode_json(raw.get("json"), f"{key}.json")
+    caption = caption_of(meta, key)
+    latents = decode_npy(raw["latents.npy"], f"{key}.latents.npy")
+    window = history_cfg.latent_window_size
+    expected = ["S", data_cfg.latent_channels, window, data_cfg.latent_height, data_cfg.latent_width]
+    ok = latents.ndim == 5 and all(e in ("S", None) or e == got for e, got in zip(expected, latents.shape))
+    if not ok:
+        shown = ", ".join("S" if e == "S" else ("h" if e is None else str(e)) for e in expected)
+        raise BadSample(
+            "bad_latent_shape", f"sample {key}: latents.npy has shape {list(latents.shape)}, expected [{shown}]"
+        )
+    if latents.shape[0] < data_cfg.min_chunks:
+        raise BadSample("too_short", f"sample {key}: {latents.shape[0]} chunks < data.min_chunks={data_cfg.min_chunks}")
+    embed = decode_npy(raw["prompt_embed.npy"], f"{key}.prompt_embed.npy")
+    if embed.ndim != 2:
+        raise BadSample("bad_embed_shape", f"sample {key}: prompt_embed.npy has shape {list(embed.shape)}, expected [L, D]")
+    chunk = int(sample_rng(data_cfg.seed, epoch, key).integers(latents.shape[0]))
+    x0, history, target = assemble_history_sample(torch.from_numpy(latents.astype(np.float32)), chunk, history_cfg)
+    return {
+        "key": key,
+        "caption": caption,
+        "chunk_index": chunk,
+        "x0": x0,
+        "history": history,
+        "target": target,
+        "prompt_embeds": torch.from_numpy(embed.astype(np.float32)),
+    }
+
+
+def raw_sample(raw: dict, data_cfg, history_cfg: HistoryConfig, epoch: int) -> dict:
+    key = raw["__key__"]
+    if "mp4" not in raw:
+        raise BadSample("missing_member", f"sample {key}: no mp4 member")
+    meta = decode_json(raw.get("json"), f"{key}.json")
+    caption = caption_of(meta, key)
+    total = mp4_frame_count(raw["mp4"], key)
+    num_chunks = total // PIXEL_FRAMES_PER_CHUNK
+    if num_chunks < data_cfg.min_chunks:
+        raise BadSample("too_short", f"sample {key}: {total} frames = {num_chunks} chunks < data.min_chunks")
+    chunk = int(sample_rng(data_cfg.seed, epoch, key).integers(num_chunks))
+    n_ctx = context_chunks(history_cfg)
+    first = max(0, chunk - n_ctx)
+    frames = decode_mp4(raw["mp4"], key, first * PIXEL_FRAMES_PER_CHUNK, (chunk + 1 - first) * PIXEL_FRAMES_PER_CHUNK)
+    _, _, height, width = frames.shape
+    # Front-pad to n_ctx context chunks + target so batches stack; padded chunks are zero latents
+    # later, exactly like the official zero-prepended history for chunk < 3.
+    context = torch.zeros(n_ctx + 1, 3, PIXEL_FRAMES_PER_CHUNK, height, width)
+    valid = torch.zeros(n_ctx + 1, dtype=torch.bool)
+    real = chunk + 1 - first
+    context[n_ctx + 1 - real :] = frames.reshape(3, real, PIXEL_FRAMES_PER_CHUNK, height, width).transpose(0, 1)
+    valid[n_ctx + 1 - real :] = True
+    first_frame = frames[:, :1] if first == 0 else decode_mp4(raw["mp4"], key, 0, 1)
+    return {
+        "key": key,
+        "caption": caption,
+        "chunk_index": chunk,
+        "context_frames": context,
+        "context_valid": valid,
+        "first_frame": first_frame,
+    }
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack tensors, keep strings/ints as lists/tensors."""
+    batch: dict = {}
+    for name in samples[0]:
+        values = [s[name] for s in samples]
+        if isinstance(values[0], torch.Tensor):
+            batch[name] = torch.stack(values)
+        elif isinstance(values[0], int):
+            batch[name] = torch.tensor(values, dtype=torch.long)
+        else:
+            batch[name] = values
+    batch["keys"] = batch.pop("key")
+    return batch

@@ -1,0 +1,91 @@
+"""Load the Helios components from one diffusers-layout folder — the same code for the toy and the 14B.
+
+transformer: `HeliosTransformer3DModel.from_pretrained(path, subfolder="transformer")`; a Wan2.1
+checkpoint (no memory patches) loads too, the patches then being initialised from the loaded patch
+embedding (model/memory_patches.py). VAE and text encoder are only needed for raw-mode data and
+validation, so they are loaded on demand.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from helios_train.model.memory_patches import init_memory_patches, memory_patches_missing
+
+log = logging.getLogger(__name__)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_model_dir(model_cfg) -> None:
+    """Fail before any work when the folder is not a diffusers-layout Helios/Wan checkpoint."""
+    root = model_cfg.transformer_path or os.path.join(model_cfg.path, model_cfg.transformer_subfolder)
+    cfg_file = os.path.join(root, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(
+            f"model.path: no transformer config at {cfg_file!r}; expected a diffusers-layout folder with "
+            f"'{model_cfg.transformer_subfolder}/config.json' (set model.path=... or model.transformer_path=...)"
+        )
+
+
+def load_transformer(model_cfg, trainables_cfg=None, device="cpu"):
+    from diffusers import HeliosTransformer3DModel
+
+    check_model_dir(model_cfg)
+    if model_cfg.transformer_path:
+        kwargs = {"pretrained_model_name_or_path": model_cfg.transformer_path}
+    else:
+        kwargs = {"pretrained_model_name_or_path": model_cfg.path, "subfolder": model_cfg.transformer_subfolder}
+    dtype = torch_dtype(model_cfg.weight_dtype)
+    try:
+        model, info = HeliosTransformer3DModel.from_pretrained(**kwargs, torch_dtype=dtype, output_loading_info=True)
+    except (ValueError, RuntimeError) as exn:
+        if "missing" not in str(exn).lower():
+            raise
+        # A Wan2.1 checkpoint has no patch_short/mid/long: build them on CPU, initialise them below.
+        model, info = HeliosTransformer3DModel.from_pretrained(
+            **kwargs, torch_dtype=dtype, output_loading_info=True, low_cpu_mem_usage=False
+        )
+    policy = trainables_cfg.memory_patch_init if trainables_cfg is not None else "after_load"
+    if policy not in ("after_load", "official"):
+        raise ValueError(f"stage.trainables.memory_patch_init={policy!r}: expected after_load | official")
+    if memory_patches_missing(info):
+        # Starting from Wan2.1 (stage 1 init): the checkpoint has no memory patches. A checkpoint that
+        # has them (Helios-Base, our exports) is never re-initialised: they were trained.
+        if policy == "after_load":
+            init_memory_patches(model)
+            log.info("memory patches initialised from the loaded patch_embedding")
+        else:
+            # Official order bug (spec §4, §12.1): the init ran on the *random* patch embedding.
+            random_embed = torch.nn.Conv3d(
+                model.patch_embedding.in_channels, model.patch_embedding.out_channels,
+                model.patch_embedding.kernel_size, model.patch_embedding.stride,
+            )
+            init_memory_patches(model, source=random_embed)
+            log.warning("memory_patch_init=official: memory patches derived from a random patch embedding")
+    if model_cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model.to(device)
+
+
+def load_vae(model_cfg, device="cpu"):
+    from diffusers import AutoencoderKLWan
+
+    # The Wan VAE runs in fp32 in every official script (spec §1.2).
+    return AutoencoderKLWan.from_pretrained(model_cfg.path, subfolder="vae", torch_dtype=torch.float32).to(device)
+
+
+def load_text_stack(model_cfg, device="cpu"):
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    tokenizer = AutoTokenizer.from_pretrained(model_cfg.path, subfolder="tokenizer")
+    dtype = torch.bfloat16 if model_cfg.weight_dtype == "bf16" else torch.float32
+    encoder = UMT5EncoderModel.from_pretrained(model_cfg.path, subfolder="text_encoder", torch_dtype=dtype)
+    return tokenizer, encoder.to(device)

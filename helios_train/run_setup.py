@@ -1,0 +1,137 @@
+"""Everything decided before the first step: config checks, toy assets, run directory, resume point.
+
+All checks here run before any model is built, so a bad config or path fails in seconds with a
+message that names the key and the rule.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from helios_train import checkpoint as ckpt
+from helios_train.data.shards import expand_shards
+from helios_train.data.video_dataset import check_slots
+from helios_train.stages import check_stage_name
+from helios_train.tracking import redact
+
+# Sections whose change makes old checkpoints meaningless for this run (compared on resume).
+COMPAT_SECTIONS = ("stage", "model")
+CHOICES = {
+    "data.mode": ("latents", "raw"),
+    "trainer.mixed_precision": ("no", "bf16"),
+    "trainer.device": ("auto", "cpu", "cuda"),
+    "launcher.name": ("single", "ddp", "deepspeed"),
+    "tracker.mode": ("online", "offline", "disabled"),
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def validate(cfg: DictConfig) -> None:
+    check_stage_name(cfg.stage.name)
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}: expected one of {list(allowed)}")
+    tc = cfg.trainer
+    for key in ("max_steps", "grad_accum_steps", "log_every", "checkpoint_every"):
+        if getattr(tc, key) < 1:
+            raise ConfigError(f"trainer.{key}={getattr(tc, key)}: must be >= 1")
+    if cfg.data.batch_size < 1:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size}: must be >= 1")
+    hist = cfg.stage.history
+    if hist.latent_window_size < 1 or any(s < 1 for s in hist.history_sizes):
+        raise ConfigError(f"stage.history: sizes {list(hist.history_sizes)} / window {hist.latent_window_size} must be >= 1")
+    for key in ("latent_height", "latent_width"):
+        value = getattr(cfg.data, key)
+        # The long memory patch (4,8,8) and the 3-level pyramid (/4, then the (1,2,2) patch) need /8.
+        if value is not None and value % 8:
+            raise ConfigError(f"data.{key}={value}: latent height/width must be a multiple of 8 "
+                              f"(pixels a multiple of 64) for the long memory patch and the pyramid")
+
+
+def ensure_toy_assets(cfg: DictConfig) -> None:
+    if cfg.model.build_toy or cfg.data.build_toy:
+        from data_prep.toy_data import ensure_toy_assets as build
+
+        build(Path(cfg.toy_root), seed=cfg.data.toy.seed)
+
+
+def resolve_shards(cfg: DictConfig, world_size: int) -> list[str]:
+    shards = expand_shards(cfg.data.shards)
+    check_slots(len(shards), world_size, cfg.data.num_workers)
+    return shards
+
+
+def plain_config(cfg: DictConfig) -> dict:
+    return redact(OmegaConf.to_container(cfg, resolve=True))
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        path = f"{prefix}{key}"
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(_diff(a, b, path + "."))
+        elif a != b:
+            out.append(f"  {path}: {a!r} -> {b!r}")
+    return out
+
+
+def check_compatible(run_dir: Path, config: dict) -> None:
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
+    lines = []
+    for section in COMPAT_SECTIONS:
+        lines.extend(_diff({section: saved.get(section, {})}, {section: config.get(section, {})}))
+    if lines:
+        raise ConfigError(
+            f"run {run_dir} was started with a different model/stage config; resuming would mix two "
+            "experiments. Changed keys:\n" + "\n".join(lines) + "\nUse a new run_name, or restore these values."
+        )
+
+
+def resolve_resume(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
+    mode = cfg.resume
+    latest = ckpt.latest_checkpoint(run_dir)
+    if mode == "auto":
+        return latest
+    if mode == "latest":
+        if latest is None:
+            raise ConfigError(f"resume=latest but {run_dir} has no complete checkpoint")
+        return latest
+    if mode == "never":
+        if latest is not None:
+            raise ConfigError(f"resume=never but {run_dir} already has {latest.name}: use a new run_name or resume=auto")
+        return None
+    path = Path(mode)
+    if not (path / ckpt.MARKER).is_file():
+        raise ConfigError(f"resume={mode!r}: not a complete checkpoint directory (no {ckpt.MARKER} marker)")
+    return path
+
+
+def prepare_run_dir(cfg: DictConfig, is_main: bool) -> tuple[Path, Optional[Path], dict]:
+    run_dir = Path(cfg.output_root) / cfg.run_name
+    config = plain_config(cfg)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for path in ckpt.remove_incomplete(run_dir):
+            print(f"[helios-train] removed incomplete checkpoint {path}")
+    resume_from = resolve_resume(cfg, run_dir)
+    if resume_from is not None:
+        check_compatible(run_dir, config)
+    elif is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    return run_dir, resume_from, config
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))

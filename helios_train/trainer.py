@@ -1,0 +1,222 @@
+"""The one training loop every stage runs: data, roles, accumulation, clipping, logging, checkpoints.
+
+A stage (helios_train/stages/) gives roles and a loss; the backend (helios_train/backends/) owns
+process groups, wrapping and optimizer stepping. Everything random in a step comes from one
+`torch.Generator` per rank whose state is checkpointed, and the data position is checkpointed per
+worker, so a resumed run reproduces an uninterrupted one exactly (tests/test_resume.py).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from diffusers.optimization import get_scheduler
+from tqdm import tqdm
+
+from helios_train import checkpoint as ckpt
+from helios_train.backends import build_backend
+from helios_train.data.video_dataset import DataPosition, build_loader
+from helios_train.stages import build_stage
+from helios_train.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def build_optimizer(params, optim_cfg, max_steps: int):
+    opt = torch.optim.AdamW(
+        params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay, eps=optim_cfg.eps
+    )
+    sched = get_scheduler(
+        optim_cfg.lr_scheduler, opt, num_warmup_steps=optim_cfg.warmup_steps, num_training_steps=max_steps
+    )
+    return opt, sched
+
+
+class Trainer:
+    def __init__(self, cfg, run_dir: Path, shards: list[str], resume_from: Path | None, plain_config: dict):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        tc = cfg.trainer
+        self.backend = build_backend(cfg.launcher, tc)
+        b = self.backend
+        seed = tc.seed + (b.rank if tc.seed_per_rank else 0)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        # All randomness of a step (timesteps, noise, degradations) comes from this generator.
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.stage = build_stage(cfg, b.device)
+        self.roles = {}
+        for name, spec in self.stage.role_specs().items():
+            params = [p for p in spec.module.parameters() if p.requires_grad]
+            opt, sched = build_optimizer(params, spec.optim, tc.max_steps)
+            self.roles[name] = b.prepare(name, spec.module, opt, sched, spec.optim.max_grad_norm)
+        self.stage.bind(self.roles)
+        if cfg.data.mode == "raw":
+            self._attach_online_encoder()
+        self.step = 0
+        self.consecutive_nonfinite = 0
+        self.nonfinite_total = 0
+        self.position = DataPosition()
+        self.tracker = Tracker(cfg.tracker, run_dir, cfg.run_name, plain_config, enabled=b.is_main)
+        if resume_from is not None:
+            self._load(resume_from)
+            self.tracker.truncate_after(self.step)
+        self.shards = shards
+
+    def _attach_online_encoder(self) -> None:
+        from helios_train.data.online_encoding import OnlineEncoder
+        from helios_train.model.loading import load_text_stack, load_vae
+
+        tok, enc = load_text_stack(self.cfg.model, self.backend.device)
+        vae = load_vae(self.cfg.model, self.backend.device)
+        self.stage.online_encoder = OnlineEncoder(
+            vae, tok, enc, self.cfg.stage.history, self.cfg.model.text_max_length, self.backend.device,
+            seed=self.cfg.trainer.seed + self.backend.rank,
+        )
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save(self) -> None:
+        b, step = self.backend, self.step
+        tmp = ckpt.tmp_dir(self.run_dir, step)
+        if b.is_main:
+            tmp.mkdir(parents=True, exist_ok=True)
+        b.barrier()
+        for role in self.roles.values():
+            b.save_role(role, tmp)
+        rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        ckpt.save_torch(rng, tmp / f"rng-rank{b.rank}.pt")
+        ckpt.write_json(self.position.state_dict(), tmp / f"data-rank{b.rank}.json")
+        if b.is_main:
+            state = {
+                "step": step,
+                "nonfinite_total": self.nonfinite_total,
+                "consecutive_nonfinite": self.consecutive_nonfinite,
+                "world_size": b.world_size,
+                "stage": self.stage.state_dict(),
+            }
+            ckpt.write_json(state, tmp / "trainer_state.json")
+        b.barrier()
+        if b.is_main:
+            path = ckpt.finalize(self.run_dir, step, self.cfg.trainer.checkpoints_total_limit)
+            tqdm.write(f"[helios-train] saved {path}")
+        b.barrier()
+
+    def _load(self, path: Path) -> None:
+        b = self.backend
+        state = ckpt.read_json(path / "trainer_state.json")
+        if state["world_size"] != b.world_size:
+            raise ValueError(
+                f"{path} was written with {state['world_size']} process(es), this run has {b.world_size}: "
+                "exact resume needs the same world size"
+            )
+        for role in self.roles.values():
+            b.load_role(role, path)
+        rng = ckpt.load_torch(path / f"rng-rank{b.rank}.pt")
+        self.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.position = DataPosition(ckpt.read_json(path / f"data-rank{b.rank}.json"))
+        self.step = state["step"]
+        self.nonfinite_total = state["nonfinite_total"]
+        self.consecutive_nonfinite = state["consecutive_nonfinite"]
+        self.stage.load_state_dict(state["stage"])
+        if b.is_main:
+            tqdm.write(f"[helios-train] resumed from {path} at step {self.step}")
+
+    # -- loop ------------------------------------------------------------------------------------
+    def _next_batches(self, it) -> list[dict]:
+        out = []
+        for _ in range(self.cfg.trainer.grad_accum_steps):
+            batch = next(it)
+            self.position.update(batch)
+            out.append(batch)
+        return out
+
+    def _update_role(self, name: str, batches: list[dict]) -> dict:
+        role, b = self.roles[name], self.backend
+        accum = len(batches)
+        total, logs = 0.0, {}
+        for i, batch in enumerate(batches):
+            with b.accumulation_context(role, is_last_micro=(i == accum - 1)):
+                loss, logs = self.stage.loss(name, batch, self.step, self.generator)
+                b.backward(role, loss / accum)
+            total += float(loss.detach()) / accum
+        norm, stepped = b.grad_norm_and_step(role)
+        finite = stepped and math.isfinite(total)
+        prefix = "" if len(self.roles) == 1 else f"{name}/"
+        out = {f"{prefix}{k}": v for k, v in logs.items()}
+        out.update({f"{prefix}loss": total, f"{prefix}grad_norm": norm, f"{prefix}lr": b.current_lr(role)})
+        if not finite:
+            keys = [k for batch in batches for k in batch.get("keys", [])]
+            self._count_nonfinite(name, total, norm, keys)
+        else:
+            self.consecutive_nonfinite = 0
+        return out
+
+    def _count_nonfinite(self, role: str, loss: float, norm: float, keys: list[str]) -> None:
+        self.nonfinite_total += 1
+        self.consecutive_nonfinite += 1
+        tqdm.write(f"[helios-train] step {self.step}: non-finite {role} loss={loss} grad_norm={norm}; "
+                   f"update skipped (samples: {keys})")
+        limit = self.cfg.trainer.max_consecutive_nonfinite
+        if self.consecutive_nonfinite >= limit:
+            raise NonFiniteLossError(
+                f"{self.consecutive_nonfinite} consecutive non-finite steps (trainer.max_consecutive_nonfinite="
+                f"{limit}); last samples: {keys}"
+            )
+
+    def train(self) -> dict:
+        cfg, b, tc = self.cfg, self.backend, self.cfg.trainer
+        if self.step >= tc.max_steps:
+            if b.is_main:
+                tqdm.write(f"[helios-train] already at step {self.step} >= trainer.max_steps={tc.max_steps}; nothing to do")
+            self.close()
+            return {"step": self.step}
+        loader = build_loader(self.shards, cfg.data, cfg.stage.history, b.rank, b.world_size, self.position)
+        it = iter(loader)
+        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not b.is_main, desc=f"{cfg.stage.name}", dynamic_ncols=True)
+        last = {}
+        try:
+            while self.step < tc.max_steps:
+                t0 = time.perf_counter()
+                batches = [self.stage.prepare_batch(x) for x in self._next_batches(it)]
+                logs = {}
+                for name in self.stage.phases(self.step):
+                    logs.update(self._update_role(name, batches))
+                self.step += 1
+                dt = time.perf_counter() - t0
+                samples = sum(len(x["keys"]) for x in batches) * b.world_size
+                logs.update({"step_time_s": dt, "samples_per_s": samples / max(dt, 1e-9)})
+                skips = self.position.skip_counts()
+                logs.update({f"data/skipped_{k}": b.all_sum_int(v) for k, v in skips.items()})
+                logs["data/samples_read"] = b.all_sum_int(self.position.samples_read())
+                logs = {k: (float(b.all_mean(torch.tensor(float(v)))) if "loss" in k else v) for k, v in logs.items()}
+                last = logs
+                bar.update(1)
+                bar.set_postfix(loss=f"{next((v for k, v in logs.items() if k.endswith('loss')), 0):.4f}")
+                if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+                    self.tracker.log(self.step, logs)
+                    if b.is_main and skips:
+                        tqdm.write(f"[helios-train] step {self.step}: skipped samples so far {skips}")
+                if self.step % tc.checkpoint_every == 0 or self.step == tc.max_steps:
+                    self.save()
+        finally:
+            bar.close()
+        self.close()
+        return {"step": self.step, **last}
+
+    def close(self) -> None:
+        self.tracker.finish()
+        self.backend.shutdown()

@@ -1,0 +1,45 @@
+"""Shared fixtures: one toy asset build per test session, and in-process training runs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+CONF_DIR = str(REPO / "conf")
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory) -> Path:
+    """Toy checkpoint + raw and latent shards, built once for the whole session."""
+    from data_prep.toy_data import ensure_toy_assets
+
+    root = tmp_path_factory.mktemp("toy")
+    ensure_toy_assets(root, seed=0)
+    return root
+
+
+def compose(overrides: list[str]):
+    """Compose the real config tree the way `python -m helios_train` does."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from helios_train.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def train(toy_root: Path, out: Path, overrides: list[str]) -> dict:
+    """Run a training job in-process on the session's toy assets; returns the trainer's result."""
+    from helios_train.__main__ import run
+
+    cfg = compose([f"toy_root={toy_root}", f"output_root={out}", "tracker.mode=offline", *overrides])
+    return run(cfg)

@@ -1,0 +1,36 @@
+"""Memory-patch init: a mid/long patch on a block-constant input equals the patch embed on its average."""
+from __future__ import annotations
+
+import torch
+from diffusers import HeliosTransformer3DModel
+
+from helios_train.model.memory_patches import init_memory_patches
+
+TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=32,
+            freq_dim=32, ffn_dim=64, num_layers=1, rope_dim=(4, 6, 6))
+
+
+def test_patch_init_is_average_then_patchify():
+    torch.manual_seed(0)
+    model = HeliosTransformer3DModel(**TINY)
+    init_memory_patches(model)
+    embed = model.patch_embedding
+    for name, factor in (("patch_mid", 2), ("patch_long", 4)):
+        # Input constant inside each (f, f, f) block: pooled version has one value per block.
+        pooled = torch.randn(1, 4, 2, 4, 4)  # [B, C, t, h, w] of block averages
+        x = pooled.repeat_interleave(factor, 2).repeat_interleave(factor, 3).repeat_interleave(factor, 4)
+        out = getattr(model, name)(x)
+        # Reference: the original (1,2,2) patchifier on the block-averaged input, one frame per block.
+        ref = embed(pooled)  # [B, D, t, h/2, w/2]: one token per pooled (1,2,2) patch
+        assert out.shape == ref.shape
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.patch_short.weight, embed.weight)
+    torch.testing.assert_close(model.patch_long.bias, embed.bias)
+
+
+def test_init_changes_random_patches():
+    torch.manual_seed(1)
+    model = HeliosTransformer3DModel(**TINY)
+    before = model.patch_mid.weight.clone()
+    init_memory_patches(model)
+    assert not torch.allclose(before, model.patch_mid.weight)
