@@ -21,6 +21,10 @@ def run(cfg: DictConfig) -> dict:
     from helios_train.tracking import wandb_env_defaults
 
     wandb_env_defaults()
+    if cfg.plan:
+        from helios_train.plan import run_plan
+
+        return run_plan(cfg)
     run_setup.validate(cfg)
     is_main = int(os.environ.get("RANK", 0)) == 0
     run_setup.ensure_toy_assets(cfg)  # file-locked: every rank may call it

@@ -18,6 +18,7 @@ from helios_train.guidance import GuidanceConfig
 from helios_train.history import HistoryConfig
 from helios_train.pyramid import PyramidConfig
 from helios_train.task_dropout import TaskDropoutConfig
+from helios_train.throughput import PerfConfig
 from helios_train.timesteps import TimestepConfig
 
 
@@ -114,6 +115,14 @@ class OptimConfig:
 
 
 @dataclass
+class DebugConfig:
+    """Fault injection for tests and drills — never needed for real runs."""
+
+    nonfinite_loss_steps: list[int] = field(default_factory=list)  # make the loss NaN at these steps
+    step_sleep_s: float = 0.0  # slow each step down (kill/preemption drills need a run that lasts)
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 30
     grad_accum_steps: int = 1
@@ -126,6 +135,8 @@ class TrainerConfig:
     checkpoint_every: int = 10
     checkpoints_total_limit: Optional[int] = None
     max_consecutive_nonfinite: int = 5
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 @dataclass
@@ -159,6 +170,10 @@ class Config:
     # latest: same but fail if there is none; never: fail if the run dir already has checkpoints;
     # or a path to a checkpoint-N directory.
     resume: str = "auto"
+    # plan=true: print the per-GPU memory plan of this stage/model/launcher (meta device, no weights) and exit.
+    plan: bool = False
+    plan_gpus: int = 8
+    plan_gpu_memory_gb: float = 80.0
 
 
 def register_configs() -> None:

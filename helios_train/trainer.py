@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -19,8 +20,10 @@ from tqdm import tqdm
 
 from helios_train import checkpoint as ckpt
 from helios_train.backends import build_backend
+from helios_train.data.decoding import SKIP_REASONS
 from helios_train.data.video_dataset import DataPosition, build_loader
 from helios_train.stages import build_stage
+from helios_train.throughput import Throughput
 from helios_train.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,8 @@ class Trainer:
             self._load(resume_from)
             self.tracker.truncate_after(self.step)
         self.shards = shards
+        self.throughput = Throughput(tc.perf, b.device, b.world_size)
+        self.stop_signal: str | None = None
 
     def _attach_online_encoder(self) -> None:
         from helios_train.data.online_encoding import OnlineEncoder
@@ -151,6 +156,8 @@ class Trainer:
         for i, batch in enumerate(batches):
             with b.accumulation_context(role, is_last_micro=(i == accum - 1)):
                 loss, logs = self.stage.loss(name, batch, self.step, self.generator)
+                if self.step in self.cfg.trainer.debug.nonfinite_loss_steps:
+                    loss = loss * float("nan")  # fault drill (trainer.debug), exercises the guard below
                 b.backward(role, loss / accum)
             total += float(loss.detach()) / accum
         norm, stepped = b.grad_norm_and_step(role)
@@ -177,6 +184,25 @@ class Trainer:
                 f"{limit}); last samples: {keys}"
             )
 
+    # -- preemption -------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> dict:
+        """SIGTERM / SIGUSR1 (SLURM preemption) → finish the step, checkpoint, exit cleanly."""
+
+        def request_stop(signum, _frame):
+            self.stop_signal = signal.Signals(signum).name
+
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                previous[sig] = signal.signal(sig, request_stop)
+            except ValueError:  # not the main thread (e.g. embedded use): no preemption handling
+                pass
+        return previous
+
+    def _stop_requested(self) -> bool:
+        # Any rank's signal stops every rank at the same step, so all take part in the checkpoint.
+        return self.backend.all_sum_int(int(self.stop_signal is not None)) > 0
+
     def train(self) -> dict:
         cfg, b, tc = self.cfg, self.backend, self.cfg.trainer
         if self.step >= tc.max_steps:
@@ -184,38 +210,56 @@ class Trainer:
                 tqdm.write(f"[helios-train] already at step {self.step} >= trainer.max_steps={tc.max_steps}; nothing to do")
             self.close()
             return {"step": self.step}
+        previous_handlers = self._install_signal_handlers()
         loader = build_loader(self.shards, cfg.data, cfg.stage.history, b.rank, b.world_size, self.position)
         it = iter(loader)
-        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not b.is_main, desc=f"{cfg.stage.name}", dynamic_ncols=True)
-        last = {}
+        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not b.is_main, desc=cfg.stage.name, dynamic_ncols=True)
+        last: dict = {}
         try:
             while self.step < tc.max_steps:
                 t0 = time.perf_counter()
                 batches = [self.stage.prepare_batch(x) for x in self._next_batches(it)]
-                logs = {}
-                for name in self.stage.phases(self.step):
-                    logs.update(self._update_role(name, batches))
+                logs: dict = {}
+                with self.throughput.measuring():
+                    for name in self.stage.phases(self.step):
+                        logs.update(self._update_role(name, batches))
+                self.throughput.after_step()
+                if tc.debug.step_sleep_s:
+                    time.sleep(tc.debug.step_sleep_s)
                 self.step += 1
-                dt = time.perf_counter() - t0
-                samples = sum(len(x["keys"]) for x in batches) * b.world_size
-                logs.update({"step_time_s": dt, "samples_per_s": samples / max(dt, 1e-9)})
-                skips = self.position.skip_counts()
-                logs.update({f"data/skipped_{k}": b.all_sum_int(v) for k, v in skips.items()})
-                logs["data/samples_read"] = b.all_sum_int(self.position.samples_read())
-                logs = {k: (float(b.all_mean(torch.tensor(float(v)))) if "loss" in k else v) for k, v in logs.items()}
-                last = logs
+                last = self._log_step(logs, batches, time.perf_counter() - t0)
                 bar.update(1)
-                bar.set_postfix(loss=f"{next((v for k, v in logs.items() if k.endswith('loss')), 0):.4f}")
-                if self.step % tc.log_every == 0 or self.step == tc.max_steps:
-                    self.tracker.log(self.step, logs)
-                    if b.is_main and skips:
-                        tqdm.write(f"[helios-train] step {self.step}: skipped samples so far {skips}")
-                if self.step % tc.checkpoint_every == 0 or self.step == tc.max_steps:
+                bar.set_postfix(loss=f"{next((v for k, v in last.items() if k.endswith('loss')), 0.0):.4f}")
+                stop = self._stop_requested()
+                if self.step % tc.checkpoint_every == 0 or self.step == tc.max_steps or stop:
                     self.save()
+                if stop:
+                    if b.is_main:
+                        tqdm.write(f"[helios-train] received {self.stop_signal or 'a stop signal on another rank'}: "
+                                   f"checkpoint-{self.step} written, exiting; rerun the same command to resume")
+                    break
         finally:
             bar.close()
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
         self.close()
-        return {"step": self.step, **last}
+        return {"step": self.step, "stopped_by": self.stop_signal, **last}
+
+    def _log_step(self, logs: dict, batches: list[dict], dt: float) -> dict:
+        b, tc = self.backend, self.cfg.trainer
+        local_samples = sum(len(x["keys"]) for x in batches)
+        logs.update({"step_time_s": dt, "samples_per_s": local_samples * b.world_size / max(dt, 1e-9)})
+        logs.update(self.throughput.metrics(dt, self.stage.tokens_per_sample(batches[0]), local_samples))
+        skips = self.position.skip_counts()
+        logs.update({f"data/skipped_{k}": b.all_sum_int(skips.get(k, 0)) for k in SKIP_REASONS})
+        logs["data/samples_read"] = b.all_sum_int(self.position.samples_read())
+        logs["nonfinite_skipped_total"] = self.nonfinite_total
+        logs = {k: (float(b.all_mean(torch.tensor(float(v)))) if k.endswith("loss") else v) for k, v in logs.items()}
+        if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+            self.tracker.log(self.step, logs)
+            if b.is_main and skips:
+                tqdm.write(f"[helios-train] step {self.step}: skipped samples so far {skips}")
+        return logs
 
     def close(self) -> None:
         self.tracker.finish()

@@ -12,6 +12,14 @@ import numpy as np
 import torch
 
 
+# Every reason a sample can be skipped for. Logged as data/skipped_<reason> (all of them, always,
+# so that every rank joins the same collectives).
+SKIP_REASONS = (
+    "decode_error", "too_short", "bad_latent_shape", "bad_embed_shape", "bad_array", "bad_json",
+    "missing_caption", "missing_member", "unreadable_member",
+)
+
+
 class BadSample(Exception):
     """A sample that cannot be used; `reason` is the counter it is skipped under."""
 

@@ -49,7 +49,8 @@ class Stage:
     def loss(self, role: str, batch: dict, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
-    def tokens_per_sample(self) -> dict[str, int]:
+    def tokens_per_sample(self, batch: dict) -> dict[str, int]:
+        """Token counts of one sample by kind ("noisy", "history"), for throughput metrics."""
         return {}
 
     def state_dict(self) -> dict:

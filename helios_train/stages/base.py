@@ -13,7 +13,7 @@ import contextlib
 import torch
 
 from helios_train.anti_drift import add_saturation, corrupt_history, corrupt_target
-from helios_train.history import model_inputs
+from helios_train.history import model_inputs, token_counts
 from helios_train.model.loading import load_transformer
 from helios_train.model.trainables import apply_trainable_policy
 from helios_train.stages import RoleSpec, Stage
@@ -30,6 +30,7 @@ class BaseStage(Stage):
         self.trainable_names = apply_trainable_policy(self.transformer, cfg.stage.trainables)
         self.transformer.to(device)
         self.online_encoder = None  # raw-mode data: built by the trainer (`attach_online_encoder`)
+        self._tokens = None
 
     def role_specs(self) -> dict[str, RoleSpec]:
         return {"generator": RoleSpec(self.transformer, self.cfg.trainer.optim)}
@@ -51,10 +52,10 @@ class BaseStage(Stage):
     def condition(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Task dropout then anti-drift degradations on (x0, history); returns what was applied."""
         st = self.cfg.stage
-        sizes = tuple(st.history.history_sizes)
-        x0, history, tasks = apply_task_dropout(batch["x0"], batch["history"], st.task_dropout, generator)
-        x0, history, applied = corrupt_history(x0, history, st.anti_drift, generator, sizes)
-        x0, history, saturated = add_saturation(x0, history, st.anti_drift, generator, sizes)
+        sizes, window = tuple(st.history.history_sizes), st.history.latent_window_size
+        x0, history, tasks = apply_task_dropout(batch["x0"], batch["history"], st.task_dropout, generator, window)
+        x0, history, applied = corrupt_history(x0, history, st.anti_drift, generator, sizes, window)
+        x0, history, saturated = add_saturation(x0, history, st.anti_drift, generator, sizes, window)
         logs = {f"task/{t}": sum(1 for x in tasks if x == t) / len(tasks) for t in ("t2v", "i2v", "v2v", "none")}
         logs.update({f"degrade/{k}": float(v) for k, v in {**applied, **saturated}.items()})
         return x0, history, logs
@@ -78,3 +79,11 @@ class BaseStage(Stage):
         loss = per_sample.mean()
         logs.update({"sigma_mean": float(sigma.float().mean())})
         return loss, logs
+
+    def tokens_per_sample(self, batch: dict) -> dict[str, int]:
+        """Noisy and history token counts of one sample, from the model's own patch layers."""
+        h, w = batch["target"].shape[-2:]
+        if self._tokens is None or self._tokens[0] != (h, w):
+            self._tokens = ((h, w), token_counts(self.transformer, (h, w), self.cfg.stage.history))
+        counts = self._tokens[1]
+        return {"noisy": counts["noisy"], "history": counts["history"]}

@@ -1,0 +1,142 @@
+"""Training timesteps for the flow-matching stages 1–2 (spec §6, §9).
+
+Rectified flow: x_t = (1 − σ)·x0 + σ·ε, the model predicts v = ε − x0 and sees t = 1000·σ.
+σ is read from the 1000-entry table of diffusers' ``FlowMatchEulerDiscreteScheduler(shift=1)``
+(1.0 → 0.001) at index ⌊1000·u⌋, u drawn from the weighting scheme — exactly the official
+``prepare_stage1_noise_input`` recipe. We reuse the scheduler's own table instead of re-deriving it
+so a diffusers change to the table would show up here too.
+
+Every draw comes from an explicit ``torch.Generator`` (exact resume); the global RNG is never used.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence, Union
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.training_utils import compute_density_for_timestep_sampling
+
+_SCHEMES = ("logit_normal", "uniform", "none")
+_SHIFT_TYPES = ("linear", "exponential")
+# Cap of the exponential shift factor, s = exp(min(μ, ln 7)) ≤ 7: the official *native* helper
+# (helios/utils/utils_base.py `apply_schedule_shift`, exp_max=7) clamps like this. The
+# diffusers-style scheduler in the official repo (`_time_shift_exponential`) does not clamp;
+# at 384×640 (μ = 1.919 < ln 7 = 1.946) the two agree.
+_EXP_MAX = 7.0
+
+
+@dataclass
+class TimestepConfig:
+    """Timestep sampling of the flow-matching loss (official ``training_config`` keys, spec §9, §11)."""
+
+    # "logit_normal": u = sigmoid(N(logit_mean, logit_std)) (stage 1); "uniform"/"none": u ~ U(0, 1)
+    # (stage 2 uses "none"; the loss weight is 1 for all three, spec §9).
+    weighting_scheme: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    num_train_timesteps: int = 1000
+    # Off in stages 1–2 (spec §6); when on, σ' = s·σ / (1 + (s − 1)·σ) with s from μ(seq_len).
+    use_dynamic_shifting: bool = False
+    # "linear": s = μ; "exponential": s = exp(min(μ, ln 7)). NOTE: the official stage-1 path
+    # (`prepare_stage1_noise_input`) always shifts linearly, ignoring this key; set "linear" to match.
+    time_shift_type: str = "linear"
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+
+
+def compute_mu(seq_len: int, cfg: TimestepConfig) -> float:
+    """μ = base_shift + (L − base_seq_len)·(max_shift − base_shift)/(max_seq_len − base_seq_len) (spec §6)."""
+    slope = (cfg.max_shift - cfg.base_shift) / (cfg.max_seq_len - cfg.base_seq_len)
+    return cfg.base_shift + (seq_len - cfg.base_seq_len) * slope
+
+
+def shift_factor(mu: float, time_shift_type: str = "linear") -> float:
+    """The SD3/Flux shift factor s for μ: μ itself ("linear") or exp(min(μ, ln 7)) ("exponential")."""
+    if time_shift_type == "linear":
+        return float(mu)
+    if time_shift_type == "exponential":
+        return math.exp(min(float(mu), math.log(_EXP_MAX)))
+    raise ValueError(f"time_shift_type must be one of {_SHIFT_TYPES}, got {time_shift_type!r}")
+
+
+Number = Union[float, torch.Tensor]
+
+
+def time_shift(sigma: Number, mu: float, time_shift_type: str = "linear") -> Number:
+    """σ' = s·σ / (1 + (s − 1)·σ): keeps 0 and 1 fixed, s > 1 pushes σ toward more noise (spec §6)."""
+    s = shift_factor(mu, time_shift_type)
+    return s * sigma / (1 + (s - 1) * sigma)
+
+
+def seq_len_for(latent_shape: Sequence[int], patch: Sequence[int] = (1, 2, 2)) -> int:
+    """Token count of a latent [.., T, H, W] under a (pt, ph, pw) patch; official: T·H·W // 4.
+
+    Takes the last three dims, so [B, C, T, H, W], [C, T, H, W] and (T, H, W) all work.
+    """
+    t, h, w = (int(d) for d in tuple(latent_shape)[-3:])
+    pt, ph, pw = patch
+    return (t * h * w) // (pt * ph * pw)
+
+
+@lru_cache(maxsize=8)
+def _flow_table(num_train_timesteps: int) -> torch.Tensor:
+    """diffusers' training σ table for shift = 1 (index 0 = σ 1.0, last = 1/N). Do not mutate."""
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=1.0)
+    return sched.sigmas.detach().to(torch.float32).cpu()
+
+
+def sample_training_sigmas(
+    batch: int, cfg: TimestepConfig, generator: torch.Generator, seq_len: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One (σ, t) per sample for stages 1–2 (spec §9); both float32 [B] on ``generator.device``.
+
+    Same timestep for every frame of the chunk; history tokens are at t = 0 inside the model.
+    ``seq_len`` (see ``seq_len_for``) is needed only when ``cfg.use_dynamic_shifting``.
+    """
+    if cfg.weighting_scheme not in _SCHEMES:
+        raise ValueError(f"weighting_scheme must be one of {_SCHEMES}, got {cfg.weighting_scheme!r}")
+    n = int(cfg.num_train_timesteps)
+    # diffusers' helper treats every scheme but logit_normal/mode as uniform, as the official code does.
+    u = compute_density_for_timestep_sampling(
+        weighting_scheme=cfg.weighting_scheme,
+        batch_size=batch,
+        logit_mean=cfg.logit_mean,
+        logit_std=cfg.logit_std,
+        device=generator.device,
+        generator=generator,
+    )
+    # Deliberate difference: clamp to the last index. sigmoid() can round to exactly 1.0 in fp32
+    # (|N| > ~17), where the official ⌊1000u⌋ would index past the table.
+    index = (u * n).long().clamp_(0, n - 1)
+    table = _flow_table(n).to(u.device)
+    if cfg.use_dynamic_shifting:
+        if seq_len is None:
+            raise ValueError("use_dynamic_shifting needs seq_len (see seq_len_for)")
+        table = time_shift(table, compute_mu(seq_len, cfg), cfg.time_shift_type)
+    sigma = table[index]
+    # t = N·σ equals the scheduler's own `timesteps` entry for shift = 1, and the official
+    # shifted path sets timesteps = 1000·σ' as well.
+    return sigma, sigma * n
+
+
+def _broadcast(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    sigma = torch.as_tensor(sigma, device=like.device, dtype=like.dtype)
+    if sigma.ndim == 1:
+        sigma = sigma.view(-1, *([1] * (like.ndim - 1)))
+    return sigma
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 − σ)·x0 + σ·ε; σ is [B] (broadcast over the rest) or already broadcastable."""
+    s = _broadcast(sigma, x0)
+    return (1.0 - s) * x0 + s * noise
+
+
+def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """v = ε − x0 = d x_t / dσ: the regression target (spec §9)."""
+    return noise - x0

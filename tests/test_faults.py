@@ -1,0 +1,113 @@
+"""Faults: SIGKILL + resume, SIGTERM/SIGUSR1 preemption, half-written checkpoints, NaN guard."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from conftest import REPO, train
+from helios_train.tracking import read_metrics
+
+
+def launch(toy_root: Path, out: Path, *overrides: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "helios_train", f"toy_root={toy_root}", f"output_root={out}",
+           "data.num_workers=0", "trainer.log_every=1", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if path.exists():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended (rc={proc.returncode}) before {path} appeared:\n{proc.stdout.read()}")
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"timeout waiting for {path}")
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted(toy_root, tmp_path):
+    common = ["trainer.checkpoint_every=2", "trainer.max_steps=8"]
+    ref = launch(toy_root, tmp_path, *common, "run_name=ref")
+    assert ref.wait(timeout=300) == 0, ref.stdout.read()
+    victim = launch(toy_root, tmp_path, *common, "run_name=victim", "trainer.debug.step_sleep_s=0.3")
+    wait_for(tmp_path / "victim/checkpoint-4/COMPLETE", victim)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "victim/checkpoint-8").exists()
+    resumed = launch(toy_root, tmp_path, *common, "run_name=victim", "resume=latest")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert "resumed from" in out
+    a, b = read_metrics(tmp_path / "ref"), read_metrics(tmp_path / "victim")
+    assert [m["step"] for m in b] == list(range(1, 9))
+    np.testing.assert_allclose([m["loss"] for m in a], [m["loss"] for m in b], rtol=0, atol=1e-6)
+    wa = load_file(str(tmp_path / "ref/checkpoint-8/generator.trainable.safetensors"))
+    wb = load_file(str(tmp_path / "victim/checkpoint-8/generator.trainable.safetensors"))
+    for k in wa:
+        np.testing.assert_allclose(wa[k].numpy(), wb[k].numpy(), rtol=0, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_checkpoints_and_exits_zero(toy_root, tmp_path, sig):
+    proc = launch(toy_root, tmp_path, "trainer.checkpoint_every=1000", "trainer.max_steps=500",
+                  "run_name=pre", "trainer.debug.step_sleep_s=0.2")
+    wait_for(tmp_path / "pre/metrics.jsonl", proc)
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert f"received {sig.name}" in out
+    ckpts = sorted((tmp_path / "pre").glob("checkpoint-*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "COMPLETE").is_file()
+    step = int(ckpts[0].name.split("-")[1])
+    assert 0 < step < 500
+    assert read_metrics(tmp_path / "pre")[-1]["step"] == step
+
+
+def test_half_written_checkpoint_is_ignored_and_removed(toy_root, tmp_path):
+    train(toy_root, tmp_path, ["trainer.max_steps=2", "trainer.checkpoint_every=2", "run_name=half"])
+    run = tmp_path / "half"
+    # A write killed before its rename, and one killed after the rename but before the marker.
+    (run / ".tmp-checkpoint-4").mkdir()
+    (run / ".tmp-checkpoint-4" / "generator.trainable.safetensors").write_bytes(b"partial")
+    (run / "checkpoint-3").mkdir()
+    result = train(toy_root, tmp_path, ["trainer.max_steps=3", "trainer.checkpoint_every=1", "run_name=half"])
+    assert result["step"] == 3
+    assert not (run / ".tmp-checkpoint-4").exists()
+    assert (run / "checkpoint-3" / "COMPLETE").is_file()  # rewritten properly by the resumed run
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
+
+
+def test_nonfinite_loss_is_skipped_counted_and_aborts_after_limit(toy_root, tmp_path):
+    result = train(toy_root, tmp_path, ["trainer.max_steps=4", "run_name=nan1",
+                                        "trainer.debug.nonfinite_loss_steps=[1]"])
+    hist = read_metrics(tmp_path / "nan1")
+    assert result["step"] == 4 and hist[-1]["nonfinite_skipped_total"] == 1
+    assert not np.isfinite(hist[1]["loss"]) and np.isfinite(hist[2]["loss"])
+    from helios_train.trainer import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite"):
+        train(toy_root, tmp_path, ["trainer.max_steps=6", "run_name=nan2", "trainer.max_consecutive_nonfinite=3",
+                                   "trainer.debug.nonfinite_loss_steps=[1,2,3,4]"])
+
+
+def test_nonfinite_step_leaves_weights_untouched(toy_root, tmp_path):
+    train(toy_root, tmp_path, ["trainer.max_steps=1", "trainer.checkpoint_every=1", "run_name=nanw"])
+    before = load_file(str(tmp_path / "nanw/checkpoint-1/generator.trainable.safetensors"))
+    train(toy_root, tmp_path, ["trainer.max_steps=2", "trainer.checkpoint_every=1", "run_name=nanw",
+                               "trainer.debug.nonfinite_loss_steps=[1]"])
+    after = load_file(str(tmp_path / "nanw/checkpoint-2/generator.trainable.safetensors"))
+    for k in before:
+        assert np.array_equal(before[k].numpy(), after[k].numpy()), k
