@@ -110,6 +110,7 @@ def _replicate_pad(x: torch.Tensor, kernel: tuple[int, int, int]) -> torch.Tenso
 
 def _run_patch(conv: torch.nn.Conv3d, frames: int, latent_hw: tuple[int, int], pad: bool) -> int:
     """Tokens the model's own conv produces for [1, C, frames, h, w], run on meta tensors."""
+    conv = getattr(conv, "base_layer", conv)  # a PEFT LoRA wrapper keeps the real conv here
     x = torch.empty(1, conv.in_channels, frames, *latent_hw, device="meta")
     if pad:
         x = _replicate_pad(x, tuple(conv.kernel_size))

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -39,7 +40,7 @@ class Tracker:
             import wandb
 
             id_file = run_dir / "wandb_run_id.txt"
-            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             self.run = wandb.init(
                 project=tracker_cfg.project,
