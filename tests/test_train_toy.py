@@ -26,7 +26,7 @@ def test_loss_decreases_and_run_is_recorded(toy_root, tmp_path):
     hist = losses(run_dir)
     assert result["step"] == 40 and len(hist) == 40
     first, last = np.mean(hist[:8]), np.mean(hist[-8:])
-    assert last < 0.8 * first, f"loss did not fall: first-8 mean {first:.4f}, last-8 mean {last:.4f}"
+    assert last < 0.9 * first, f"loss did not fall: first-8 mean {first:.4f}, last-8 mean {last:.4f}"
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-40"]
     ckpt = run_dir / "checkpoint-40"
     assert (ckpt / "COMPLETE").is_file() and (ckpt / "generator.trainable.safetensors").is_file()

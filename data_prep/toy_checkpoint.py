@@ -1,0 +1,98 @@
+"""Build a tiny random Helios checkpoint in diffusers layout, so the 14B loading code runs on a laptop.
+
+    python -m data_prep.toy_checkpoint --out checkpoints/_toy/model [--seed 0]
+
+Writes transformer/, vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json with the real
+diffusers/transformers classes at tiny sizes; `HeliosPipeline.from_pretrained(out)` loads it unchanged.
+The tokenizer is trained here from local text (toy caption vocabulary + Wan's negative prompt).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+TRANSFORMER = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=32,
+                   freq_dim=32, ffn_dim=64, num_layers=2, rope_dim=(4, 6, 6))
+VAE = dict(base_dim=16, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
+           latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+# Wan's default English negative prompt (spec inference_data §1.8), part of the tokenizer's corpus.
+NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
+    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
+    "background, three legs, many people in the background, walking backwards"
+)
+
+
+def build_tokenizer(corpus: list[str]):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"]))
+    eos = tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   padding_side="right", model_max_length=512)
+
+
+def build_toy_checkpoint(out_dir, seed: int = 0) -> Path:
+    from diffusers import AutoencoderKLWan, HeliosScheduler, HeliosTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from data_prep.toy_videos import caption_vocabulary
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    try:
+        torch.manual_seed(seed)
+        HeliosTransformer3DModel(**TRANSFORMER).save_pretrained(tmp / "transformer")
+        torch.manual_seed(seed + 1)
+        AutoencoderKLWan(**VAE).save_pretrained(tmp / "vae")
+        tokenizer = build_tokenizer(caption_vocabulary() + [NEGATIVE_PROMPT])
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        torch.manual_seed(seed + 2)
+        text_cfg = UMT5Config(vocab_size=len(tokenizer), d_model=TRANSFORMER["text_dim"], d_kv=8, d_ff=64,
+                              num_layers=2, num_heads=4, relative_attention_num_buckets=8, pad_token_id=0,
+                              eos_token_id=1, decoder_start_token_id=0)
+        UMT5EncoderModel(text_cfg).save_pretrained(tmp / "text_encoder")
+        # Base sampling: single-stage UniPC with exponential dynamic shift (spec §1.11, inference_data §3).
+        HeliosScheduler(stages=1, stage_range=[0, 1], scheduler_type="unipc", use_dynamic_shifting=True,
+                        time_shift_type="exponential").save_pretrained(tmp / "scheduler")
+        index = {
+            "_class_name": "HeliosPipeline",
+            "_diffusers_version": __import__("diffusers").__version__,
+            "scheduler": ["diffusers", "HeliosScheduler"],
+            "text_encoder": ["transformers", "UMT5EncoderModel"],
+            "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+            "transformer": ["diffusers", "HeliosTransformer3DModel"],
+            "vae": ["diffusers", "AutoencoderKLWan"],
+        }
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)  # a half-built folder is never visible under its final name
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output folder (diffusers layout)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    print(f"wrote {build_toy_checkpoint(args.out, args.seed)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Toy assets for `model=toy data=toy`, built once on first use under one root folder:
+
+    root/model/    tiny random Helios checkpoint, diffusers layout (data_prep/toy_checkpoint.py)
+    root/raw/      synthetic moving-shape mp4 videos in WebDataset shards (data_prep/toy_videos.py)
+    root/latents/  the same videos VAE-encoded per 33-frame chunk + prompt embeddings (encode_latents.py)
+
+Each part is marked complete by a `COMPLETE` file; a file lock lets several processes (torchrun
+ranks, parallel tests) call `ensure_toy_assets` at once: one builds, the others wait and reuse.
+"""
+from __future__ import annotations
+
+import fcntl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+MARKER = "COMPLETE"
+
+
+@dataclass
+class ToyAssets:
+    model_dir: Path
+    raw_shards: list[Path]
+    latent_shards: list[Path]
+
+
+def _part(path: Path, label: str, build) -> None:
+    if (path / MARKER).is_file():
+        return
+    t0 = time.perf_counter()
+    build()
+    (path / MARKER).write_text("ok")
+    print(f"[helios-train] built toy {label} in {time.perf_counter() - t0:.1f}s -> {path}", flush=True)
+
+
+def ensure_toy_assets(root, seed: int = 0) -> ToyAssets:
+    from data_prep.encode_latents import encode_shards
+    from data_prep.toy_checkpoint import build_toy_checkpoint
+    from data_prep.toy_videos import build_toy_videos
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            _part(root / "model", "checkpoint", lambda: build_toy_checkpoint(root / "model", seed))
+            _part(root / "raw", "videos", lambda: build_toy_videos(root / "raw", seed=seed))
+            raw = sorted((root / "raw").glob("raw-*.tar"))
+            _part(root / "latents", "latents",
+                  lambda: encode_shards(raw, root / "latents", root / "model", min_frames=99, seed=seed))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return ToyAssets(root / "model", raw, sorted((root / "latents").glob("latent-*.tar")))
