@@ -29,6 +29,9 @@ from helios_train.tracking import Tracker
 log = logging.getLogger(__name__)
 
 
+WINDOW_PREFIXES = ("task/", "degrade/")  # logged as fractions over the log window
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -75,6 +78,7 @@ class Trainer:
         self.shards = shards
         self.throughput = Throughput(tc.perf, b.device, b.world_size)
         self.stop_signal: str | None = None
+        self._window: dict[str, list[float]] = {}
 
     def _attach_online_encoder(self) -> None:
         from helios_train.data.online_encoding import OnlineEncoder
@@ -255,7 +259,14 @@ class Trainer:
         logs["data/samples_read"] = b.all_sum_int(self.position.samples_read())
         logs["nonfinite_skipped_total"] = self.nonfinite_total
         logs = {k: (float(b.all_mean(torch.tensor(float(v)))) if k.endswith("loss") else v) for k, v in logs.items()}
+        for k, v in logs.items():
+            if k.startswith(WINDOW_PREFIXES):
+                self._window.setdefault(k, []).append(float(v))
         if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+            # Degradation / task fractions are averaged over the steps since the last log line, so a
+            # log every N steps still shows how often each degradation was applied in that window.
+            logs.update({k: sum(v) / len(v) for k, v in self._window.items()})
+            self._window.clear()
             self.tracker.log(self.step, logs)
             if b.is_main and skips:
                 tqdm.write(f"[helios-train] step {self.step}: skipped samples so far {skips}")

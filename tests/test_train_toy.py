@@ -92,3 +92,22 @@ def test_corrupt_mp4_and_bad_latent_are_skipped_and_counted(toy_root, tmp_path):
     assert raw_last.get("data/skipped_decode_error", 0) >= 1, raw_last
     assert lat_last.get("data/skipped_bad_latent_shape", 0) >= 1, lat_last
     assert raw_last["loss"] == raw_last["loss"] and lat_last["loss"] == lat_last["loss"]  # finite training went on
+
+
+def test_correct_recipe_trains_and_logs_degradation_fractions(toy_root, tmp_path):
+    """experiment=stage_1_correct (issue-#38 corrections) on the toy: loss falls, W&B/metrics carry
+    the fractions of noise / blur / saturation / task drops over each log window."""
+    train(toy_root, tmp_path, ["experiment=stage_1_correct", "model=toy", "trainer.optim.lr=1e-3",
+                               "stage.trainables.lora.rank=8", "trainer.max_steps=40", "trainer.log_every=5",
+                               "trainer.checkpoint_every=40", "data.num_workers=0", "run_name=correct"])
+    hist = read_metrics(tmp_path / "correct")
+    assert [m["step"] for m in hist] == [5, 10, 15, 20, 25, 30, 35, 40]
+    for key in ("degrade/noise", "degrade/blur", "degrade/clean", "degrade/saturation", "task/t2v", "task/i2v"):
+        assert all(0.0 <= m[key] <= 1.0 for m in hist), key
+    mean = {k: np.mean([m[k] for m in hist]) for k in ("degrade/noise", "degrade/blur", "degrade/saturation")}
+    assert mean["degrade/noise"] > mean["degrade/blur"]  # random mode: noise 90 %, blur 10 % (of non-clean)
+    assert mean["degrade/saturation"] > 0.3  # saturation really runs in stage 1 (official: a no-op)
+    assert any(0 < m["degrade/noise"] < 1 for m in hist)  # window fractions, not a single step's 0/1
+    cfg = (tmp_path / "correct/config.yaml").read_text()
+    assert "i2v_ratio: 0.1" in cfg and "mode: random" in cfg and "saturation: true" in cfg
+    assert hist[-1]["loss"] < hist[0]["loss"]
