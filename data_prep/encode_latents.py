@@ -63,7 +63,7 @@ def encode_shards(raw_shards, out_dir, model_dir, chunk_frames: int = CHUNK, min
     summary = {"shards_written": 0, "shards_skipped_existing": len(mine) - len(todo), "samples": 0, "skipped": {}}
     if not todo:
         return summary
-    vae = AutoencoderKLWan.from_pretrained(model_dir, subfolder="vae", torch_dtype=torch.float32).to(device).eval()
+    vae = AutoencoderKLWan.from_pretrained(model_dir, subfolder="vae", dtype=torch.float32).to(device).eval()
     tok = AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
     enc = UMT5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder").to(device).eval()
     gen = torch.Generator(device="cpu").manual_seed(seed + rank)

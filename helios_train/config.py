@@ -20,6 +20,7 @@ from helios_train.pyramid import PyramidConfig
 from helios_train.task_dropout import TaskDropoutConfig
 from helios_train.throughput import PerfConfig
 from helios_train.timesteps import TimestepConfig
+from helios_train.validation import ValidationConfig
 
 
 @dataclass
@@ -163,6 +164,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     run_name: str = MISSING
     output_root: str = "checkpoints"
     toy_root: str = "checkpoints/_toy"

@@ -68,8 +68,16 @@ def resolve_shards(cfg: DictConfig, world_size: int) -> list[str]:
     return shards
 
 
+PATH_KEYS = (("model", "path"), ("model", "transformer_path"))
+
+
 def plain_config(cfg: DictConfig) -> dict:
-    return redact(OmegaConf.to_container(cfg, resolve=True))
+    """Resolved, redacted config; model paths made absolute so export/inference work from any cwd."""
+    out = redact(OmegaConf.to_container(cfg, resolve=True))
+    for section, key in PATH_KEYS:
+        if out.get(section, {}).get(key):
+            out[section][key] = os.path.abspath(out[section][key])
+    return out
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -71,6 +71,24 @@ class Tracker:
         if self.run is not None:
             self.run.log({**scalars, **(media or {})}, step=step)
 
+    def log_media(self, step: int, videos: dict[str, Path], drift: Optional[dict[str, list[float]]]) -> None:
+        """Validation videos (mp4 paths) and the per-chunk drift curve (values relative to chunk 0)."""
+        if not self.enabled:
+            return
+        scalars = {f"drift/{k}_last_chunk": v[-1] for k, v in (drift or {}).items()}
+        with open(self.metrics_path.with_name("validation.jsonl"), "a") as fh:
+            fh.write(json.dumps({"step": step, "videos": [str(p) for p in videos.values()], "drift": drift}) + "\n")
+        if self.run is not None:
+            import wandb
+
+            media: dict[str, Any] = {k: wandb.Video(str(p), format="mp4") for k, p in videos.items()}
+            if drift:
+                chunks = list(range(len(next(iter(drift.values())))))
+                media["validation/drift"] = wandb.plot.line_series(
+                    xs=chunks, ys=[drift[k] for k in drift], keys=list(drift), title=f"drift vs chunk 0 (step {step})",
+                    xname="chunk")
+            self.run.log({**media, **scalars}, step=step)
+
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:
             for k, v in values.items():

@@ -78,6 +78,12 @@ class Trainer:
         self.shards = shards
         self.throughput = Throughput(tc.perf, b.device, b.world_size)
         self.stop_signal: str | None = None
+        self.fresh_start = resume_from is None
+        self.validator = None
+        if cfg.validation.every > 0 and b.is_main:
+            from helios_train.validation import Validator
+
+            self.validator = Validator(cfg, run_dir, self.tracker, b.device)
         self._window: dict[str, list[float]] = {}
 
     def _attach_online_encoder(self) -> None:
@@ -220,6 +226,7 @@ class Trainer:
         bar = tqdm(total=tc.max_steps, initial=self.step, disable=not b.is_main, desc=cfg.stage.name, dynamic_ncols=True)
         last: dict = {}
         try:
+            self._maybe_validate()
             while self.step < tc.max_steps:
                 t0 = time.perf_counter()
                 batches = [self.stage.prepare_batch(x) for x in self._next_batches(it)]
@@ -234,6 +241,7 @@ class Trainer:
                 last = self._log_step(logs, batches, time.perf_counter() - t0)
                 bar.update(1)
                 bar.set_postfix(loss=f"{next((v for k, v in last.items() if k.endswith('loss')), 0.0):.4f}")
+                self._maybe_validate()
                 stop = self._stop_requested()
                 if self.step % tc.checkpoint_every == 0 or self.step == tc.max_steps or stop:
                     self.save()
@@ -248,6 +256,18 @@ class Trainer:
                 signal.signal(sig, handler)
         self.close()
         return {"step": self.step, "stopped_by": self.stop_signal, **last}
+
+    def _maybe_validate(self) -> None:
+        """Rank 0 renders validation videos; the other ranks wait at the barrier."""
+        from helios_train.validation import validation_due
+
+        if not validation_due(self.cfg.validation, self.step, self.fresh_start):
+            return
+        if self.validator is not None:
+            role = self.roles.get("generator") or next(iter(self.roles.values()))
+            result = self.validator.run(self.step, role.module)
+            tqdm.write(f"[helios-train] step {self.step}: validation videos {result['videos']}")
+        self.backend.barrier()
 
     def _log_step(self, logs: dict, batches: list[dict], dt: float) -> dict:
         b, tc = self.backend, self.cfg.trainer

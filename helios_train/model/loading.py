@@ -45,13 +45,13 @@ def load_transformer(model_cfg, trainables_cfg=None, device="cpu"):
         kwargs = {"pretrained_model_name_or_path": model_cfg.path, "subfolder": model_cfg.transformer_subfolder}
     dtype = torch_dtype(model_cfg.weight_dtype)
     try:
-        model, info = HeliosTransformer3DModel.from_pretrained(**kwargs, torch_dtype=dtype, output_loading_info=True)
+        model, info = HeliosTransformer3DModel.from_pretrained(**kwargs, dtype=dtype, output_loading_info=True)
     except (ValueError, RuntimeError) as exn:
         if "missing" not in str(exn).lower():
             raise
         # A Wan2.1 checkpoint has no patch_short/mid/long: build them on CPU, initialise them below.
         model, info = HeliosTransformer3DModel.from_pretrained(
-            **kwargs, torch_dtype=dtype, output_loading_info=True, low_cpu_mem_usage=False
+            **kwargs, dtype=dtype, output_loading_info=True, low_cpu_mem_usage=False
         )
     policy = trainables_cfg.memory_patch_init if trainables_cfg is not None else "after_load"
     if policy not in ("after_load", "official"):
@@ -79,7 +79,7 @@ def load_vae(model_cfg, device="cpu"):
     from diffusers import AutoencoderKLWan
 
     # The Wan VAE runs in fp32 in every official script (spec §1.2).
-    return AutoencoderKLWan.from_pretrained(model_cfg.path, subfolder="vae", torch_dtype=torch.float32).to(device)
+    return AutoencoderKLWan.from_pretrained(model_cfg.path, subfolder="vae", dtype=torch.float32).to(device)
 
 
 def load_text_stack(model_cfg, device="cpu"):
@@ -87,5 +87,5 @@ def load_text_stack(model_cfg, device="cpu"):
 
     tokenizer = AutoTokenizer.from_pretrained(model_cfg.path, subfolder="tokenizer")
     dtype = torch.bfloat16 if model_cfg.weight_dtype == "bf16" else torch.float32
-    encoder = UMT5EncoderModel.from_pretrained(model_cfg.path, subfolder="text_encoder", torch_dtype=dtype)
+    encoder = UMT5EncoderModel.from_pretrained(model_cfg.path, subfolder="text_encoder", dtype=dtype)
     return tokenizer, encoder.to(device)

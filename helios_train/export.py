@@ -1,0 +1,121 @@
+"""Export a training checkpoint as a diffusers-layout Helios folder (LoRA and extra trainables fused).
+
+    python -m helios_train.export --checkpoint checkpoints/base-toy-toy [--variant base] --out exports/base
+
+`--checkpoint` is a run directory (its newest complete checkpoint is used) or a `checkpoint-N` dir.
+The result has transformer/ (full fused weights), vae/, text_encoder/, tokenizer/ (copied, or
+symlinked with --link), scheduler/ configured for the variant, model_index.json naming the right
+pipeline class, and helios_export.json (source checkpoint, step, variant, config hash) — the
+hand-off manifest the next stage starts from. `HeliosPipeline.from_pretrained(out)` (Base) or
+`HeliosPyramidPipeline.from_pretrained(out)` (Mid / Distilled) load it unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from helios_train import checkpoint as ckpt
+from helios_train.variants import build_pipeline, check_variant
+
+COMPONENTS = ("vae", "text_encoder", "tokenizer")
+
+
+def resolve_checkpoint(path) -> Path:
+    path = Path(path)
+    if (path / ckpt.MARKER).is_file():
+        return path
+    latest = ckpt.latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path}: neither a complete checkpoint-N directory nor a run with one")
+    return latest
+
+
+def run_config(checkpoint_dir: Path):
+    """The typed config the checkpoint's run was started with (its run dir's config.yaml)."""
+    from helios_train.config import Config
+
+    saved = checkpoint_dir.parent / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"{saved} missing: cannot tell which model/stage produced {checkpoint_dir}")
+    return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved))
+
+
+def config_hash(cfg) -> str:
+    blob = json.dumps(OmegaConf.to_container(cfg.stage, resolve=True), sort_keys=True) + json.dumps(
+        OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_trained_transformer(checkpoint_dir: Path, role: str = "generator", cfg=None):
+    """Base weights + the checkpoint's trainables, adapters attached (not fused)."""
+    from helios_train.model.loading import load_transformer
+    from helios_train.model.trainables import apply_trainable_policy
+
+    cfg = cfg if cfg is not None else run_config(checkpoint_dir)
+    transformer = load_transformer(cfg.model, cfg.stage.trainables)
+    apply_trainable_policy(transformer, cfg.stage.trainables)
+    ckpt.load_trainables(transformer, checkpoint_dir / f"{role}.trainable.safetensors")
+    return transformer.requires_grad_(False).eval()
+
+
+def fuse(transformer):
+    """Merge LoRA into the base weights and drop the PEFT wrappers: a plain diffusers model."""
+    if getattr(transformer, "_hf_peft_config_loaded", False):
+        transformer.fuse_lora()
+        transformer.unload_lora()
+    return transformer
+
+
+def export(checkpoint, out_dir, variant: str | None = None, link: bool = False, role: str = "generator") -> Path:
+    from diffusers import AutoencoderKLWan
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    src = resolve_checkpoint(checkpoint)
+    cfg = run_config(src)
+    variant = variant or cfg.stage.name
+    check_variant(variant)
+    out = Path(out_dir)
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    transformer = fuse(load_trained_transformer(src, role, cfg))
+    model_root = Path(cfg.model.path)
+    # Saving through the pipeline writes model_index.json exactly as diffusers expects for the class.
+    vae = AutoencoderKLWan.from_pretrained(model_root, subfolder="vae")
+    tok = AutoTokenizer.from_pretrained(model_root, subfolder="tokenizer")
+    enc = UMT5EncoderModel.from_pretrained(model_root, subfolder="text_encoder")
+    build_pipeline(variant, transformer, vae, enc, tok).save_pretrained(tmp)
+    if link:  # large frozen components: point at the source instead of copying gigabytes
+        for name in COMPONENTS:
+            shutil.rmtree(tmp / name)
+            os.symlink((model_root / name).resolve(), tmp / name)
+    state = ckpt.read_json(src / "trainer_state.json")
+    manifest = {"variant": variant, "source_checkpoint": str(src.resolve()), "step": state["step"],
+                "stage": cfg.stage.name, "config_hash": config_hash(cfg), "run_name": cfg.run_name}
+    (tmp / "helios_export.json").write_text(json.dumps(manifest, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="run dir or checkpoint-N dir")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--variant", choices=["base", "mid", "distilled"], help="default: the run's stage")
+    ap.add_argument("--link", action="store_true", help="symlink vae/text_encoder/tokenizer instead of copying")
+    a = ap.parse_args()
+    with torch.no_grad():
+        print(f"exported {export(a.checkpoint, a.out, a.variant, a.link)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Inference / validation entry: T2V, I2V, V2V → mp4 (24 fps) + a JSON of the settings.
+
+    python -m helios_train.infer --checkpoint checkpoints/base-toy-toy --prompt "a red circle moves" --out out/
+    python -m helios_train.infer --checkpoint /weights/Helios-Distilled --prompt-file prompts.txt --num-frames 240
+    python -m helios_train.infer --checkpoint exports/mid --prompt "..." --image first.png          # I2V
+    python -m helios_train.infer --checkpoint exports/base --prompt "..." --video clip.mp4          # V2V
+
+`--checkpoint` is a training run / checkpoint-N dir (LoRA attached to its base model), or a
+diffusers-layout folder (our export or an official Helios-Base/Mid/Distilled download). Sampling is
+diffusers' own HeliosPipeline (Base) / HeliosPyramidPipeline (Mid, Distilled) — no second sampler.
+Defaults per variant follow the official scripts (helios_train/variants.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from helios_train.variants import DEFAULTS, SamplerSettings, build_pipeline, call_kwargs, round_frames
+
+log = logging.getLogger(__name__)
+FPS = 24
+NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
+    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
+    "background, three legs, many people in the background, walking backwards"
+)
+
+
+def detect_variant(folder: Path) -> str:
+    index = json.loads((folder / "model_index.json").read_text())
+    if (folder / "helios_export.json").is_file():
+        return json.loads((folder / "helios_export.json").read_text())["variant"]
+    if index["_class_name"] == "HeliosPipeline":
+        return "base"
+    return "distilled" if index.get("is_distilled") else "mid"
+
+
+def load_pipeline(checkpoint, variant: str | None = None, dtype=torch.float32, device="cpu"):
+    """(pipeline, variant) from a diffusers folder or a training checkpoint (adapters attached)."""
+    path = Path(checkpoint)
+    if (path / "model_index.json").is_file():
+        variant = variant or detect_variant(path)
+        from helios_train.variants import pipeline_class
+
+        pipe = pipeline_class(variant).from_pretrained(path, dtype=dtype)
+        return pipe.to(device), variant
+    from diffusers import AutoencoderKLWan
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    from helios_train.export import load_trained_transformer, resolve_checkpoint, run_config
+
+    src = resolve_checkpoint(path)
+    cfg = run_config(src)
+    variant = variant or cfg.stage.name
+    transformer = load_trained_transformer(src, cfg=cfg).to(dtype)
+    root = Path(cfg.model.path)
+    pipe = build_pipeline(
+        variant, transformer,
+        AutoencoderKLWan.from_pretrained(root, subfolder="vae", dtype=torch.float32),  # VAE stays fp32
+        UMT5EncoderModel.from_pretrained(root, subfolder="text_encoder", dtype=dtype),
+        AutoTokenizer.from_pretrained(root, subfolder="tokenizer"),
+    )
+    return pipe.to(device), variant
+
+
+def write_mp4(frames: np.ndarray, path: Path, fps: int = FPS) -> None:
+    """frames [F, H, W, 3] float in [0, 1] or uint8 → h264 mp4."""
+    from data_prep.toy_videos import encode_mp4
+
+    if frames.dtype != np.uint8:
+        frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+    path.write_bytes(encode_mp4(frames, fps))
+
+
+def read_video_frames(path: str) -> list:
+    import decord
+    from PIL import Image
+
+    reader = decord.VideoReader(path)
+    return [Image.fromarray(f) for f in reader.get_batch(list(range(len(reader)))).asnumpy()]
+
+
+def slug(text: str, n: int = 40) -> str:
+    return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:n] or "prompt"
+
+
+def generate(pipe, variant: str, prompt: str, settings: SamplerSettings, num_frames: int, height: int, width: int,
+             seed: int, negative_prompt: str | None = NEGATIVE_PROMPT, image=None, video=None) -> np.ndarray:
+    generated, returned = round_frames(num_frames)
+    if generated != num_frames:
+        log.warning("num_frames=%d is not a multiple of 33: generating %d frames (%d chunks), returning %d "
+                    "after the 4n+1 trim", num_frames, generated, generated // 33, returned)
+    kwargs = call_kwargs(variant, settings)
+    if image is not None:
+        kwargs["image"] = image
+    if video is not None:
+        kwargs["video"] = video
+    out = pipe(prompt=prompt, negative_prompt=negative_prompt, height=height, width=width, num_frames=generated,
+               generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs)
+    return out.frames[0]
+
+
+def main(argv=None) -> list[Path]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--variant", choices=["base", "mid", "distilled"], help="default: from the checkpoint")
+    ap.add_argument("--prompt", action="append", default=[], help="repeat for several prompts")
+    ap.add_argument("--prompt-file", help="one prompt per line")
+    ap.add_argument("--negative-prompt", default=NEGATIVE_PROMPT)
+    ap.add_argument("--image", help="I2V: first image")
+    ap.add_argument("--video", help="V2V: conditioning video")
+    ap.add_argument("--num-frames", type=int, default=99)
+    ap.add_argument("--height", type=int, default=384)
+    ap.add_argument("--width", type=int, default=640)
+    ap.add_argument("--steps", type=int, help="Base: denoising steps (default 50)")
+    ap.add_argument("--pyramid-steps", type=int, nargs=3, help="Mid/Distilled: steps per pyramid level")
+    ap.add_argument("--guidance", type=float, help="guidance scale (default per variant)")
+    ap.add_argument("--cfg-zero-star", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if torch.cuda.is_available() else "fp32")
+    ap.add_argument("--out", default="outputs/infer")
+    a = ap.parse_args(argv)
+    prompts = list(a.prompt) + ([p.strip() for p in Path(a.prompt_file).read_text().splitlines() if p.strip()]
+                                if a.prompt_file else [])
+    if not prompts:
+        ap.error("give --prompt or --prompt-file")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe, variant = load_pipeline(a.checkpoint, a.variant, torch.bfloat16 if a.dtype == "bf16" else torch.float32,
+                                  device)
+    s = SamplerSettings(**asdict(DEFAULTS[variant]))
+    s.num_inference_steps = a.steps or s.num_inference_steps
+    s.pyramid_steps = a.pyramid_steps or s.pyramid_steps
+    s.guidance_scale = s.guidance_scale if a.guidance is None else a.guidance
+    if a.cfg_zero_star is not None and variant != "base":
+        s.cfg_zero_star = a.cfg_zero_star
+        pipe.register_to_config(is_cfg_zero_star=a.cfg_zero_star)
+    image = None
+    if a.image:
+        from PIL import Image
+
+        image = Image.open(a.image).convert("RGB").resize((a.width, a.height))
+    video = read_video_frames(a.video) if a.video else None
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, prompt in enumerate(prompts):
+        frames = generate(pipe, variant, prompt, s, a.num_frames, a.height, a.width, a.seed + i,
+                          a.negative_prompt, image, video)
+        path = out / f"{i:03d}_{slug(prompt)}.mp4"
+        write_mp4(frames, path)
+        settings = {"prompt": prompt, "variant": variant, "checkpoint": str(a.checkpoint), "seed": a.seed + i,
+                    "task": "i2v" if image is not None else "v2v" if video is not None else "t2v",
+                    "frames": int(frames.shape[0]), "height": a.height, "width": a.width, "fps": FPS, **asdict(s)}
+        path.with_suffix(".json").write_text(json.dumps(settings, indent=2))
+        print(f"wrote {path} ({frames.shape[0]} frames)")
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main()

@@ -1,0 +1,110 @@
+"""In-loop validation: rank 0 renders the configured prompts with the stage's sampler and logs them.
+
+Sampling goes through diffusers' Helios pipelines (helios_train/variants.py) with the *live*
+training transformer (LoRA attached, not fused), so what is logged is exactly what an export of
+this step would produce. Besides the videos (W&B + `<run>/validation/step-N/`), a **drift curve**
+is logged: per 33-frame chunk of the first prompt's rollout, mean brightness, saturation and
+frame-to-frame change relative to chunk 0 — drift shows up as lines leaving 1.0.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from helios_train.variants import DEFAULTS, SamplerSettings, build_pipeline
+
+TOKYO = ("A stylish woman walks down a Tokyo street filled with warm glowing neon and animated city signage. She "
+         "wears a black leather jacket, a long red dress, and black boots, and carries a black purse.")
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 500  # steps between validations; 0 disables validation
+    at_first_step: bool = True  # official first_step_valid
+    prompts: list[str] = field(default_factory=lambda: [TOKYO])
+    num_frames: int = 99  # 3 chunks: enough for the drift curve
+    height: int = 384
+    width: int = 640
+    seed: int = 42
+    steps: Optional[int] = None  # None = the variant's default (spec §1.11)
+    pyramid_steps: Optional[list[int]] = None
+    guidance: Optional[float] = None
+
+
+def drift_stats(frames: np.ndarray, chunk: int = 33) -> dict[str, list[float]]:
+    """Per-chunk brightness, saturation, motion of frames [F, H, W, 3] in [0, 1], relative to chunk 0."""
+    stats = {"brightness": [], "saturation": [], "motion": []}
+    for k in range(max(1, -(-len(frames) // chunk))):  # the last chunk is shorter after the 4n+1 trim
+        part = frames[k * chunk : (k + 1) * chunk].astype(np.float64)
+        mx, mn = part.max(axis=-1), part.min(axis=-1)
+        stats["brightness"].append(float(part.mean()))
+        stats["saturation"].append(float(((mx - mn) / np.maximum(mx, 1e-6)).mean()))
+        stats["motion"].append(float(np.abs(np.diff(part, axis=0)).mean()) if len(part) > 1 else 0.0)
+    return {k: [v / (vals[0] if vals[0] else 1.0) for v in vals] for k, vals in stats.items()}
+
+
+def validation_due(vcfg: ValidationConfig, step: int, fresh_start: bool) -> bool:
+    """Before the first step of a fresh run (if configured) and every `every` steps."""
+    if vcfg.every <= 0:
+        return False
+    return (step == 0 and fresh_start and vcfg.at_first_step) or (step > 0 and step % vcfg.every == 0)
+
+
+class Validator:
+    def __init__(self, cfg, run_dir: Path, tracker, device):
+        self.cfg = cfg
+        self.vcfg = cfg.validation
+        self.run_dir = run_dir
+        self.tracker = tracker
+        self.device = device
+        self.variant = cfg.stage.name
+        self._parts = None
+
+    def _components(self):
+        if self._parts is None:
+            from helios_train.model.loading import load_text_stack, load_vae
+
+            tok, enc = load_text_stack(self.cfg.model, self.device)
+            self._parts = (load_vae(self.cfg.model, self.device), enc, tok)
+        return self._parts
+
+    def settings(self) -> SamplerSettings:
+        s = SamplerSettings(**asdict(DEFAULTS[self.variant]))
+        v = self.vcfg
+        s.num_inference_steps = v.steps or s.num_inference_steps
+        s.pyramid_steps = list(v.pyramid_steps) if v.pyramid_steps else s.pyramid_steps
+        s.guidance_scale = s.guidance_scale if v.guidance is None else v.guidance
+        return s
+
+    @torch.no_grad()
+    def run(self, step: int, transformer) -> dict:
+        from helios_train.infer import NEGATIVE_PROMPT, generate, slug, write_mp4
+
+        vae, enc, tok = self._components()
+        was_training = transformer.training
+        transformer.eval()
+        pipe = build_pipeline(self.variant, transformer, vae, enc, tok)
+        pipe.set_progress_bar_config(disable=True)
+        out_dir = self.run_dir / "validation" / f"step-{step}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        s, v = self.settings(), self.vcfg
+        videos, drift = {}, None
+        try:
+            for i, prompt in enumerate(v.prompts):
+                frames = generate(pipe, self.variant, prompt, s, v.num_frames, v.height, v.width, v.seed + i,
+                                  NEGATIVE_PROMPT)
+                path = out_dir / f"{i:02d}_{slug(prompt)}.mp4"
+                write_mp4(frames, path)
+                videos[f"validation/video_{i}"] = path
+                if i == 0:
+                    drift = drift_stats(frames)
+        finally:
+            transformer.train(was_training)
+        (out_dir / "drift.json").write_text(json.dumps(drift, indent=1))
+        self.tracker.log_media(step, videos, drift)
+        return {"videos": [str(p) for p in videos.values()], "drift": drift}

@@ -1,0 +1,91 @@
+"""The three Helios variants as diffusers sees them: pipeline class, scheduler, default sampler settings.
+
+One table (spec §1.11, inference_data §4.6, §7) shared by export, inference and in-loop validation,
+so a checkpoint is always sampled the way its stage was meant to be:
+
+| variant   | pipeline              | scheduler                        | steps          | guidance            |
+|-----------|-----------------------|----------------------------------|----------------|---------------------|
+| base      | HeliosPipeline        | HeliosScheduler, 1 stage, UniPC  | 50             | CFG 5.0             |
+| mid       | HeliosPyramidPipeline | HeliosScheduler, 3 stages, UniPC | [20, 20, 20]   | CFG-Zero* 5.0       |
+| distilled | HeliosPyramidPipeline | HeliosDMDScheduler (x0, linear)  | [2, 2, 2]      | none (1.0), amplify |
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+VARIANTS = ("base", "mid", "distilled")
+PIXEL_FRAMES_PER_CHUNK = 33
+
+
+@dataclass
+class SamplerSettings:
+    num_inference_steps: int = 50
+    pyramid_steps: list[int] = field(default_factory=lambda: [20, 20, 20])
+    guidance_scale: float = 5.0
+    cfg_zero_star: bool = False
+    use_zero_init: bool = True
+    zero_steps: int = 1
+    amplify_first_chunk: bool = False
+
+
+DEFAULTS = {
+    "base": SamplerSettings(num_inference_steps=50, guidance_scale=5.0),
+    "mid": SamplerSettings(pyramid_steps=[20, 20, 20], guidance_scale=5.0, cfg_zero_star=True),
+    "distilled": SamplerSettings(pyramid_steps=[2, 2, 2], guidance_scale=1.0, amplify_first_chunk=True),
+}
+
+
+def check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r}: expected one of {VARIANTS}")
+
+
+def pipeline_class(variant: str):
+    from diffusers import HeliosPipeline, HeliosPyramidPipeline
+
+    check_variant(variant)
+    return HeliosPipeline if variant == "base" else HeliosPyramidPipeline
+
+
+def make_scheduler(variant: str):
+    """Scheduler configured for the variant: dynamic shift on (exponential for base/mid, linear for
+    distilled — spec §6), pyramid stages [0, 1/3, 2/3, 1] with γ = 1/3 for mid/distilled."""
+    from diffusers import HeliosDMDScheduler, HeliosScheduler
+
+    check_variant(variant)
+    if variant == "base":
+        return HeliosScheduler(stages=1, stage_range=[0, 1], scheduler_type="unipc", use_dynamic_shifting=True,
+                               time_shift_type="exponential")
+    if variant == "mid":
+        return HeliosScheduler(stages=3, stage_range=[0, 1 / 3, 2 / 3, 1], gamma=1 / 3, scheduler_type="unipc",
+                               use_dynamic_shifting=True, time_shift_type="exponential")
+    return HeliosDMDScheduler(stages=3, stage_range=[0, 1 / 3, 2 / 3, 1], gamma=1 / 3, use_dynamic_shifting=True,
+                              time_shift_type="linear")
+
+
+def build_pipeline(variant: str, transformer, vae, text_encoder, tokenizer, cfg_zero_star: bool | None = None):
+    cls = pipeline_class(variant)
+    parts = dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                 scheduler=make_scheduler(variant))
+    if variant == "base":
+        return cls(**parts)
+    zero_star = DEFAULTS[variant].cfg_zero_star if cfg_zero_star is None else cfg_zero_star
+    return cls(**parts, is_cfg_zero_star=zero_star, is_distilled=(variant == "distilled"))
+
+
+def call_kwargs(variant: str, s: SamplerSettings) -> dict:
+    """Keyword arguments of the pipeline's __call__ for these settings."""
+    if variant == "base":
+        return {"num_inference_steps": s.num_inference_steps, "guidance_scale": s.guidance_scale}
+    out = {"pyramid_num_inference_steps_list": list(s.pyramid_steps), "guidance_scale": s.guidance_scale,
+           "use_zero_init": s.use_zero_init, "zero_steps": s.zero_steps}
+    if variant == "distilled":
+        out["is_amplify_first_chunk"] = s.amplify_first_chunk
+    return out
+
+
+def round_frames(num_frames: int) -> tuple[int, int]:
+    """Requested frames → (frames generated = whole 33-frame chunks, frames returned after the 4n+1 trim)."""
+    chunks = max(1, -(-num_frames // PIXEL_FRAMES_PER_CHUNK))
+    generated = chunks * PIXEL_FRAMES_PER_CHUNK
+    return generated, (generated - 1) // 4 * 4 + 1

@@ -1,0 +1,104 @@
+"""Inference entry (T2V / I2V / V2V → mp4), export to diffusers layout, in-loop validation."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import train
+
+TINY = ["--height", "64", "--width", "128", "--steps", "2", "--guidance", "5.0"]
+
+
+@pytest.fixture(scope="module")
+def base_run(toy_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    train(toy_root, out, ["trainer.max_steps=4", "trainer.checkpoint_every=4", "validation.every=0",
+                          "data.num_workers=0", "run_name=b"])
+    return out / "b"
+
+
+def decoded(path: Path) -> np.ndarray:
+    import decord
+
+    reader = decord.VideoReader(str(path))
+    return reader.get_batch(list(range(len(reader)))).asnumpy()
+
+
+def test_t2v_i2v_v2v_write_mp4s_with_expected_frames(base_run, tmp_path):
+    from PIL import Image
+
+    from helios_train.infer import main
+
+    t2v = main(["--checkpoint", str(base_run), "--prompt", "a red circle", "--num-frames", "40",
+                "--out", str(tmp_path / "t2v"), *TINY])[0]
+    frames = decoded(t2v)
+    assert frames.shape == (65, 64, 128, 3)  # 40 → 2 chunks (66 frames) → 4n+1 trim = 65
+    meta = json.loads(t2v.with_suffix(".json").read_text())
+    assert meta["task"] == "t2v" and meta["frames"] == 65 and meta["variant"] == "base" and meta["fps"] == 24
+    Image.fromarray(frames[10]).save(tmp_path / "first.png")
+    i2v = main(["--checkpoint", str(base_run), "--prompt", "a red circle", "--num-frames", "33",
+                "--image", str(tmp_path / "first.png"), "--out", str(tmp_path / "i2v"), *TINY])[0]
+    assert decoded(i2v).shape == (33, 64, 128, 3)
+    assert json.loads(i2v.with_suffix(".json").read_text())["task"] == "i2v"
+    v2v = main(["--checkpoint", str(base_run), "--prompt", "a red circle", "--num-frames", "33",
+                "--video", str(t2v), "--out", str(tmp_path / "v2v"), *TINY])[0]
+    assert decoded(v2v).shape == (33, 64, 128, 3)
+    assert json.loads(v2v.with_suffix(".json").read_text())["task"] == "v2v"
+
+
+def test_export_loads_in_diffusers_and_matches_infer_entry(base_run, tmp_path):
+    from diffusers import HeliosPipeline
+
+    from helios_train.export import export
+    from helios_train.infer import generate, load_pipeline
+    from helios_train.variants import DEFAULTS, SamplerSettings
+
+    out = export(base_run, tmp_path / "exported")
+    manifest = json.loads((out / "helios_export.json").read_text())
+    assert manifest["variant"] == "base" and manifest["step"] == 4 and len(manifest["config_hash"]) == 16
+    pipe = HeliosPipeline.from_pretrained(out)  # diffusers' own loader, unchanged layout
+    assert not any("lora" in n for n, _ in pipe.transformer.named_parameters())
+    s = SamplerSettings(**{**DEFAULTS["base"].__dict__, "num_inference_steps": 2})
+    ours, variant = load_pipeline(base_run)  # training checkpoint, LoRA attached, not fused
+    a = generate(pipe, "base", "a red circle", s, 33, 64, 128, seed=3)
+    b = generate(ours, variant, "a red circle", s, 33, 64, 128, seed=3)
+    assert a.shape == b.shape == (33, 64, 128, 3)
+    np.testing.assert_allclose(a, b, atol=2e-3)
+    # The export carries the trained weights: the fully trained memory patch equals the checkpoint's,
+    # and a LoRA-adapted linear differs from the untrained toy base by the fused B·A update.
+    from diffusers import HeliosTransformer3DModel
+    from safetensors.torch import load_file
+
+    trained = load_file(str(base_run / "checkpoint-4/generator.trainable.safetensors"))
+    torch.testing.assert_close(pipe.transformer.patch_mid.weight, trained["patch_mid.weight"])
+    toy_base = HeliosTransformer3DModel.from_pretrained(_model_path(base_run), subfolder="transformer")
+    delta = (pipe.transformer.blocks[0].attn1.to_q.weight - toy_base.blocks[0].attn1.to_q.weight).abs().max()
+    assert delta > 0
+
+
+def _model_path(run: Path) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(run / "config.yaml").model.path
+
+
+def test_validation_logs_videos_and_drift_to_offline_wandb(toy_root, tmp_path):
+    train(toy_root, tmp_path, ["trainer.max_steps=2", "validation.every=2", "data.num_workers=0", "run_name=val"])
+    run = tmp_path / "val"
+    records = [json.loads(x) for x in (run / "validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2]
+    for r in records:
+        assert len(r["videos"]) == 1 and Path(r["videos"][0]).is_file()
+        assert set(r["drift"]) == {"brightness", "saturation", "motion"}
+        assert len(r["drift"]["brightness"]) == 3 and r["drift"]["brightness"][0] == 1.0
+    assert decoded(Path(records[0]["videos"][0])).shape == (97, 64, 128, 3)
+    wandb_files = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert wandb_files
+    blob = wandb_files[0].read_bytes()
+    assert b"validation/video_0" in blob and b"validation/drift" in blob
+    media = list((run / "wandb").glob("offline-run-*/files/media/videos/**/*.mp4"))
+    assert media, "validation video not stored in the W&B run"
