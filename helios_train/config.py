@@ -59,6 +59,11 @@ class ModelConfig:
     weight_dtype: str = "fp32"  # frozen base weights: fp32 | bf16 (trainables always fp32)
     gradient_checkpointing: bool = False
     text_max_length: int = 512
+    # Speed options (GPU runs; all work on CPU too): diffusers attention dispatcher backend
+    # ("native" = torch SDPA; "flash", "_flash_3", "sage", ... when installed) and regional
+    # torch.compile of the repeated transformer blocks (compiles one block, reuses it 40×).
+    attention_backend: str = "native"
+    compile_blocks: bool = False
     # Transformer config overrides applied when building from scratch (toy) — empty for real weights.
     transformer_overrides: dict[str, Any] = field(default_factory=dict)
 

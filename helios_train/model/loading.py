@@ -75,6 +75,16 @@ def load_transformer(model_cfg, trainables_cfg=None, device="cpu"):
     return model.to(device)
 
 
+def apply_speed_options(transformer, model_cfg) -> None:
+    """Attention backend and regional compile; call after adapters are attached (compile last)."""
+    if model_cfg.attention_backend and model_cfg.attention_backend != "native":
+        transformer.set_attention_backend(model_cfg.attention_backend)
+    if model_cfg.compile_blocks:
+        # Regional compilation: one compiled HeliosTransformerBlock graph reused by every block, so
+        # compile time does not grow with depth (diffusers' _repeated_blocks).
+        transformer.compile_repeated_blocks(fullgraph=False)
+
+
 def load_vae(model_cfg, device="cpu"):
     from diffusers import AutoencoderKLWan
 

@@ -14,7 +14,7 @@ import torch
 
 from helios_train.anti_drift import add_saturation, corrupt_history, corrupt_target
 from helios_train.history import model_inputs, token_counts
-from helios_train.model.loading import load_transformer
+from helios_train.model.loading import apply_speed_options, load_transformer
 from helios_train.model.trainables import apply_trainable_policy
 from helios_train.stages import RoleSpec, Stage
 from helios_train.task_dropout import apply_task_dropout
@@ -29,6 +29,7 @@ class BaseStage(Stage):
         self.transformer = load_transformer(cfg.model, cfg.stage.trainables, device="cpu")
         self.trainable_names = apply_trainable_policy(self.transformer, cfg.stage.trainables)
         self.transformer.to(device)
+        apply_speed_options(self.transformer, cfg.model)
         self.online_encoder = None  # raw-mode data: built by the trainer (`attach_online_encoder`)
         self._tokens = None
 
