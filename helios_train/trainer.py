@@ -54,10 +54,8 @@ class Trainer:
         self.backend = build_backend(cfg.launcher, tc)
         b = self.backend
         seed = tc.seed + (b.rank if tc.seed_per_rank else 0)
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # module init etc.; the training draws use `micro_generator`
         random.seed(seed)
-        # All randomness of a step (timesteps, noise, degradations) comes from this generator.
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.stage = build_stage(cfg, b.device)
         self.roles = {}
         for name, spec in self.stage.role_specs().items():
@@ -106,7 +104,7 @@ class Trainer:
         b.barrier()
         for role in self.roles.values():
             b.save_role(role, tmp)
-        rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()}
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         ckpt.save_torch(rng, tmp / f"rng-rank{b.rank}.pt")
@@ -137,7 +135,6 @@ class Trainer:
         for role in self.roles.values():
             b.load_role(role, path)
         rng = ckpt.load_torch(path / f"rng-rank{b.rank}.pt")
-        self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         if "cuda" in rng and torch.cuda.is_available():
@@ -159,13 +156,27 @@ class Trainer:
             out.append(batch)
         return out
 
-    def _update_role(self, name: str, batches: list[dict]) -> dict:
+    def micro_generator(self, phase: int, micro: int) -> torch.Generator:
+        """The generator for one micro-batch of one phase: every random draw of a step (timesteps,
+        noise, degradations) is a function of (seed, step, phase, global micro-batch index) only.
+
+        Why: a resumed run needs no RNG stream state to continue exactly, and the same global batch
+        gets the same draws whether it is spread over ranks or over accumulation steps (the DDP
+        equivalence test relies on this). `trainer.seed_per_rank=false` reproduces the official
+        behaviour of every rank drawing the same numbers.
+        """
+        tc, b = self.cfg.trainer, self.backend
+        index = (b.rank if tc.seed_per_rank else 0) * tc.grad_accum_steps + micro
+        key = ((tc.seed * 1_000_003 + self.step) * 101 + phase) * 1_000_033 + index
+        return torch.Generator(device="cpu").manual_seed(key % (2**63 - 1))
+
+    def _update_role(self, name: str, batches: list[dict], phase: int = 0) -> dict:
         role, b = self.roles[name], self.backend
         accum = len(batches)
         total, logs = 0.0, {}
         for i, batch in enumerate(batches):
             with b.accumulation_context(role, is_last_micro=(i == accum - 1)):
-                loss, logs = self.stage.loss(name, batch, self.step, self.generator)
+                loss, logs = self.stage.loss(name, batch, self.step, self.micro_generator(phase, i))
                 if self.step in self.cfg.trainer.debug.nonfinite_loss_steps:
                     loss = loss * float("nan")  # fault drill (trainer.debug), exercises the guard below
                 b.backward(role, loss / accum)
@@ -232,8 +243,8 @@ class Trainer:
                 batches = [self.stage.prepare_batch(x) for x in self._next_batches(it)]
                 logs: dict = {}
                 with self.throughput.measuring():
-                    for name in self.stage.phases(self.step):
-                        logs.update(self._update_role(name, batches))
+                    for phase, name in enumerate(self.stage.phases(self.step)):
+                        logs.update(self._update_role(name, batches, phase))
                 self.throughput.after_step()
                 if tc.debug.step_sleep_s:
                     time.sleep(tc.debug.step_sleep_s)

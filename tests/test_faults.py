@@ -18,7 +18,7 @@ from helios_train.tracking import read_metrics
 
 def launch(toy_root: Path, out: Path, *overrides: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "helios_train", f"toy_root={toy_root}", f"output_root={out}",
-           "data.num_workers=0", "trainer.log_every=1", *overrides]
+           "data.num_workers=0", "trainer.log_every=1", "validation.every=0", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
