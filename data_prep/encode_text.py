@@ -1,0 +1,72 @@
+"""Text prompts → prompt-embedding shards (spec inference_data §1.5), for text-only data.
+
+    python -m data_prep.encode_text --prompts prompts.txt --out text/ --model /weights/helios [--per-shard 1000]
+
+One prompt per line; sample key `<txt stem>_<line:05d>`; members `prompt_embed.npy` float32
+[L, D] (zero rows after the prompt) and `json` {"caption"}. Finished shards are skipped on re-run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data_prep.encode_latents import _npy
+
+
+def encode_text(prompts_file, out_dir, model_dir, per_shard=1000, batch_size=16, device="cpu",
+                text_max_length=512) -> dict:
+    import webdataset as wds
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    from helios_train.model.text_codec import encode_prompts
+
+    prompts_file, out = Path(prompts_file), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = [p.strip() for p in prompts_file.read_text().splitlines()]
+    items = [(f"{prompts_file.stem}_{i:05d}", p) for i, p in enumerate(prompts) if p]
+    groups = [items[i : i + per_shard] for i in range(0, len(items), per_shard)]
+    summary = {"shards_written": 0, "shards_skipped_existing": 0, "samples": 0, "empty_lines": len(prompts) - len(items)}
+    tok = enc = None
+    for index, group in enumerate(tqdm(groups, desc="text shards")):
+        dst = out / f"text-{index:06d}.tar"
+        if dst.is_file():
+            summary["shards_skipped_existing"] += 1
+            continue
+        if enc is None:
+            tok = AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+            enc = UMT5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder").to(device).eval()
+        tmp = dst.with_suffix(".tar.tmp")
+        with wds.TarWriter(str(tmp)) as sink:
+            for i in range(0, len(group), batch_size):
+                part = group[i : i + batch_size]
+                embeds = encode_prompts(tok, enc, [p for _, p in part], max_length=text_max_length, device=device)
+                for (key, prompt), emb in zip(part, embeds):
+                    sink.write({"__key__": key, "prompt_embed.npy": _npy(emb.cpu().numpy().astype(np.float32)),
+                                "json": json.dumps({"caption": prompt}).encode()})
+                    summary["samples"] += 1
+        os.replace(tmp, dst)
+        summary["shards_written"] += 1
+    return summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", required=True, help="diffusers-layout folder with text_encoder/ and tokenizer/")
+    ap.add_argument("--per-shard", type=int, default=1000)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--text-max-length", type=int, default=512)
+    a = ap.parse_args()
+    print(json.dumps(encode_text(a.prompts, a.out, a.model, a.per_shard, device=a.device,
+                                 text_max_length=a.text_max_length)))
+
+
+if __name__ == "__main__":
+    main()

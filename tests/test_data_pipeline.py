@@ -1,0 +1,203 @@
+"""Data pipeline: CLIs (videos → raw shards → latent shards, text → embeddings, stats), loader modes,
+rank/worker splitting, exact resume position, bad input skipped and counted per reason."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from conftest import compose, train
+from data_prep.toy_videos import encode_mp4, render_video
+from helios_train.data.shards import ShardSpecError, expand_shards
+from helios_train.data.video_dataset import DataPosition, HistoryShardDataset, TooManyBadSamples, build_loader
+from helios_train.history import HistoryConfig
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory) -> Path:
+    """mp4 clips at 96×160 (the 384×640 aspect) + a toy_filter.json-style caption list."""
+    root = tmp_path_factory.mktemp("clips")
+    rng = np.random.default_rng(1)
+    records = []
+    for i, (n, h, w, cap) in enumerate([(132, 96, 160, "a red circle"), (110, 96, 160, "a blue square"),
+                                        (105, 96, 160, "too short after cut"), (130, 96, 160, None),
+                                        (130, 128, 128, "square video")]):
+        frames, _ = render_video(rng, n, h, w)
+        (root / f"v{i}.mp4").write_bytes(encode_mp4(frames))
+        rec = {"path": f"v{i}.mp4", "cut": [0, n - 10 if i == 2 else n], "crop": [0, w, 0, h], "fps": 24.0,
+               "cap": [cap] if cap else []}
+        records.append(rec)
+    (root / "meta.json").write_text(json.dumps(records))
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared(clip_folder, toy_root, tmp_path_factory):
+    from data_prep.encode_latents import encode_shards
+    from data_prep.videos_to_shards import videos_to_shards
+
+    out = tmp_path_factory.mktemp("prepared")
+    raw = videos_to_shards(clip_folder, clip_folder / "meta.json", out / "raw", height=192, width=320,
+                           min_frames=99, per_shard=2, bucket=(384, 640))
+    lat = encode_shards(sorted((out / "raw").glob("raw-*.tar")), out / "latents", toy_root / "model", min_frames=99,
+                        text_max_length=64)
+    return out, raw, lat
+
+
+def test_videos_to_shards_filters_and_resizes(prepared, clip_folder):
+    out, raw, _ = prepared
+    assert raw["samples"] == 2
+    assert raw["skipped"] == {"too_short": 1, "missing_caption": 1, "wrong_aspect": 1}
+    import decord
+
+    samples = [s for shard in sorted((out / "raw").glob("raw-*.tar")) for s in wds.WebDataset(str(shard), shardshuffle=False, empty_check=False)]
+    for s in samples:
+        meta = json.loads(s["json"])
+        reader = decord.VideoReader(io.BytesIO(s["mp4"]))
+        assert reader[0].shape == (192, 320, 3) and len(reader) == meta["num_frames"] >= 99
+    again = __import__("data_prep.videos_to_shards", fromlist=["x"]).videos_to_shards(
+        clip_folder, clip_folder / "meta.json", out / "raw", height=192, width=320, min_frames=99, per_shard=2,
+        bucket=(384, 640))
+    assert again["shards_written"] == 0 and again["shards_skipped_existing"] == raw["shards_written"]
+
+
+def test_both_loader_modes_give_the_same_contract(prepared, toy_root):
+    from helios_train.data.online_encoding import OnlineEncoder
+    from helios_train.model.loading import load_text_stack, load_vae
+
+    out, _, lat = prepared
+    assert lat["samples"] == 2
+    cfg_lat = compose([f"toy_root={toy_root}", f"data.shards={out}/latents/latent-*.tar", "data.latent_height=24",
+                       "data.latent_width=40", "data.batch_size=1", "data.min_chunks=3"])
+    cfg_raw = compose([f"toy_root={toy_root}", "data=toy_raw", f"data.shards={out}/raw/raw-*.tar",
+                       "data.latent_height=24", "data.latent_width=40", "data.batch_size=1"])
+    hist = HistoryConfig()
+    shards_lat, shards_raw = expand_shards(cfg_lat.data.shards), expand_shards(cfg_raw.data.shards)
+    b_lat = next(iter(build_loader(shards_lat, cfg_lat.data, hist, 0, 1, DataPosition())))
+    b_raw = next(iter(build_loader(shards_raw, cfg_raw.data, hist, 0, 1, DataPosition())))
+    tok, enc = load_text_stack(cfg_raw.model)
+    b_raw = OnlineEncoder(load_vae(cfg_raw.model), tok, enc, hist, 64, torch.device("cpu"))(b_raw)
+    for key in ("x0", "history", "target", "prompt_embeds"):
+        assert b_lat[key].shape == b_raw[key].shape, key
+    assert b_lat["target"].shape == (1, 4, 9, 24, 40) and b_lat["history"].shape == (1, 4, 19, 24, 40)
+    assert b_lat["keys"] == b_raw["keys"] and b_lat["chunk_index"].tolist() == b_raw["chunk_index"].tolist()
+
+
+def test_two_ranks_two_workers_cover_every_sample_once(toy_root):
+    cfg = compose([f"toy_root={toy_root}", "data.batch_size=1", "data.num_workers=2"]).data
+    shards = [str(p) for p in sorted((toy_root / "latents").glob("latent-*.tar"))]
+    all_keys = [s["__key__"] for p in shards for s in wds.WebDataset(p, shardshuffle=False, empty_check=False)]
+    seen = []
+    for rank in (0, 1):
+        loader = build_loader(shards, cfg, HistoryConfig(), rank, 2, DataPosition())
+        done_workers = set()
+        for batch in loader:
+            pos = batch["_position"]
+            if pos["epoch"] > 0 or pos["shard_cursor"] >= 2 and pos["in_shard"] == 0:
+                done_workers.add(pos["worker"])
+            else:
+                seen.extend(batch["keys"])
+            if len(done_workers) == 2 or len(seen) > 4 * len(all_keys):
+                break
+    assert sorted(seen) == sorted(all_keys)  # every sample once: disjoint and complete
+
+
+def test_resumed_loader_continues_with_identical_batches(toy_root):
+    cfg = compose([f"toy_root={toy_root}", "data.batch_size=2", "data.num_workers=2"]).data
+    shards = [str(p) for p in sorted((toy_root / "latents").glob("latent-*.tar"))]
+    pos = DataPosition()
+    it = iter(build_loader(shards, cfg, HistoryConfig(), 0, 1, pos))
+    reference = []
+    for i in range(12):
+        batch = next(it)
+        pos.update(batch) if i < 5 else batch.pop("_position")
+        reference.append((batch["keys"], batch["chunk_index"].tolist(), batch["target"]))
+    saved = json.loads(json.dumps(pos.state_dict()))  # what a checkpoint stores
+    resumed = iter(build_loader(shards, cfg, HistoryConfig(), 0, 1, DataPosition(saved)))
+    for keys, chunks, target in reference[5:]:
+        batch = next(resumed)
+        assert batch["keys"] == keys and batch["chunk_index"].tolist() == chunks
+        assert torch.equal(batch["target"], target)
+
+
+def _write_bad_shards(toy_root: Path, tmp: Path) -> Path:
+    good = list(wds.WebDataset(str(toy_root / "latents/latent-000000.tar"), shardshuffle=False, empty_check=False))
+    strip = lambda s: {k: v for k, v in s.items() if k == "__key__" or not k.startswith("__")}  # noqa: E731
+
+    def npy(a):
+        buf = io.BytesIO()
+        np.save(buf, a, allow_pickle=False)
+        return buf.getvalue()
+
+    bad = {
+        "missing_caption": {**strip(good[0]), "__key__": "nocap", "json": b'{"num_frames": 99}'},
+        "bad_latent_shape": {**strip(good[0]), "__key__": "shape", "latents.npy": npy(np.zeros((3, 4, 9, 8, 8), np.float32))},
+        "too_short": {**strip(good[0]), "__key__": "short", "latents.npy": npy(np.zeros((2, 4, 9, 8, 16), np.float32))},
+        "missing_member": {"__key__": "nolat", "json": good[0]["json"]},
+    }
+    path = tmp / "bad.tar"
+    with wds.TarWriter(str(path)) as sink:
+        for s in [*bad.values(), *(strip(g) for g in good)]:
+            sink.write(s)
+    # A truncated copy: the tar ends in the middle of a member.
+    data = (toy_root / "latents/latent-000001.tar").read_bytes()
+    (tmp / "truncated.tar").write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_each_bad_input_kind_is_skipped_and_counted(toy_root, tmp_path):
+    _write_bad_shards(toy_root, tmp_path)
+    cfg = compose([f"toy_root={toy_root}", "data.batch_size=1", "data.shuffle_buffer=1", "data.max_skip_fraction=0.9"]).data
+    for shard, expected in ((tmp_path / "bad.tar", {"missing_caption", "bad_latent_shape", "too_short", "missing_member"}),
+                            (tmp_path / "truncated.tar", {"unreadable_member"})):
+        ds = HistoryShardDataset([str(shard)], cfg, HistoryConfig())
+        pos = None
+        for batch in ds:
+            pos = batch["_position"]
+            if pos["epoch"] >= 1:
+                break
+        assert expected <= {k for k, v in pos["skipped"].items() if v >= 1}, pos["skipped"]
+
+
+def test_skip_limit_stops_naming_worst_shard(toy_root, tmp_path):
+    path = _write_bad_shards(toy_root, tmp_path)
+    cfg = compose([f"toy_root={toy_root}", "data.batch_size=1", "data.max_skip_fraction=0.1"]).data
+    with pytest.raises(TooManyBadSamples, match="bad.tar"):
+        for _ in HistoryShardDataset([str(path)], cfg, HistoryConfig()):
+            pass
+
+
+def test_missing_shard_and_empty_glob_fail_at_startup_naming_path(toy_root, tmp_path):
+    with pytest.raises(ShardSpecError, match="nope-000003.tar"):
+        expand_shards(f"{toy_root}/latents/latent-000000.tar,{tmp_path}/nope-000003.tar")
+    with pytest.raises(ShardSpecError, match=r"empty-\*\.tar"):
+        train(toy_root, tmp_path, [f"data.shards={tmp_path}/empty-*.tar", "trainer.max_steps=1"])
+    with pytest.raises(ValueError, match="2 rank"):
+        HistoryShardDataset([str(toy_root / "latents/latent-000000.tar")], compose([f"toy_root={toy_root}"]).data,
+                            HistoryConfig(), 0, 2)
+
+
+def test_text_and_stats_tools(toy_root, tmp_path):
+    from data_prep.encode_text import encode_text
+    from data_prep.latent_stats import latent_stats
+
+    (tmp_path / "p.txt").write_text("a red circle\n\nanother blue square on a gray background\n")
+    s = encode_text(tmp_path / "p.txt", tmp_path / "text", toy_root / "model", per_shard=1, text_max_length=32)
+    assert s["samples"] == 2 and s["shards_written"] == 2 and s["empty_lines"] == 1
+    assert encode_text(tmp_path / "p.txt", tmp_path / "text", toy_root / "model", per_shard=1)["shards_written"] == 0
+    sample = next(iter(wds.WebDataset(str(tmp_path / "text/text-000000.tar"), shardshuffle=False, empty_check=False)))
+    assert sample["__key__"] == "p_00000"
+    assert np.load(io.BytesIO(sample["prompt_embed.npy"]), allow_pickle=False).shape == (32, 32)
+    shards = [str(p) for p in sorted((toy_root / "latents").glob("latent-*.tar"))]
+    stats = latent_stats(shards)
+    ref = np.concatenate([np.moveaxis(np.load(io.BytesIO(s["latents.npy"])), 1, 0).reshape(4, -1)
+                          for p in shards for s in wds.WebDataset(p, shardshuffle=False, empty_check=False)], axis=1)
+    np.testing.assert_allclose(stats["mean"], ref.mean(1), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(stats["std"], ref.std(1), rtol=1e-5)
+    assert stats["samples"] == 24
