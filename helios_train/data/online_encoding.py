@@ -1,13 +1,16 @@
-"""Raw-mode batches (decoded frames) → the latent sample contract, on the trainer's device.
+"""Raw-mode batches (decoded uint8 frames) → the latent sample contract, on the trainer's device.
 
 Why here and not in the data workers: the VAE and UMT5 belong on the accelerator, and workers are
 CPU processes. Each 33-frame chunk is encoded independently (spec §1.3), so a context chunk encoded
-online equals the one `data_prep/encode_latents.py` would have stored.
+online equals the one `data_prep/encode_latents.py` would have stored. Only real chunks are
+encoded; missing context (chunk index < 3) becomes zero latents, as the official loader pads.
 """
 from __future__ import annotations
 
 import torch
 
+from helios_train.data.decoding import to_unit_range
+from helios_train.data.samples import PIXEL_FRAMES_PER_CHUNK, context_chunks
 from helios_train.history import assemble_history_sample
 from helios_train.model.text_codec import encode_prompts
 from helios_train.model.vae_codec import encode_chunks, encode_first_frame
@@ -25,21 +28,24 @@ class OnlineEncoder:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        frames = batch.pop("context_frames").to(self.device)  # [B, n+1, 3, 33, H, W]
-        valid = batch.pop("context_valid").to(self.device)  # [B, n+1]
-        first = batch.pop("first_frame").to(self.device)  # [B, 3, 1, H, W]
-        b, n1 = frames.shape[:2]
-        # Chunks become the batch axis: one VAE call, each chunk encoded on its own.
-        flat = frames.flatten(0, 1)  # [B*(n+1), 3, 33, H, W]
-        latents = encode_chunks(self.vae, flat, generator=self.generator)[:, 0]  # [B*(n+1), C, 9, h, w]
-        latents = latents.unflatten(0, (b, n1)) * valid[:, :, None, None, None, None]
-        x0_all = encode_first_frame(self.vae, first)  # [B, C, 1, h, w]
+        frames = batch.pop("context_frames")  # list (or stacked) of uint8 [33·k_i, H, W, 3]
+        firsts = batch.pop("first_frame")
+        n1 = context_chunks(self.history_cfg) + 1
+        # All real chunks of the batch in one VAE call, each 33-frame chunk on its own.
+        chunks, counts = [], []
+        for f in frames:
+            k = f.shape[0] // PIXEL_FRAMES_PER_CHUNK
+            chunks.append(to_unit_range(f.to(self.device).unflatten(0, (k, PIXEL_FRAMES_PER_CHUNK))))
+            counts.append(k)
+        latents = encode_chunks(self.vae, torch.cat(chunks), generator=self.generator)[:, 0]  # [Σk, C, 9, h, w]
+        x0_all = encode_first_frame(self.vae, to_unit_range(torch.stack(list(firsts)).to(self.device)),
+                                    generator=self.generator)  # [B, C, 1, h, w]
         xs, hs, ts = [], [], []
-        for i in range(b):
-            # The target is the last context slot; padded slots are zero, like the official prepend.
-            _, history, target = assemble_history_sample(latents[i], n1 - 1, self.history_cfg)
-            x0 = x0_all[i] * (batch["chunk_index"][i] > 0)  # chunk 0 ⇒ pure T2V start: no anchor
-            xs.append(x0)
+        for i, part in enumerate(latents.split(counts)):
+            padded = torch.cat([part.new_zeros(n1 - part.shape[0], *part.shape[1:]), part])
+            # The target is the last slot; zero slots stand for the official zero-prepended history.
+            _, history, target = assemble_history_sample(padded, n1 - 1, self.history_cfg)
+            xs.append(x0_all[i] * (batch["chunk_index"][i] > 0))  # chunk 0 ⇒ pure T2V start: no anchor
             hs.append(history)
             ts.append(target)
         batch["x0"], batch["history"], batch["target"] = torch.stack(xs), torch.stack(hs), torch.stack(ts)

@@ -4,8 +4,8 @@ Contract (both modes yield the same keys after `OnlineEncoder` has run on raw ba
   key: str, caption: str, chunk_index: int,
   x0 [C,1,h,w] (first latent of the video, zero when chunk_index == 0),
   history [C,19,h,w] (oldest → newest, zero-padded), target [C,9,h,w], prompt_embeds [L,D].
-Raw mode yields frames instead of latents (`context_frames`, `context_valid`, `first_frame`) and the
-trainer encodes them on its device (`helios_train/data/online_encoding.py`).
+Raw mode yields uint8 frames instead of latents (`context_frames`: the sampled chunk and up to 3 before
+it, `first_frame`) and the trainer encodes them on its device (`helios_train/data/online_encoding.py`).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from helios_train.data.decoding import BadSample, caption_of, decode_json, decode_mp4, decode_npy, mp4_frame_count
+from helios_train.data.decoding import BadSample, caption_of, decode_json, decode_npy, open_mp4, read_frames
 from helios_train.history import HistoryConfig, assemble_history_sample
 
 PIXEL_FRAMES_PER_CHUNK = 33  # (9 - 1) * 4 + 1 pixel frames per 9-latent chunk (causal Wan VAE)
@@ -73,40 +73,35 @@ def raw_sample(raw: dict, data_cfg, history_cfg: HistoryConfig, epoch: int) -> d
         raise BadSample("missing_member", f"sample {key}: no mp4 member")
     meta = decode_json(raw.get("json"), f"{key}.json")
     caption = caption_of(meta, key)
-    total = mp4_frame_count(raw["mp4"], key)
-    num_chunks = total // PIXEL_FRAMES_PER_CHUNK
+    reader = open_mp4(raw["mp4"], key)  # opened once: frame count, context frames and frame 0
+    num_chunks = len(reader) // PIXEL_FRAMES_PER_CHUNK
     if num_chunks < data_cfg.min_chunks:
-        raise BadSample("too_short", f"sample {key}: {total} frames = {num_chunks} chunks < data.min_chunks")
+        raise BadSample("too_short", f"sample {key}: {len(reader)} frames = {num_chunks} chunks < data.min_chunks")
     chunk = int(sample_rng(data_cfg.seed, epoch, key).integers(num_chunks))
     n_ctx = context_chunks(history_cfg)
     first = max(0, chunk - n_ctx)
-    frames = decode_mp4(raw["mp4"], key, first * PIXEL_FRAMES_PER_CHUNK, (chunk + 1 - first) * PIXEL_FRAMES_PER_CHUNK)
-    _, _, height, width = frames.shape
-    # Front-pad to n_ctx context chunks + target so batches stack; padded chunks are zero latents
-    # later, exactly like the official zero-prepended history for chunk < 3.
-    context = torch.zeros(n_ctx + 1, 3, PIXEL_FRAMES_PER_CHUNK, height, width)
-    valid = torch.zeros(n_ctx + 1, dtype=torch.bool)
     real = chunk + 1 - first
-    context[n_ctx + 1 - real :] = frames.reshape(3, real, PIXEL_FRAMES_PER_CHUNK, height, width).transpose(0, 1)
-    valid[n_ctx + 1 - real :] = True
-    first_frame = frames[:, :1] if first == 0 else decode_mp4(raw["mp4"], key, 0, 1)
+    span = list(range(first * PIXEL_FRAMES_PER_CHUNK, (chunk + 1) * PIXEL_FRAMES_PER_CHUNK))
+    frames = read_frames(reader, key, span if first == 0 else [0] + span)  # uint8 [F, H, W, 3]
+    # Only the real context chunks travel (no pixel padding); the encoder pads in latent space,
+    # exactly like the official zero-prepended history for chunk < 3.
     return {
         "key": key,
         "caption": caption,
         "chunk_index": chunk,
-        "context_frames": context,
-        "context_valid": valid,
-        "first_frame": first_frame,
+        "context_frames": frames if first == 0 else frames[1:],  # chunks first..chunk, [33·k, H, W, 3]
+        "first_frame": frames[:1],
     }
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack tensors, keep strings/ints as lists/tensors."""
+    """Stack tensors of equal shape; variable-size ones (raw context frames) stay a list."""
     batch: dict = {}
     for name in samples[0]:
         values = [s[name] for s in samples]
         if isinstance(values[0], torch.Tensor):
-            batch[name] = torch.stack(values)
+            same = all(v.shape == values[0].shape for v in values)
+            batch[name] = torch.stack(values) if same else values
         elif isinstance(values[0], int):
             batch[name] = torch.tensor(values, dtype=torch.long)
         else:
