@@ -70,6 +70,7 @@ def ours(root: Path, steps: int, h: int, w: int) -> list[float]:
         f"output_root={root}/runs", f"run_name=r{time.time_ns()}", "tracker.mode=disabled",
         f"trainer.max_steps={steps}", f"trainer.checkpoint_every={steps * 10}", "trainer.perf.count_flops=false",
         "stage.anti_drift.corrupt_history=false", "stage.task_dropout.enabled=false", "data.batch_size=2",
+        "validation.every=0",
     ])
     cfg.trainer.checkpoint_every = 10**9
     run(cfg)

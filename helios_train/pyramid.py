@@ -44,6 +44,11 @@ class PyramidConfig:
     # draws per level per sample (§7.2): [1, 2, 1] in 2-init, [1, 1, 1] in 2-post
     sample_ratios: list[int] = field(default_factory=lambda: [1, 1, 1])
     table_source: str = "training"  # "training" (closed form, §7.1) or "diffusers" (HeliosScheduler)
+    # Mid-stage execution: diffusers' model has no varlen (NaViT) attention, so the official single
+    # packed forward over all levels is not available; "separate" runs one forward per segment,
+    # "batch_levels" stacks segments of the same level (e.g. the two mid draws of [1, 2, 1]) into one
+    # forward — same maths, fewer launches (bench/compute_per_chunk.py measures both).
+    execution: str = "separate"
 
     def __post_init__(self):
         if len(self.stage_range) != self.num_stages + 1:

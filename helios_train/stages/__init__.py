@@ -10,9 +10,9 @@ import torch
 
 STAGES = {
     "base": "helios_train.stages.base:BaseStage",
+    "mid": "helios_train.stages.mid:MidStage",
 }
 PLANNED = {
-    "mid": "the Mid stage (PUPC) is not implemented yet (issue: Mid stage)",
     "distilled": "the Distilled stage (ODE + DMD) is not implemented yet (issue: Distilled stage)",
 }
 
