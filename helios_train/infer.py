@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from helios_train.variants import DEFAULTS, SamplerSettings, build_pipeline, call_kwargs, round_frames
+from helios_train.variants import (DEFAULTS, SamplerSettings, build_pipeline, call_kwargs, round_frames,
+                                   use_float64_block_noise)
 
 log = logging.getLogger(__name__)
 FPS = 24
@@ -51,6 +52,7 @@ def load_pipeline(checkpoint, variant: str | None = None, dtype=torch.float32, d
         from helios_train.variants import pipeline_class
 
         pipe = pipeline_class(variant).from_pretrained(path, dtype=dtype)
+        use_float64_block_noise(pipe)
         return pipe.to(device), variant
     from diffusers import AutoencoderKLWan
     from transformers import AutoTokenizer, UMT5EncoderModel

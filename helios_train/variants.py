@@ -70,7 +70,32 @@ def build_pipeline(variant: str, transformer, vae, text_encoder, tokenizer, cfg_
     if variant == "base":
         return cls(**parts)
     zero_star = DEFAULTS[variant].cfg_zero_star if cfg_zero_star is None else cfg_zero_star
-    return cls(**parts, is_cfg_zero_star=zero_star, is_distilled=(variant == "distilled"))
+    pipe = cls(**parts, is_cfg_zero_star=zero_star, is_distilled=(variant == "distilled"))
+    use_float64_block_noise(pipe)
+    return pipe
+
+
+def use_float64_block_noise(pipe) -> None:
+    """Route diffusers' pyramid block noise through our float64 Cholesky (helios_train/pyramid.py).
+
+    Why: HeliosPyramidPipeline factors the singular block covariance (1+γ)I − γ11ᵀ in fp32, which
+    fails at γ = 1/3 (eigenvalue ≈ −1e-7; ENV_NOTES). Our block_noise draws the same random stream
+    and block layout, so results are unchanged wherever the fp32 path works.
+    """
+    if not hasattr(pipe, "sample_block_noise"):
+        return
+    from helios_train.pyramid import block_noise
+
+    def sample_block_noise(batch_size, channel, num_frames, height, width, patch_size=(1, 2, 2), device=None,
+                           generator=None):
+        if isinstance(generator, list):
+            generator = generator[0]
+        if tuple(patch_size)[1:] != (2, 2):
+            raise ValueError(f"block noise supports 2x2 spatial patches, got {patch_size}")
+        return block_noise((batch_size, channel, num_frames, height, width), pipe.scheduler.config.gamma,
+                           generator, device=device)
+
+    pipe.sample_block_noise = sample_block_noise
 
 
 def call_kwargs(variant: str, s: SamplerSettings) -> dict:

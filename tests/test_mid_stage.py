@@ -72,9 +72,19 @@ def test_toy_mid_run_from_base_export_trains(toy_root, tmp_path):
     train(toy_root, tmp_path, ["stage=mid", f"model.path={exported}", "model.build_toy=false",
                                "stage.trainables.lora.rank=8", "trainer.optim.lr=1e-3", "trainer.optim.warmup_steps=0",
                                "trainer.max_steps=40", "trainer.checkpoint_every=40", "data.num_workers=0",
-                               "run_name=mid"])
+                               "validation.every=40", "validation.at_first_step=false", "run_name=mid"])
     hist = read_metrics(tmp_path / "mid")
     losses = [m["loss"] for m in hist]
     assert len(losses) == 40 and all(m["segments"] == 4 for m in hist)
     assert np.mean(losses[-8:]) < 0.9 * np.mean(losses[:8]), (np.mean(losses[:8]), np.mean(losses[-8:]))
     assert {"loss_level0", "loss_level1", "loss_level2"} <= set(hist[0])
+    # Validation of a Mid checkpoint goes through HeliosPyramidPipeline with CFG-Zero* on.
+    import json
+
+    record = json.loads((tmp_path / "mid/validation.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 40 and len(record["drift"]["motion"]) == 3
+    from helios_train.variants import DEFAULTS, build_pipeline
+
+    assert DEFAULTS["mid"].cfg_zero_star
+    pipe = build_pipeline("mid", *[None] * 4)
+    assert type(pipe).__name__ == "HeliosPyramidPipeline" and pipe.config.is_cfg_zero_star
