@@ -1,0 +1,115 @@
+"""Transformer FLOPs to generate one 33-frame chunk, per variant, counted by torch's FlopCounterMode.
+
+    python bench/compute_per_chunk.py
+
+One forward per (level, resolution) is counted — on the toy model and on the 14B geometry built on
+the meta device (no weights, shapes only) — and multiplied by the sampler's forward count:
+- Base: 50 steps × CFG (2 forwards) at full resolution with 2400 history tokens;
+- Mid: [20, 20, 20] pyramid steps × CFG over the three levels (540 / 2160 / 8640 noisy tokens at 384×640);
+- Distilled: add a row with `distilled_row` ([2, 2, 2] without CFG, 12 NFE for the first chunk).
+Also times one Mid training step on the toy with separate vs level-batched segment forwards.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from helios_train.history import HistoryConfig, model_inputs  # noqa: E402
+
+TOY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=32, freq_dim=32,
+           ffn_dim=64, num_layers=2, rope_dim=(4, 6, 6))
+
+
+def forward_flops(model, latent_hw, level_hw, channels: int, text_dim: int, device) -> float:
+    h, w = latent_hw
+    lh, lw = level_hw
+    inp = model_inputs(torch.zeros(1, channels, 9, lh, lw, device=device), torch.zeros(1, channels, 1, h, w, device=device),
+                       torch.zeros(1, channels, 19, h, w, device=device), torch.tensor([500.0], device=device),
+                       torch.zeros(1, 512, text_dim, device=device), HistoryConfig())
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**inp, return_dict=False)
+    return float(counter.get_total_flops())
+
+
+def base_row(model, hw, c, d, dev) -> float:
+    return 50 * 2 * forward_flops(model, hw, hw, c, d, dev)
+
+
+def mid_row(model, hw, c, d, dev) -> float:
+    h, w = hw
+    return sum(20 * 2 * forward_flops(model, hw, (h // f, w // f), c, d, dev) for f in (4, 2, 1))
+
+
+def distilled_row(model, hw, c, d, dev, steps=(2, 2, 2), first_chunk=False) -> float:
+    """Pyramid x0 sampler without CFG; the first chunk doubles the steps per level (amplified)."""
+    h, w = hw
+    mult = 2 if first_chunk else 1
+    return sum(n * mult * forward_flops(model, hw, (h // f, w // f), c, d, dev) for n, f in zip(steps, (4, 2, 1)))
+
+
+def mid_step_times(toy_root: Path, n: int = 10) -> dict[str, tuple[float, int]]:
+    from tests.conftest import compose
+
+    from helios_train.stages.mid import MidStage
+
+    out = {}
+    batch = {"x0": torch.randn(1, 4, 1, 8, 16), "history": torch.randn(1, 4, 19, 8, 16),
+             "target": torch.randn(1, 4, 9, 8, 16), "prompt_embeds": torch.randn(1, 512, 32)}
+    for mode in ("separate", "batch_levels"):
+        cfg = compose([f"toy_root={toy_root}", "stage=mid", "stage.trainables.lora.rank=8",
+                       f"stage.pyramid.execution={mode}"])
+        stage = MidStage(cfg, torch.device("cpu"))
+        stage.bind({"generator": type("R", (), {"model": stage.transformer})()})
+        times = []
+        for i in range(n + 2):
+            t0 = time.perf_counter()
+            loss, _ = stage.loss("generator", batch, 0, torch.Generator().manual_seed(i))
+            loss.backward()
+            times.append(time.perf_counter() - t0)
+        tokens = sum(stage.tokens_per_sample(batch).values())
+        out[mode] = (statistics.median(times[2:]), tokens)
+    return out
+
+
+def main() -> None:
+    from diffusers import HeliosTransformer3DModel
+
+    from data_prep.toy_data import ensure_toy_assets
+
+    rows = []
+    torch.manual_seed(0)
+    toy = HeliosTransformer3DModel(**TOY).eval()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    # 14B geometry under FakeTensorMode: shapes only, no memory, no weights (the rotary embedding's
+    # autocast guard rejects the meta device, fake CPU tensors pass).
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        big = HeliosTransformer3DModel().eval()
+        rows_big = [base_row(big, (48, 80), 16, 4096, "cpu"), mid_row(big, (48, 80), 16, 4096, "cpu"),
+                    distilled_row(big, (48, 80), 16, 4096, "cpu"),
+                    distilled_row(big, (48, 80), 16, 4096, "cpu", first_chunk=True)]
+    toy_rows = [base_row(toy, (8, 16), 4, 32, "cpu"), mid_row(toy, (8, 16), 4, 32, "cpu"),
+                distilled_row(toy, (8, 16), 4, 32, "cpu"), distilled_row(toy, (8, 16), 4, 32, "cpu", first_chunk=True)]
+    rows = [("toy (8x16 latents)", *toy_rows), ("14B (48x80 latents)", *rows_big)]
+    print(f"\n{'model':<20} {'Base 50xCFG':>14} {'Mid [20]*3xCFG':>15} {'Mid/Base':>9} {'Distilled':>12} "
+          f"{'Dist/Base':>10} {'Dist chunk0':>12}   (TFLOPs per chunk)")
+    for name, b, m, dist, dist0 in rows:
+        print(f"{name:<20} {b / 1e12:14.3f} {m / 1e12:15.3f} {m / b:9.3f} {dist / 1e12:12.4f} {dist / b:10.4f} "
+              f"{dist0 / 1e12:12.4f}")
+    assets = ensure_toy_assets(REPO / "checkpoints/_toy")
+    times = mid_step_times(assets.model_dir.parent)
+    print(f"\n{'Mid step (toy, fwd+bwd)':<24} {'median ms':>10} {'tokens/sample':>14}")
+    for mode, (t, tok) in times.items():
+        print(f"{mode:<24} {t * 1e3:10.1f} {tok:14d}")
+
+
+if __name__ == "__main__":
+    main()
