@@ -150,6 +150,7 @@ class LauncherConfig:
     name: str = "single"  # single | ddp | deepspeed
     backend: str = "auto"  # process-group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     find_unused_parameters: bool = False
+    zero_stage: int = 2  # deepspeed: ZeRO stage (2 or 3); also what `plan=true` assumes
 
 
 @dataclass

@@ -47,6 +47,18 @@ def validate(cfg: DictConfig) -> None:
     hist = cfg.stage.history
     if hist.latent_window_size < 1 or any(s < 1 for s in hist.history_sizes):
         raise ConfigError(f"stage.history: sizes {list(hist.history_sizes)} / window {hist.latent_window_size} must be >= 1")
+    v = cfg.validation
+    if v.every > 0:
+        for key in ("height", "width"):
+            value = getattr(v, key)
+            # VAE ×8 then the latent rule below (×8): validation sizes must be multiples of 64 pixels.
+            if value % 64:
+                raise ConfigError(f"validation.{key}={value}: must be a multiple of 64 pixels "
+                                  f"(8× VAE downsampling × 8 for the long memory patch and the pyramid)")
+        if v.num_frames < 1:
+            raise ConfigError(f"validation.num_frames={v.num_frames}: must be >= 1 (rounded up to 33-frame chunks)")
+    if cfg.data.min_chunks < 1:
+        raise ConfigError(f"data.min_chunks={cfg.data.min_chunks}: a sample needs at least one 33-frame chunk")
     for key in ("latent_height", "latent_width"):
         value = getattr(cfg.data, key)
         # The long memory patch (4,8,8) and the 3-level pyramid (/4, then the (1,2,2) patch) need /8.

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -42,18 +43,36 @@ class Tracker:
             id_file = run_dir / "wandb_run_id.txt"
             run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
-            self.run = wandb.init(
-                project=tracker_cfg.project,
-                entity=tracker_cfg.entity,
-                name=run_name,
-                id=run_id,
-                resume="allow",  # a resumed training run continues the same W&B run
-                mode=tracker_cfg.mode,
-                dir=str(run_dir),
-                config=redact(config),
-                tags=list(tracker_cfg.tags),
-                settings=wandb.Settings(silent=True),
-            )
+            self.run = self._init_with_retry(wandb, tracker_cfg, run_name, run_id, id_file, run_dir, config)
+
+    @staticmethod
+    def _init_with_retry(wandb, tracker_cfg, run_name, run_id, id_file, run_dir, config, attempts: int = 15):
+        """Resume the run's W&B id; after a SIGKILL the dead trainer's wandb service can still hold the
+        id for a few seconds ("run ID ... is in use"), so wait for it, then fall back to a new id."""
+        for attempt in range(attempts + 1):
+            try:
+                return wandb.init(
+                    project=tracker_cfg.project,
+                    entity=tracker_cfg.entity,
+                    name=run_name,
+                    id=run_id,
+                    resume="allow",  # a resumed training run continues the same W&B run
+                    mode=tracker_cfg.mode,
+                    dir=str(run_dir),
+                    config=redact(config),
+                    tags=list(tracker_cfg.tags),
+                    settings=wandb.Settings(silent=True),
+                )
+            except Exception as exn:  # wandb raises its own ServerResponseError
+                if "in use" not in str(exn):
+                    raise
+                if attempt == attempts - 1:
+                    log.warning("W&B run id %s still in use; continuing under a new id", run_id)
+                    run_id = uuid.uuid4().hex[:12]
+                    id_file.write_text(run_id)
+                else:
+                    time.sleep(2.0)
+        raise RuntimeError(f"could not start a W&B run in {run_dir}")
 
     def truncate_after(self, step: int) -> None:
         """Drop metric lines written after `step` by a run that died before its next checkpoint."""

@@ -56,8 +56,10 @@ def test_unknown_group_option_fails_naming_it():
 
 def test_planned_stages_fail_clearly_before_work():
     from helios_train.run_setup import validate
+    from helios_train.stages import PLANNED
 
-    for name in ("mid", "distilled"):
+    assert "distilled" in PLANNED
+    for name in PLANNED:
         cfg = compose([f"stage.name={name}"])
         with pytest.raises(NotImplementedError, match=name):
             validate(cfg)
@@ -70,3 +72,12 @@ def test_bad_choice_and_geometry_fail_naming_value():
         validate(compose(["data.mode=video"]))
     with pytest.raises(ConfigError, match="latent_height=12"):
         validate(compose(["data.latent_height=12"]))
+
+
+def test_validation_geometry_fails_naming_value():
+    from helios_train.run_setup import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="validation.height=100"):
+        validate(compose(["validation.height=100"]))
+    with pytest.raises(ConfigError, match="data.min_chunks=0"):
+        validate(compose(["data.min_chunks=0"]))

@@ -111,3 +111,9 @@ def test_nonfinite_step_leaves_weights_untouched(toy_root, tmp_path):
     after = load_file(str(tmp_path / "nanw/checkpoint-2/generator.trainable.safetensors"))
     for k in before:
         assert np.array_equal(before[k].numpy(), after[k].numpy()), k
+
+
+def test_checkpoints_total_limit_keeps_newest(toy_root, tmp_path):
+    train(toy_root, tmp_path, ["trainer.max_steps=5", "trainer.checkpoint_every=1", "trainer.checkpoints_total_limit=2",
+                               "run_name=limit"])
+    assert sorted(p.name for p in (tmp_path / "limit").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
