@@ -151,6 +151,8 @@ class LauncherConfig:
     backend: str = "auto"  # process-group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     find_unused_parameters: bool = False
     zero_stage: int = 2  # deepspeed: ZeRO stage (2 or 3); also what `plan=true` assumes
+    offload_optimizer: bool = False  # deepspeed: optimizer state in CPU memory
+    deepspeed_config: Optional[str] = None  # deepspeed: JSON merged over the generated config
 
 
 @dataclass

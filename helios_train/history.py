@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch.func import functional_call
 
 
 @dataclass
@@ -114,10 +113,11 @@ def _run_patch(conv: torch.nn.Conv3d, frames: int, latent_hw: tuple[int, int], p
     x = torch.empty(1, conv.in_channels, frames, *latent_hw, device="meta")
     if pad:
         x = _replicate_pad(x, tuple(conv.kernel_size))
-    # The conv's parameters as meta tensors: no compute and no weight copy, whatever device the
-    # model lives on; the module's own kernel/stride/padding decide the output grid.
-    params = {name: p.to("meta") for name, p in conv.named_parameters()}
-    out = functional_call(conv, params, (x,))
+    # The conv's own weight shape, kernel, stride, padding and dilation on meta tensors: no compute,
+    # no weight copy, whatever device the model lives on, and no module hooks fired (ZeRO-3 hooks
+    # would try to gather the real parameters; it keeps their true shape in `ds_shape`).
+    weight = torch.empty(tuple(getattr(conv.weight, "ds_shape", conv.weight.shape)), device="meta")
+    out = torch.nn.functional.conv3d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
     return int(out.shape[2] * out.shape[3] * out.shape[4])
 
 

@@ -51,7 +51,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = run_dir
         tc = cfg.trainer
-        self.backend = build_backend(cfg.launcher, tc)
+        self.backend = build_backend(cfg.launcher, tc, cfg.data)
         b = self.backend
         seed = tc.seed + (b.rank if tc.seed_per_rank else 0)
         torch.manual_seed(seed)  # module init etc.; the training draws use `micro_generator`

@@ -4,7 +4,7 @@ from __future__ import annotations
 from helios_train.backends.base import Backend, PreparedRole
 
 
-def build_backend(launcher_cfg, trainer_cfg) -> Backend:
+def build_backend(launcher_cfg, trainer_cfg, data_cfg=None) -> Backend:
     name = launcher_cfg.name
     if name == "single":
         return Backend(launcher_cfg, trainer_cfg)
@@ -15,7 +15,7 @@ def build_backend(launcher_cfg, trainer_cfg) -> Backend:
     if name == "deepspeed":
         from helios_train.backends.deepspeed import DeepSpeedBackend
 
-        return DeepSpeedBackend(launcher_cfg, trainer_cfg)
+        return DeepSpeedBackend(launcher_cfg, trainer_cfg, data_cfg)
     raise ValueError(f"launcher.name={name!r}: expected single | ddp | deepspeed")
 
 
