@@ -1,0 +1,106 @@
+"""Few-step x0 pyramid sampler (Helios-Distilled), differentiable, for training-time rollouts.
+
+The DMD generator step and ODE-pair capture need the distilled sampler inside the training graph,
+which diffusers' HeliosPyramidPipeline (a no-grad inference loop) cannot give. This module is that
+sampler, built on diffusers' own HeliosDMDScheduler tables (timesteps, shifted σ) and on
+helios_train/pyramid.py's float64 block noise; under no_grad it reproduces the pipeline
+(tests/test_rollout.py). Per chunk (spec §8.4, inference_data §3.5–3.7):
+
+- start: ε at full resolution, bilinear ×½ twice with ×2 amplitude (the level-0 start point);
+- level k > 0: nearest ×2, then α·x + β·block_noise (its start point);
+- each step: x̂0 = x_t − σ·v (float64); next x = (1 − σ_next)·x̂0 + σ_next·start_k — re-noised towards
+  the level's own start point, no fresh noise; the last step of a level returns x̂0;
+- linear dynamic shift per level: μ from the level's token count. `mu_from="level"` uses the level
+  being denoised (native training/ODE code); `"previous"` reproduces the diffusers pipeline, which
+  computes μ before the ×2 upsample (spec inference_data §4.4 discrepancy).
+- training: `exit_steps[k]` picks the step whose x̂0 ends level k; earlier steps run without grad,
+  the exit step with grad, later steps are skipped.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from helios_train.pyramid import block_noise
+
+# transformer_fn(latents [B,C,9,h,w], timestep [B]) -> velocity [B,C,9,h,w]; history/prompt are bound in.
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class RolloutResult:
+    x0: torch.Tensor  # final clean chunk [B, C, 9, H, W]
+    level_outputs: list[torch.Tensor]  # x̂0 that ended each level (level resolution)
+    nfe: int
+
+
+def calculate_mu(seq_len: int, base_seq=256, max_seq=4096, base_shift=0.5, max_shift=1.15) -> float:
+    m = (max_shift - base_shift) / (max_seq - base_seq)
+    return seq_len * m + (base_shift - m * base_seq)
+
+
+def initial_latents(noise: torch.Tensor, num_stages: int = 3) -> torch.Tensor:
+    """Full-resolution ε → level-0 start point (bilinear ×½ per level, ×2 amplitude keeps unit variance)."""
+    b, c, t, h, w = noise.shape
+    x = noise.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+    for _ in range(num_stages - 1):
+        h, w = h // 2, w // 2
+        x = F.interpolate(x, size=(h, w), mode="bilinear") * 2
+    return x.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+def upsample_nearest(x: torch.Tensor) -> torch.Tensor:
+    b, c, t, h, w = x.shape
+    y = F.interpolate(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w), size=(2 * h, 2 * w), mode="nearest")
+    return y.reshape(b, t, c, 2 * h, 2 * w).permute(0, 2, 1, 3, 4)
+
+
+def renoise_coefficients(scheduler, k: int) -> tuple[float, float]:
+    signal = 1 - scheduler.ori_start_sigmas[k]
+    gamma = scheduler.config.gamma
+    alpha = 1 / ((1 + 1 / gamma) ** 0.5 * (1 - signal) + signal)
+    return alpha, alpha * (1 - signal) / gamma**0.5
+
+
+def pyramid_rollout(velocity: VelocityFn, noise: torch.Tensor, scheduler, steps=(2, 2, 2),
+                    amplify_first_chunk: bool = False, generator: Optional[torch.Generator] = None,
+                    mu_from: str = "level", exit_steps: Optional[list[int]] = None,
+                    integer_timesteps: bool = True, patch=(1, 2, 2)) -> RolloutResult:
+    """Run the x0 pyramid sampler on one chunk. `generator` draws the block noise between levels."""
+    if mu_from not in ("level", "previous"):
+        raise ValueError(f"mu_from={mu_from!r}: expected level | previous")
+    n_stages = scheduler.config.stages
+    latents = initial_latents(noise.float(), n_stages)
+    start = latents
+    outputs, nfe = [], 0
+    for k in range(n_stages):
+        prev_tokens = latents.shape[2] * latents.shape[3] * latents.shape[4] // (patch[0] * patch[1] * patch[2])
+        if k > 0:
+            alpha, beta = renoise_coefficients(scheduler, k)
+            up = upsample_nearest(latents)
+            latents = alpha * up + beta * block_noise(tuple(up.shape), scheduler.config.gamma, generator,
+                                                      up.dtype, up.device)
+            start = latents
+        tokens = latents.shape[2] * latents.shape[3] * latents.shape[4] // (patch[0] * patch[1] * patch[2])
+        mu = calculate_mu(tokens if mu_from == "level" else prev_tokens)
+        scheduler.set_timesteps(steps[k], k, device=latents.device, mu=mu, is_amplify_first_chunk=amplify_first_chunk)
+        timesteps, sigmas = scheduler.timesteps, scheduler.sigmas.double()
+        last = len(timesteps) - 1 if exit_steps is None else exit_steps[k]
+        for i in range(last + 1):
+            grad = contextlib.nullcontext() if (exit_steps is None or i == last) else torch.no_grad()
+            with grad:
+                t = timesteps[i].expand(latents.shape[0])
+                t = t.to(torch.int64) if integer_timesteps else t.float()
+                v = velocity(latents, t)
+                nfe += 1
+                x0 = (latents.double() - sigmas[i] * v.double()).float()
+                if i < last:
+                    latents = ((1 - sigmas[i + 1]) * x0.double() + sigmas[i + 1] * start.double()).float()
+                else:
+                    latents = x0
+        outputs.append(latents)
+    return RolloutResult(latents, outputs, nfe)
