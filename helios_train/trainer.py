@@ -92,7 +92,7 @@ class Trainer:
         vae = load_vae(self.cfg.model, self.backend.device)
         self.stage.online_encoder = OnlineEncoder(
             vae, tok, enc, self.cfg.stage.history, self.cfg.model.text_max_length, self.backend.device,
-            seed=self.cfg.trainer.seed + self.backend.rank,
+            seed=self.cfg.trainer.seed,
         )
 
     # -- checkpoints ---------------------------------------------------------------------------

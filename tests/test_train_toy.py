@@ -37,8 +37,9 @@ def test_loss_decreases_and_run_is_recorded(toy_root, tmp_path):
     assert offline, "no offline W&B run file written"
 
 
-def test_resume_reproduces_uninterrupted_run(toy_root, tmp_path):
-    common = FAST + ["trainer.checkpoint_every=3", "data.shuffle_buffer=4"]
+@pytest.mark.parametrize("data", ["toy", "toy_raw"])
+def test_resume_reproduces_uninterrupted_run(toy_root, tmp_path, data):
+    common = FAST + ["trainer.checkpoint_every=3", "data.shuffle_buffer=4", f"data={data}"]
     train(toy_root, tmp_path, common + ["trainer.max_steps=6", "run_name=straight"])
     train(toy_root, tmp_path, common + ["trainer.max_steps=3", "run_name=split"])
     result = train(toy_root, tmp_path, common + ["trainer.max_steps=6", "run_name=split", "resume=latest"])

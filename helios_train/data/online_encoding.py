@@ -7,6 +7,8 @@ encoded; missing context (chunk index < 3) becomes zero latents, as the official
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from helios_train.data.decoding import to_unit_range
@@ -24,10 +26,14 @@ class OnlineEncoder:
         self.history_cfg = history_cfg
         self.text_max_length = text_max_length
         self.device = device
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.seed = seed
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
+        # VAE posterior samples seeded by the batch content: a resumed run re-encodes a batch exactly as
+        # the uninterrupted run did, and a clip keeps its latents across epochs like offline encoding.
+        digest = hashlib.sha256(f"{self.seed}/{batch['keys']}/{batch['chunk_index'].tolist()}".encode()).digest()
+        generator = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
         frames = batch.pop("context_frames")  # list (or stacked) of uint8 [33·k_i, H, W, 3]
         firsts = batch.pop("first_frame")
         n1 = context_chunks(self.history_cfg) + 1
@@ -37,9 +43,9 @@ class OnlineEncoder:
             k = f.shape[0] // PIXEL_FRAMES_PER_CHUNK
             chunks.append(to_unit_range(f.to(self.device).unflatten(0, (k, PIXEL_FRAMES_PER_CHUNK))))
             counts.append(k)
-        latents = encode_chunks(self.vae, torch.cat(chunks), generator=self.generator)[:, 0]  # [Σk, C, 9, h, w]
+        latents = encode_chunks(self.vae, torch.cat(chunks), generator=generator)[:, 0]  # [Σk, C, 9, h, w]
         x0_all = encode_first_frame(self.vae, to_unit_range(torch.stack(list(firsts)).to(self.device)),
-                                    generator=self.generator)  # [B, C, 1, h, w]
+                                    generator=generator)  # [B, C, 1, h, w]
         xs, hs, ts = [], [], []
         for i, part in enumerate(latents.split(counts)):
             padded = torch.cat([part.new_zeros(n1 - part.shape[0], *part.shape[1:]), part])
