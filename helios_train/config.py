@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from helios_train.anti_drift import AntiDriftConfig
+from helios_train.dmd import DMDConfig
 from helios_train.guidance import GuidanceConfig
 from helios_train.history import HistoryConfig
 from helios_train.pyramid import PyramidConfig
@@ -107,6 +108,7 @@ class StageConfig:
     trainables: TrainablesConfig = field(default_factory=TrainablesConfig)
     pyramid: PyramidConfig = field(default_factory=PyramidConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    dmd: DMDConfig = field(default_factory=DMDConfig)
 
 
 @dataclass

@@ -54,15 +54,11 @@ def test_unknown_group_option_fails_naming_it():
         compose(["stage=bse"])
 
 
-def test_planned_stages_fail_clearly_before_work():
+def test_unknown_stage_name_fails_before_work():
     from helios_train.run_setup import validate
-    from helios_train.stages import PLANNED
 
-    assert "distilled" in PLANNED
-    for name in PLANNED:
-        cfg = compose([f"stage.name={name}"])
-        with pytest.raises(NotImplementedError, match=name):
-            validate(cfg)
+    with pytest.raises(ValueError, match="stage.name='dream'"):
+        validate(compose(["stage.name=dream"]))
 
 
 def test_bad_choice_and_geometry_fail_naming_value():

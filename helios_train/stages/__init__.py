@@ -11,9 +11,9 @@ import torch
 STAGES = {
     "base": "helios_train.stages.base:BaseStage",
     "mid": "helios_train.stages.mid:MidStage",
+    "distilled": "helios_train.stages.distilled:DistilledStage",
 }
 PLANNED = {
-    "distilled": "the Distilled stage (ODE + DMD) is not implemented yet (issue: Distilled stage)",
 }
 
 

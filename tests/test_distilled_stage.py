@@ -1,0 +1,82 @@
+"""Distilled (DMD) stage: teacher/critic sharing, 5:1 update ratio, exact resume mid-cycle, DeepSpeed."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, compose, train
+from helios_train.tracking import read_metrics
+
+
+@pytest.fixture(scope="module")
+def base_export(toy_root, tmp_path_factory) -> Path:
+    from helios_train.export import export
+
+    out = tmp_path_factory.mktemp("dmd_base")
+    train(toy_root, out, ["trainer.max_steps=2", "trainer.checkpoint_every=2", "data.num_workers=0", "run_name=b"])
+    return export(out / "b", out / "export")
+
+
+def dmd_overrides(toy_root, export):
+    return [f"toy_root={toy_root}", "stage=distilled", f"model.path={export}", "model.build_toy=false",
+            f"stage.dmd.real_score_path={export}", "stage.trainables.lora.rank=8", "stage.dmd.critic_lora_rank=8",
+            "trainer.optim.lr=1e-4", "stage.dmd.critic_lr=1e-4", "data.num_workers=0"]
+
+
+def test_critic_equals_teacher_at_init_and_teacher_ignores_critic_updates(toy_root, base_export):
+    from helios_train.history import HistoryConfig, model_inputs
+    from helios_train.stages.distilled import DistilledStage
+
+    stage = DistilledStage(compose(dmd_overrides(toy_root, base_export)), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    inp = model_inputs(torch.randn(1, 4, 9, 8, 16, generator=g), torch.randn(1, 4, 1, 8, 16, generator=g),
+                       torch.randn(1, 4, 19, 8, 16, generator=g), torch.tensor([500.0]),
+                       torch.randn(1, 16, 32, generator=g), HistoryConfig())
+
+    def out(adapters: bool):
+        (stage.critic.enable_adapters if adapters else stage.critic.disable_adapters)()
+        with torch.no_grad():
+            y = stage.critic(**inp, return_dict=False)[0]
+        stage.critic.enable_adapters()
+        return y
+
+    teacher0 = out(False)
+    torch.testing.assert_close(out(True), teacher0)  # LoRA B = 0: critic == teacher at init
+    with torch.no_grad():  # an arbitrary critic update
+        for n, p in stage.critic.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    assert not torch.allclose(out(True), teacher0)
+    torch.testing.assert_close(out(False), teacher0)  # the teacher is untouched
+
+
+def test_update_ratio_and_exact_resume_mid_cycle(toy_root, base_export, tmp_path):
+    common = dmd_overrides(toy_root, base_export)[1:] + ["trainer.checkpoint_every=3"]
+    train(toy_root, tmp_path, common + ["trainer.max_steps=8", "run_name=straight"])
+    train(toy_root, tmp_path, common + ["trainer.max_steps=3", "run_name=split"])
+    train(toy_root, tmp_path, common + ["trainer.max_steps=8", "run_name=split"])
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "split")
+    gen_steps = [m["step"] for m in a if "generator/loss" in m]
+    assert gen_steps == [1, 6]  # 0-indexed steps 0 and 5: one generator update per 5 critic updates
+    assert all("critic/loss" in m for m in a)
+    for key in ("critic/loss", "generator/loss"):
+        np.testing.assert_allclose([m.get(key, 0.0) for m in a], [m.get(key, 0.0) for m in b], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_dmd_runs_under_deepspeed_zero2_two_processes(toy_root, base_export, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "helios_train", "launcher=deepspeed_zero2",
+           f"output_root={tmp_path}", "validation.every=0", "trainer.max_steps=6", "trainer.checkpoint_every=3",
+           "run_name=dmdds", *dmd_overrides(toy_root, base_export)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    hist = read_metrics(tmp_path / "dmdds")
+    assert [m["step"] for m in hist if "generator/loss" in m] == [1, 6]
+    ckpt = tmp_path / "dmdds/checkpoint-6"
+    assert (ckpt / "generator.deepspeed").is_dir() and (ckpt / "critic.deepspeed").is_dir()
