@@ -15,6 +15,7 @@ from omegaconf import MISSING
 
 from helios_train.anti_drift import AntiDriftConfig
 from helios_train.dmd import DMDConfig
+from helios_train.ema import EMAConfig
 from helios_train.guidance import GuidanceConfig
 from helios_train.history import HistoryConfig
 from helios_train.pyramid import PyramidConfig
@@ -109,6 +110,7 @@ class StageConfig:
     pyramid: PyramidConfig = field(default_factory=PyramidConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)  # EMA of the generator's trainables (stage 3)
 
 
 @dataclass

@@ -73,7 +73,8 @@ def fuse(transformer):
     return transformer
 
 
-def export(checkpoint, out_dir, variant: str | None = None, link: bool = False, role: str = "generator") -> Path:
+def export(checkpoint, out_dir, variant: str | None = None, link: bool = False, role: str = "generator",
+           use_ema: bool = False) -> Path:
     from diffusers import AutoencoderKLWan
     from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -85,7 +86,19 @@ def export(checkpoint, out_dir, variant: str | None = None, link: bool = False, 
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    transformer = fuse(load_trained_transformer(src, role, cfg))
+    transformer = load_trained_transformer(src, role, cfg)
+    if use_ema:  # the EMA of the trainable tensors replaces the live ones before fusing
+        from safetensors.torch import load_file
+
+        ema_file = src / f"{role}.ema.safetensors"
+        if not ema_file.is_file():
+            raise FileNotFoundError(f"--ema: {ema_file} missing (was stage.ema.enabled=true?)")
+        ckpt_state = load_file(str(ema_file))
+        params = dict(transformer.named_parameters())
+        with torch.no_grad():
+            for name, value in ckpt_state.items():
+                params[name].copy_(value.to(params[name].dtype))
+    transformer = fuse(transformer)
     model_root = Path(cfg.model.path)
     # Saving through the pipeline writes model_index.json exactly as diffusers expects for the class.
     vae = AutoencoderKLWan.from_pretrained(model_root, subfolder="vae")
@@ -97,7 +110,7 @@ def export(checkpoint, out_dir, variant: str | None = None, link: bool = False, 
             shutil.rmtree(tmp / name)
             os.symlink((model_root / name).resolve(), tmp / name)
     state = ckpt.read_json(src / "trainer_state.json")
-    manifest = {"variant": variant, "source_checkpoint": str(src.resolve()), "step": state["step"],
+    manifest = {"variant": variant, "source_checkpoint": str(src.resolve()), "step": state["step"], "ema": use_ema,
                 "stage": cfg.stage.name, "config_hash": config_hash(cfg), "run_name": cfg.run_name}
     (tmp / "helios_export.json").write_text(json.dumps(manifest, indent=2))
     if out.exists():
@@ -112,9 +125,10 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--variant", choices=["base", "mid", "distilled"], help="default: the run's stage")
     ap.add_argument("--link", action="store_true", help="symlink vae/text_encoder/tokenizer instead of copying")
+    ap.add_argument("--ema", action="store_true", help="export the EMA weights (Distilled stage)")
     a = ap.parse_args()
     with torch.no_grad():
-        print(f"exported {export(a.checkpoint, a.out, a.variant, a.link)}")
+        print(f"exported {export(a.checkpoint, a.out, a.variant, a.link, use_ema=a.ema)}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ worker, so a resumed run reproduces an uninterrupted one exactly (tests/test_res
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -104,6 +105,7 @@ class Trainer:
         b.barrier()
         for role in self.roles.values():
             b.save_role(role, tmp)
+        self.stage.save_extra(tmp, b.is_main)
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -134,6 +136,7 @@ class Trainer:
             )
         for role in self.roles.values():
             b.load_role(role, path)
+        self.stage.load_extra(path)
         rng = ckpt.load_torch(path / f"rng-rank{b.rank}.pt")
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
@@ -242,10 +245,12 @@ class Trainer:
                 t0 = time.perf_counter()
                 batches = [self.stage.prepare_batch(x) for x in self._next_batches(it)]
                 logs: dict = {}
+                phases = self.stage.phases(self.step)
                 with self.throughput.measuring():
-                    for phase, name in enumerate(self.stage.phases(self.step)):
+                    for phase, name in enumerate(phases):
                         logs.update(self._update_role(name, batches, phase))
                 self.throughput.after_step()
+                logs.update(self.stage.after_step(self.step, phases))
                 if tc.debug.step_sleep_s:
                     time.sleep(tc.debug.step_sleep_s)
                 self.step += 1
@@ -276,7 +281,11 @@ class Trainer:
             return
         if self.validator is not None:
             role = self.roles.get("generator") or next(iter(self.roles.values()))
-            result = self.validator.run(self.step, role.module)
+            ema = getattr(self.stage, "ema", None)
+            weights = ema.swap_into(role.module) if (ema is not None and self.cfg.validation.use_ema) \
+                else contextlib.nullcontext()
+            with weights:
+                result = self.validator.run(self.step, role.module)
             tqdm.write(f"[helios-train] step {self.step}: validation videos {result['videos']}")
         self.backend.barrier()
 

@@ -34,6 +34,7 @@ class ValidationConfig:
     steps: Optional[int] = None  # None = the variant's default (spec §1.11)
     pyramid_steps: Optional[list[int]] = None
     guidance: Optional[float] = None
+    use_ema: bool = False  # render with the EMA weights when the stage keeps an EMA (official: false)
 
 
 def drift_stats(frames: np.ndarray, chunk: int = 33) -> dict[str, list[float]]:

@@ -56,7 +56,7 @@ def test_critic_equals_teacher_at_init_and_teacher_ignores_critic_updates(toy_ro
 
 
 def test_update_ratio_and_exact_resume_mid_cycle(toy_root, base_export, tmp_path):
-    common = dmd_overrides(toy_root, base_export)[1:] + ["trainer.checkpoint_every=3"]
+    common = dmd_overrides(toy_root, base_export)[1:] + ["trainer.checkpoint_every=3", "stage.ema.update_after_step=2"]
     train(toy_root, tmp_path, common + ["trainer.max_steps=8", "run_name=straight"])
     train(toy_root, tmp_path, common + ["trainer.max_steps=3", "run_name=split"])
     train(toy_root, tmp_path, common + ["trainer.max_steps=8", "run_name=split"])
@@ -66,6 +66,29 @@ def test_update_ratio_and_exact_resume_mid_cycle(toy_root, base_export, tmp_path
     assert all("critic/loss" in m for m in a)
     for key in ("critic/loss", "generator/loss"):
         np.testing.assert_allclose([m.get(key, 0.0) for m in a], [m.get(key, 0.0) for m in b], rtol=0, atol=1e-6)
+    # EMA: copied on every step up to its start, then averaged on generator-update steps; saved and resumed.
+    assert [m["step"] for m in a if "ema_decay" in m] == [1, 2, 3, 6]
+    from safetensors.torch import load_file
+
+    ea = load_file(str(tmp_path / "straight/checkpoint-8/generator.ema.safetensors"))
+    eb = load_file(str(tmp_path / "split/checkpoint-8/generator.ema.safetensors"))
+    live = load_file(str(tmp_path / "straight/checkpoint-8/generator.trainable.safetensors"))
+    assert ea.keys() == live.keys()
+    for k in ea:
+        torch.testing.assert_close(ea[k], eb[k], rtol=0, atol=1e-6)
+    assert any(not torch.equal(ea[k], live[k]) for k in ea)  # the average lags the live weights
+    from helios_train.export import export
+
+    out = export(tmp_path / "straight", tmp_path / "ema_export", use_ema=True)
+    import json
+
+    assert json.loads((out / "helios_export.json").read_text())["ema"] is True
+    from diffusers import HeliosTransformer3DModel
+
+    plain = export(tmp_path / "straight", tmp_path / "plain_export")
+    w_ema = HeliosTransformer3DModel.from_pretrained(out, subfolder="transformer").blocks[0].attn1.to_q.weight
+    w_live = HeliosTransformer3DModel.from_pretrained(plain, subfolder="transformer").blocks[0].attn1.to_q.weight
+    assert not torch.equal(w_ema, w_live)  # the EMA export fused the averaged LoRA, not the live one
 
 
 @pytest.mark.slow

@@ -53,6 +53,16 @@ class Stage:
         """Token counts of one sample by kind ("noisy", "history"), for throughput metrics."""
         return {}
 
+    def after_step(self, step: int, updated: list[str]) -> dict:
+        """Called after the optimizer steps of `step` (roles in `updated`); returns values to log."""
+        return {}
+
+    def save_extra(self, directory, is_main: bool) -> None:
+        """Tensors a stage keeps besides its roles (e.g. EMA), written into the checkpoint directory."""
+
+    def load_extra(self, directory) -> None:
+        pass
+
     def state_dict(self) -> dict:
         return {}
 

@@ -9,7 +9,9 @@ Phases: every step the critic takes a flow-matching step on generator samples; o
 step % update_ratio == 0 the generator's DMD step runs first (5:1 critic:generator). History is the
 real, corrupted ground-truth history of the batch (task dropout + anti-drift incl. saturation).
 
-Not yet here (issue "Distilled stage"): the ODE-regression phase, hierarchical GAN heads, EMA wiring.
+EMA of the generator's trainables (`stage.ema`, official decay 0.99 from step 750) is kept with the
+checkpoints (`generator.ema.safetensors`); `python -m helios_train.export --ema` exports it.
+Not yet here (issue "Distilled stage"): the ODE-regression phase and the hierarchical GAN heads.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from helios_train.dmd import critic_flow_loss, dmd_gradient, dmd_loss, sample_critic_t, sample_generator_t
+from helios_train.ema import EMA
 from helios_train.history import model_inputs
 from helios_train.model.loading import load_text_stack, load_transformer
 from helios_train.model.trainables import apply_trainable_policy
@@ -47,6 +50,26 @@ class DistilledStage(BaseStage):
 
         self.negative = encode_prompts(tok, enc, [NEGATIVE_PROMPT], cfg.model.text_max_length, device)
         del tok, enc
+        self.ema = EMA(self.transformer, cfg.stage.ema) if cfg.stage.ema.enabled else None
+
+    # -- EMA of the generator (spec §1.5) ------------------------------------------------------------
+    def after_step(self, step: int, updated: list[str]) -> dict:
+        # Official: EMA steps on every step before its start, then only on generator-update steps.
+        if self.ema is None or ("generator" not in updated and step > self.cfg.stage.ema.update_after_step):
+            return {}
+        return {"ema_decay": self.ema.update(self.transformer, step + 1)}
+
+    def save_extra(self, directory, is_main: bool) -> None:
+        if self.ema is not None and is_main:
+            from safetensors.torch import save_file
+
+            save_file(self.ema.state_dict(), str(directory / "generator.ema.safetensors"))
+
+    def load_extra(self, directory) -> None:
+        if self.ema is not None:
+            from safetensors.torch import load_file
+
+            self.ema.load_state_dict(load_file(str(directory / "generator.ema.safetensors")))
 
     def role_specs(self) -> dict[str, RoleSpec]:
         d, o = self.cfg.stage.dmd, self.cfg.trainer.optim
