@@ -62,7 +62,8 @@ class Trainer:
         for name, spec in self.stage.role_specs().items():
             params = [p for p in spec.module.parameters() if p.requires_grad]
             opt, sched = build_optimizer(params, spec.optim, tc.max_steps)
-            self.roles[name] = b.prepare(name, spec.module, opt, sched, spec.optim.max_grad_norm)
+            self.roles[name] = b.prepare(name, spec.module, opt, sched, spec.optim.max_grad_norm,
+                                         multi_forward=spec.multi_forward)
         self.stage.bind(self.roles)
         if cfg.data.mode == "raw":
             self._attach_online_encoder()

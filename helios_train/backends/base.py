@@ -27,6 +27,7 @@ class PreparedRole:
     scheduler: Any
     max_grad_norm: float
     params: list = field(default_factory=list)
+    manual_reduce: bool = False  # gradients averaged by the backend, not by a DDP wrapper
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -61,9 +62,12 @@ class Backend:
         return self.rank == 0
 
     # -- roles -------------------------------------------------------------------------------
-    def prepare(self, name, module, optimizer, scheduler, max_grad_norm) -> PreparedRole:
+    def prepare(self, name, module, optimizer, scheduler, max_grad_norm, multi_forward: bool = False) -> PreparedRole:
         params = [p for p in module.parameters() if p.requires_grad]
         return PreparedRole(name, module, module, optimizer, scheduler, max_grad_norm, params)
+
+    def reduce_gradients(self, role: PreparedRole) -> None:
+        """Average gradients over ranks for roles not wrapped by DDP (no-op in one process)."""
 
     def accumulation_context(self, role: PreparedRole, is_last_micro: bool):
         return contextlib.nullcontext()
@@ -73,6 +77,8 @@ class Backend:
 
     def grad_norm_and_step(self, role: PreparedRole) -> tuple[float, bool]:
         """Clip, then step unless the gradient is non-finite. Returns (pre-clip norm, stepped)."""
+        if role.manual_reduce:
+            self.reduce_gradients(role)
         norm = torch.nn.utils.clip_grad_norm_(role.params, role.max_grad_norm or float("inf"))
         norm = float(self.all_max(norm.detach()))
         stepped = math.isfinite(norm)

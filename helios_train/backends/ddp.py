@@ -30,8 +30,15 @@ class DDPBackend(Backend):
                 device_id=self.device if self.device.type == "cuda" else None,
             )
 
-    def prepare(self, name, module, optimizer, scheduler, max_grad_norm) -> PreparedRole:
+    def prepare(self, name, module, optimizer, scheduler, max_grad_norm, multi_forward: bool = False) -> PreparedRole:
         role = super().prepare(name, module, optimizer, scheduler, max_grad_norm)
+        if multi_forward:
+            # Several forwards with grad before one backward: DDP's ready-once hooks would fire twice.
+            # Same maths without the wrapper: identical replicas at start (same seed / checkpoint),
+            # gradients averaged in `reduce_gradients` before clipping.
+            self._broadcast(module)
+            role.manual_reduce = True
+            return role
         role.model = DistributedDataParallel(
             module,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -40,7 +47,21 @@ class DDPBackend(Backend):
         return role
 
     def accumulation_context(self, role: PreparedRole, is_last_micro: bool):
-        return role.model.no_sync() if not is_last_micro else super().accumulation_context(role, True)
+        if role.manual_reduce or is_last_micro:
+            return super().accumulation_context(role, True)
+        return role.model.no_sync()
+
+    def _broadcast(self, module) -> None:
+        for p in module.parameters():
+            if p.requires_grad:
+                dist.broadcast(p.data, src=0)
+
+    def reduce_gradients(self, role: PreparedRole) -> None:
+        for p in role.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(self.world_size)
 
     def barrier(self) -> None:
         dist.barrier()

@@ -81,7 +81,7 @@ class DeepSpeedBackend(Backend):
         self.data_cfg = data_cfg
         self.engines = []
 
-    def prepare(self, name, module, optimizer, scheduler, max_grad_norm) -> PreparedRole:
+    def prepare(self, name, module, optimizer, scheduler, max_grad_norm, multi_forward: bool = False) -> PreparedRole:
         params = [p for p in module.parameters() if p.requires_grad]
         config = ds_config(self.launcher_cfg, self.trainer_cfg, self.data_cfg, self.world_size, max_grad_norm)
         engine, ds_opt, _, ds_sched = self.deepspeed.initialize(

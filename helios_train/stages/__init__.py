@@ -21,6 +21,9 @@ PLANNED = {
 class RoleSpec:
     module: torch.nn.Module
     optim: Any  # OptimConfig
+    # True when one loss calls the module several times with grad (the DMD generator's rollout):
+    # DDP's per-parameter hooks cannot handle that, so the DDP backend averages its gradients itself.
+    multi_forward: bool = False
 
 
 class Stage:

@@ -75,7 +75,8 @@ class DistilledStage(BaseStage):
         d, o = self.cfg.stage.dmd, self.cfg.trainer.optim
         critic_optim = OmegaConf.merge(o, {"lr": d.critic_lr, "betas": list(d.critic_betas),
                                            "weight_decay": d.critic_weight_decay})
-        return {"generator": RoleSpec(self.transformer, o), "critic": RoleSpec(self.critic, critic_optim)}
+        return {"generator": RoleSpec(self.transformer, o, multi_forward=True),
+                "critic": RoleSpec(self.critic, critic_optim)}
 
     def phases(self, step: int) -> list[str]:
         return ["generator", "critic"] if step % self.cfg.stage.dmd.update_ratio == 0 else ["critic"]
