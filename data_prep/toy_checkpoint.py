@@ -17,17 +17,12 @@ from pathlib import Path
 
 import torch
 
+from helios_train.variants import NEGATIVE_PROMPT
+
 TRANSFORMER = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=32,
                    freq_dim=32, ffn_dim=64, num_layers=2, rope_dim=(4, 6, 6))
 VAE = dict(base_dim=16, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
            latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
-# Wan's default English negative prompt (spec inference_data §1.8), part of the tokenizer's corpus.
-NEGATIVE_PROMPT = (
-    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
-    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
-    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
-    "background, three legs, many people in the background, walking backwards"
-)
 
 
 def build_tokenizer(corpus: list[str]):

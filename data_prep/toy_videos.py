@@ -9,12 +9,13 @@ members `mp4` and `json` ({"caption", "num_frames", "fps", "height", "width"}) â
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 from pathlib import Path
 
 import numpy as np
+
+from helios_train.data.video_io import encode_mp4
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 70), "blue": (50, 90, 230), "yellow": (235, 215, 40),
            "white": (235, 235, 235), "orange": (240, 140, 30), "purple": (150, 60, 200)}
@@ -60,23 +61,6 @@ def render_video(rng: np.random.Generator, num_frames: int, height: int, width: 
             img[_mask(shape, height, width, cy, cx, radius * (1 + grow * p))] = colour
         frames[t] = img.clip(0, 255).astype(np.uint8)
     return frames, f"{' and '.join(parts)} on a {bg_name} background"
-
-
-def encode_mp4(frames: np.ndarray, fps: int = 24) -> bytes:
-    import av
-
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18", "preset": "veryfast"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buf.getvalue()
 
 
 def build_toy_videos(out_dir, num_videos: int = 24, videos_per_shard: int = 3, height: int = 64, width: int = 128,

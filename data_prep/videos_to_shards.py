@@ -103,7 +103,7 @@ def videos_to_shards(video_dir, captions, out_dir, height=384, width=640, min_fr
     size may be smaller with the same aspect (e.g. 192×320 for quick experiments)."""
     import webdataset as wds
 
-    from data_prep.toy_videos import encode_mp4
+    from helios_train.data.video_io import encode_mp4
 
     video_dir, out = Path(video_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,17 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from helios_train.variants import (DEFAULTS, SamplerSettings, build_pipeline, call_kwargs, round_frames,
-                                   use_float64_block_noise)
+from helios_train.variants import (DEFAULTS, NEGATIVE_PROMPT, SamplerSettings, build_pipeline, call_kwargs,
+                                   round_frames, use_float64_block_noise)
 
 log = logging.getLogger(__name__)
 FPS = 24
-NEGATIVE_PROMPT = (
-    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
-    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
-    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
-    "background, three legs, many people in the background, walking backwards"
-)
 
 
 def detect_variant(folder: Path) -> str:
@@ -75,7 +69,7 @@ def load_pipeline(checkpoint, variant: str | None = None, dtype=torch.float32, d
 
 def write_mp4(frames: np.ndarray, path: Path, fps: int = FPS) -> None:
     """frames [F, H, W, 3] float in [0, 1] or uint8 → h264 mp4."""
-    from data_prep.toy_videos import encode_mp4
+    from helios_train.data.video_io import encode_mp4
 
     if frames.dtype != np.uint8:
         frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)

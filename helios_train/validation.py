@@ -84,7 +84,8 @@ class Validator:
 
     @torch.no_grad()
     def run(self, step: int, transformer) -> dict:
-        from helios_train.infer import NEGATIVE_PROMPT, generate, slug, write_mp4
+        from helios_train.infer import generate, slug, write_mp4
+        from helios_train.variants import NEGATIVE_PROMPT
 
         vae, enc, tok = self._components()
         was_training = transformer.training

@@ -14,6 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 VARIANTS = ("base", "mid", "distilled")
+# Wan's default English negative prompt (spec inference_data §1.8): unconditional branch of CFG and
+# the teacher's negative branch in DMD.
+NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
+    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
+    "background, three legs, many people in the background, walking backwards"
+)
 PIXEL_FRAMES_PER_CHUNK = 33
 
 

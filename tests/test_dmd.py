@@ -1,7 +1,6 @@
 """DMD losses: gradient direction, normaliser, timestep annealing (spec §8.6, §8.7)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

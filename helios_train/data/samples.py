@@ -80,7 +80,6 @@ def raw_sample(raw: dict, data_cfg, history_cfg: HistoryConfig, epoch: int) -> d
     chunk = int(sample_rng(data_cfg.seed, epoch, key).integers(num_chunks))
     n_ctx = context_chunks(history_cfg)
     first = max(0, chunk - n_ctx)
-    real = chunk + 1 - first
     span = list(range(first * PIXEL_FRAMES_PER_CHUNK, (chunk + 1) * PIXEL_FRAMES_PER_CHUNK))
     frames = read_frames(reader, key, span if first == 0 else [0] + span)  # uint8 [F, H, W, 3]
     # Only the real context chunks travel (no pixel padding); the encoder pads in latent space,

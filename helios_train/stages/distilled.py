@@ -45,7 +45,7 @@ class DistilledStage(BaseStage):
         self.critic.to(device)
         self.scheduler = make_scheduler("distilled")
         tok, enc = load_text_stack(cfg.model, device)  # the negative prompt for the teacher's guidance
-        from helios_train.infer import NEGATIVE_PROMPT
+        from helios_train.variants import NEGATIVE_PROMPT
         from helios_train.model.text_codec import encode_prompts
 
         self.negative = encode_prompts(tok, enc, [NEGATIVE_PROMPT], cfg.model.text_max_length, device)
