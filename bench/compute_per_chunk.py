@@ -79,6 +79,39 @@ def mid_step_times(toy_root: Path, n: int = 10) -> dict[str, tuple[float, int]]:
     return out
 
 
+def wall_time_per_chunk(model_dir: Path, repeats: int = 2) -> dict[str, float]:
+    """Seconds to generate one 33-frame chunk (latent output, toy 64×128) with diffusers' pipelines:
+    Base 50 steps × CFG 5, Mid [20,20,20] × CFG-Zero*, Distilled [2,2,2] without CFG (chunk 0 is
+    amplified to 12 NFE, so a 2-chunk run is timed and the first chunk subtracted)."""
+    from diffusers import AutoencoderKLWan, HeliosTransformer3DModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    from helios_train.variants import DEFAULTS, build_pipeline, call_kwargs
+
+    parts = (HeliosTransformer3DModel.from_pretrained(model_dir, subfolder="transformer"),
+             AutoencoderKLWan.from_pretrained(model_dir, subfolder="vae"),
+             UMT5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder"),
+             AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer"))
+    out = {}
+    for variant in ("base", "mid", "distilled"):
+        pipe = build_pipeline(variant, *parts)
+        pipe.set_progress_bar_config(disable=True)
+        embeds = pipe.encode_prompt("a red circle", do_classifier_free_guidance=True, max_sequence_length=512)
+        kwargs = dict(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], height=64, width=128,
+                      output_type="latent", **call_kwargs(variant, DEFAULTS[variant]))
+
+        def run(frames):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                pipe(num_frames=frames, generator=torch.Generator().manual_seed(0), **kwargs)
+            return time.perf_counter() - t0
+
+        one = statistics.median(run(33) for _ in range(repeats))
+        two = statistics.median(run(66) for _ in range(repeats))
+        out[variant] = two - one  # a steady-state (non-first) chunk
+    return out
+
+
 def main() -> None:
     from diffusers import HeliosTransformer3DModel
 
@@ -105,6 +138,10 @@ def main() -> None:
         print(f"{name:<20} {b / 1e12:14.3f} {m / 1e12:15.3f} {m / b:9.3f} {dist / 1e12:12.4f} {dist / b:10.4f} "
               f"{dist0 / 1e12:12.4f}")
     assets = ensure_toy_assets(REPO / "checkpoints/_toy")
+    wall = wall_time_per_chunk(assets.model_dir)
+    print(f"\n{'wall time per chunk (toy, CPU)':<32} {'seconds':>8} {'vs Base':>8}")
+    for variant, secs in wall.items():
+        print(f"{variant:<32} {secs:8.3f} {secs / wall['base']:8.3f}")
     times = mid_step_times(assets.model_dir.parent)
     print(f"\n{'Mid step (toy, fwd+bwd)':<24} {'median ms':>10} {'tokens/sample':>14}")
     for mode, (t, tok) in times.items():
