@@ -3,10 +3,13 @@
     python -m data_prep.encode_latents --raw 'raw/raw-{000000..000099}.tar' --out latents/ --model /weights/helios
     torchrun --nproc_per_node=8 -m data_prep.encode_latents ...   # disjoint shards per rank
 
-One output shard per input shard (`raw-000007.tar` → `latent-000007.tar`), written to `.tmp` and
-renamed, so a re-run skips finished shards. Members per sample (no pickles): `latents.npy` float32
-[S, C, 9, h, w] (normalised, each chunk encoded independently — spec inference_data §1.3),
-`prompt_embed.npy` float32 [L, D] (zero rows after the prompt), `first_frame.png`, `json`.
+Input samples: `mp4` + `json` with a caption (see data_prep/toy_videos.py). One output shard per input
+shard (`raw-000007.tar` → `latent-000007.tar`), written to `.tar.tmp` and renamed, so a re-run skips
+finished shards and never trusts a half-written one. Members per sample (no pickles anywhere):
+`latents.npy` float32 [S, C, 9, h, w] (normalised, each 33-frame chunk encoded independently — spec
+inference_data §1.3), `prompt_embed.npy` float32 [L, D] (zero rows after the prompt, §1.8),
+`first_frame.png` (frame 0, RGB) and `json` {caption, num_frames, fps, height, width, num_chunks,
+latent_shape}. Videos shorter than `min_frames` are skipped and counted.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from helios_train.data.decoding import BadSample, caption_of, decode_json, decode_mp4
+from helios_train.data.decoding import BadSample, caption_of, decode_json, open_mp4, read_frames, to_unit_range
 from helios_train.data.shards import expand_shards, iter_shard_samples
 
 CHUNK = 33
@@ -32,23 +35,47 @@ def _npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _png(frame: torch.Tensor) -> bytes:
+def _png(rgb: np.ndarray) -> bytes:
     from PIL import Image
 
-    rgb = ((frame.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")
     return buf.getvalue()
 
 
-def output_name(raw_path: str) -> str:
+def output_name(raw_path) -> str:
     name = Path(raw_path).name
     return ("latent-" + name[len("raw-"):]) if name.startswith("raw-") else f"latent-{name}"
 
 
+def _decode(raw: dict, chunk_frames: int, min_frames: int) -> tuple[str, dict, torch.Tensor]:
+    """One raw sample → (key, json meta, uint8 frames [S*33, H, W, 3]); raises BadSample to skip it."""
+    key = raw["__key__"]
+    if "mp4" not in raw:
+        raise BadSample("missing_member", f"{key}: no mp4 member")
+    meta = decode_json(raw.get("json"), f"{key}.json")
+    meta["caption"] = caption_of(meta, key)
+    reader = open_mp4(raw["mp4"], key)
+    n = len(reader)
+    if n < max(min_frames, chunk_frames):
+        raise BadSample("too_short", f"{key}: {n} frames < {max(min_frames, chunk_frames)}")
+    # Only whole chunks are encoded (trailing frames are dropped, §1.3): do not decode the rest.
+    frames = read_frames(reader, key, list(range(n // chunk_frames * chunk_frames)))
+    meta.update(num_frames=n, fps=float(meta.get("fps") or reader.get_avg_fps()),
+                height=int(frames.shape[1]), width=int(frames.shape[2]))
+    return key, meta, frames
+
+
 def encode_shards(raw_shards, out_dir, model_dir, chunk_frames: int = CHUNK, min_frames: int = 99, device="cpu",
-                  seed: int = 0, text_max_length: int = 512, rank: int = 0, world_size: int = 1,
-                  sample: bool = True) -> dict:
+                  batch_size: int = 1, seed: int = 0, text_max_length: int = 512, rank: int = 0,
+                  world_size: int = 1, sample: bool = True, text_dtype: torch.dtype = torch.float32) -> dict:
+    """Encode every raw shard whose latent shard is missing. Returns a summary dict:
+    {"shards_written", "shards_skipped_existing", "samples", "skipped": {reason: count}}.
+
+    `batch_size` videos with the same frame count and size go through the VAE together (videos of
+    other shapes are flushed first, so output order = input order). `rank`/`world_size` split the
+    shard list round-robin for torchrun. `sample=False` stores the posterior mode instead of a sample.
+    """
     import webdataset as wds
     from diffusers import AutoencoderKLWan
     from transformers import AutoTokenizer, UMT5EncoderModel
@@ -62,40 +89,53 @@ def encode_shards(raw_shards, out_dir, model_dir, chunk_frames: int = CHUNK, min
     todo = [p for p in mine if not (out / output_name(p)).is_file()]
     summary = {"shards_written": 0, "shards_skipped_existing": len(mine) - len(todo), "samples": 0, "skipped": {}}
     if not todo:
-        return summary
+        return summary  # nothing to do: do not even load the models
+    # fp32 VAE as in the official offload script; the text encoder may run in bf16 on GPU (official),
+    # the stored embedding is fp32 either way.
     vae = AutoencoderKLWan.from_pretrained(model_dir, subfolder="vae", dtype=torch.float32).to(device).eval()
     tok = AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-    enc = UMT5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder").to(device).eval()
+    enc = UMT5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder", dtype=text_dtype).to(device).eval()
     gen = torch.Generator(device="cpu").manual_seed(seed + rank)
-    errors: list[str] = []
+
+    def count(reason: str) -> None:
+        summary["skipped"][reason] = summary["skipped"].get(reason, 0) + 1
+
+    def flush(sink, batch) -> None:
+        frames = torch.stack([f for _, _, f in batch])  # [B, S*33, H, W, 3] uint8
+        latents = encode_chunks(vae, to_unit_range(frames).to(device), chunk_frames, generator=gen, sample=sample)
+        embeds = encode_prompts(tok, enc, [m["caption"] for _, m, _ in batch], max_length=text_max_length,
+                                device=device)
+        for (key, meta, f), lat, emb in zip(batch, latents, embeds):
+            meta.update(num_chunks=int(lat.shape[0]), latent_shape=list(lat.shape))
+            sink.write({"__key__": key, "latents.npy": _npy(lat.cpu().numpy().astype(np.float32)),
+                        "prompt_embed.npy": _npy(emb.cpu().numpy().astype(np.float32)),
+                        "first_frame.png": _png(f[0].numpy()), "json": json.dumps(meta).encode("utf-8")})
+        summary["samples"] += len(batch)
+        batch.clear()
+
     for raw_path in tqdm(todo, desc="encode shards", disable=rank != 0):
         dst = out / output_name(raw_path)
         tmp = dst.with_suffix(".tar.tmp")
+        errors: list[str] = []
         with wds.TarWriter(str(tmp)) as sink:
+            batch: list = []
             for raw in iter_shard_samples(raw_path, lambda e: errors.append(str(e))):
-                key = raw["__key__"]
                 try:
-                    if "mp4" not in raw:
-                        raise BadSample("missing_member", f"{key}: no mp4 member")
-                    meta = decode_json(raw.get("json"), f"{key}.json")
-                    caption = caption_of(meta, key)
-                    frames = decode_mp4(raw["mp4"], key)
-                    if frames.shape[1] < max(min_frames, chunk_frames):
-                        raise BadSample("too_short", f"{key}: {frames.shape[1]} frames < {max(min_frames, chunk_frames)}")
+                    item = _decode(raw, chunk_frames, min_frames)
                 except BadSample as bad:
-                    summary["skipped"][bad.reason] = summary["skipped"].get(bad.reason, 0) + 1
+                    count(bad.reason)
                     continue
-                latents = encode_chunks(vae, frames[None].to(device), chunk_frames, generator=gen, sample=sample)[0]
-                embed = encode_prompts(tok, enc, [caption], max_length=text_max_length, device=device)[0]
-                meta.update({"num_chunks": latents.shape[0], "latent_shape": list(latents.shape)})
-                sink.write({"__key__": key, "latents.npy": _npy(latents.cpu().numpy().astype(np.float32)),
-                            "prompt_embed.npy": _npy(embed.cpu().numpy().astype(np.float32)),
-                            "first_frame.png": _png(frames[:, 0]), "json": json.dumps(meta).encode()})
-                summary["samples"] += 1
+                if batch and batch[0][2].shape != item[2].shape:
+                    flush(sink, batch)  # the VAE batch needs equal shapes
+                batch.append(item)
+                if len(batch) >= batch_size:
+                    flush(sink, batch)
+            if batch:
+                flush(sink, batch)
+        for _ in errors:
+            count("unreadable_member")
         os.replace(tmp, dst)
         summary["shards_written"] += 1
-    if errors:
-        summary["skipped"]["unreadable_member"] = len(errors)
     return summary
 
 
@@ -105,15 +145,21 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="output folder for latent-*.tar")
     ap.add_argument("--model", required=True, help="diffusers-layout folder with vae/, text_encoder/, tokenizer/")
     ap.add_argument("--min-frames", type=int, default=121, help="drop shorter videos (official: 121)")
+    ap.add_argument("--chunk-frames", type=int, default=CHUNK, help="pixel frames per independently encoded chunk")
+    ap.add_argument("--batch-size", type=int, default=1, help="videos per VAE call (equal shapes only)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--text-dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="text encoder weights (official offload: bfloat16 on GPU)")
+    ap.add_argument("--seed", type=int, default=42, help="VAE posterior sampling seed (+ rank)")
     ap.add_argument("--text-max-length", type=int, default=512)
     ap.add_argument("--mode", action="store_true", help="store the posterior mode instead of a sample "
                     "(official: sample)")
     a = ap.parse_args()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    summary = encode_shards(expand_shards(a.raw), a.out, a.model, CHUNK, a.min_frames, a.device, a.seed,
-                            a.text_max_length, rank, world, sample=not a.mode)
+    summary = encode_shards(expand_shards(a.raw), a.out, a.model, chunk_frames=a.chunk_frames,
+                            min_frames=a.min_frames, device=a.device, batch_size=a.batch_size, seed=a.seed,
+                            text_max_length=a.text_max_length, rank=rank, world_size=world, sample=not a.mode,
+                            text_dtype=getattr(torch, a.text_dtype))
     print(json.dumps({"rank": rank, **summary}))
 
 

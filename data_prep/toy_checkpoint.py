@@ -47,21 +47,29 @@ def build_toy_checkpoint(out_dir, seed: int = 0) -> Path:
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        torch.manual_seed(seed)
-        HeliosTransformer3DModel(**TRANSFORMER).save_pretrained(tmp / "transformer")
-        torch.manual_seed(seed + 1)
-        AutoencoderKLWan(**VAE).save_pretrained(tmp / "vae")
-        tokenizer = build_tokenizer(caption_vocabulary() + [NEGATIVE_PROMPT])
-        tokenizer.save_pretrained(tmp / "tokenizer")
-        torch.manual_seed(seed + 2)
-        text_cfg = UMT5Config(vocab_size=len(tokenizer), d_model=TRANSFORMER["text_dim"], d_kv=8, d_ff=64,
-                              num_layers=2, num_heads=4, relative_attention_num_buckets=8, pad_token_id=0,
-                              eos_token_id=1, decoder_start_token_id=0)
-        UMT5EncoderModel(text_cfg).save_pretrained(tmp / "text_encoder")
-        # Base sampling: single-stage UniPC with exponential dynamic shift (spec §1.11, inference_data §3).
-        HeliosScheduler(stages=1, stage_range=[0, 1], scheduler_type="unipc", use_dynamic_shifting=True,
+        # fork_rng: seeding here must not reset the caller's global RNG stream (tests, training).
+        with torch.random.fork_rng(devices=[]):
+            # One seed per component, so adding a component later cannot change the others' weights.
+            torch.manual_seed(seed)
+            HeliosTransformer3DModel(**TRANSFORMER).save_pretrained(tmp / "transformer")
+            torch.manual_seed(seed + 1)
+            AutoencoderKLWan(**VAE).save_pretrained(tmp / "vae")
+            tokenizer = build_tokenizer(caption_vocabulary() + [NEGATIVE_PROMPT])
+            tokenizer.save_pretrained(tmp / "tokenizer")
+            torch.manual_seed(seed + 2)
+            # d_model = the DiT's text_dim, as UMT5-XXL's 4096 matches Helios' text_dim.
+            text_cfg = UMT5Config(vocab_size=len(tokenizer), d_model=TRANSFORMER["text_dim"], d_kv=8, d_ff=64,
+                                  num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  decoder_start_token_id=tokenizer.pad_token_id)
+            UMT5EncoderModel(text_cfg).save_pretrained(tmp / "text_encoder")
+        # Base sampling (spec inference_data §3.3/§3.4/§4.3): HeliosPipeline calls
+        # set_timesteps(N, sigmas=linspace(0.999, 0, N+1)[:-1], mu=calculate_shift(L)) without a stage
+        # index, which only the single-stage path accepts (stages=1); UniPC; the pipeline's mu is
+        # only used with use_dynamic_shifting=True, and Base validation/inference shift exponentially.
+        HeliosScheduler(stages=1, stage_range=[0, 1], scheduler_type="unipc", shift=1.0, use_dynamic_shifting=True,
                         time_shift_type="exponential").save_pretrained(tmp / "scheduler")
         index = {
             "_class_name": "HeliosPipeline",
