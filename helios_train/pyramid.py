@@ -44,10 +44,11 @@ class PyramidConfig:
     # draws per level per sample (§7.2): [1, 2, 1] in 2-init, [1, 1, 1] in 2-post
     sample_ratios: list[int] = field(default_factory=lambda: [1, 1, 1])
     table_source: str = "training"  # "training" (closed form, §7.1) or "diffusers" (HeliosScheduler)
-    # Mid-stage execution: diffusers' model has no varlen (NaViT) attention, so the official single
-    # packed forward over all levels is not available; "separate" runs one forward per segment,
-    # "batch_levels" stacks segments of the same level (e.g. the two mid draws of [1, 2, 1]) into one
-    # forward — same maths, fewer launches (bench/compute_per_chunk.py measures both).
+    # Mid-stage execution, all the same maths (helios_train/stages/mid.py):
+    # "separate" = one stock diffusers forward per segment; "batch_levels" = one stock forward per
+    # level, same-level segments (the two mid draws of [1, 2, 1]) stacked on the batch axis;
+    # "packed" = the official NaViT layout, one pass over all segments with per-segment
+    # self-attention (helios_train/stages/packed.py). bench/compute_per_chunk.py times all three.
     execution: str = "separate"
 
     def __post_init__(self):

@@ -5,11 +5,16 @@ segment, full resolution) → the target chunk's clean and noise pyramids (helio
 `stage.pyramid.sample_ratios[k]` draws per level k (uniform table index; stage-local σ, global t) →
 x = σ·start + (1−σ)·end, v = start − end → loss = mean over segments of the per-sample MSE.
 
-Execution (`stage.pyramid.execution`): the official code packs all segments into one NaViT varlen
-forward; diffusers' HeliosTransformer3DModel has no varlen attention, so we run one forward per
-segment ("separate") or one per level with same-level segments stacked on the batch axis
-("batch_levels"). Both give the same loss; attention never crosses segments, as in the official
-block-diagonal packing.
+Execution (`stage.pyramid.execution`); all three give the same loss and attention never crosses
+segments, as in the official block-diagonal NaViT packing:
+- "separate": one stock diffusers forward per segment (4 in 2-init, 3 in 2-post);
+- "batch_levels": one stock forward per level, same-level segments stacked on the batch axis;
+- "packed": one pass through the blocks over all segments ([history copy | level tokens] each),
+  the official layout, with per-segment self-attention (helios_train/stages/packed.py). The stock
+  model has no varlen attention and no way to pass a mask to its blocks, so this drives the model's
+  submodules itself. It calls the unwrapped module, so under DDP the backend averages gradients by
+  hand (`multi_forward`); under DeepSpeed ZeRO-2/3 the engine's per-parameter hooks (and ZeRO-3's
+  per-submodule gathers) work unchanged. Tests check every launcher against one process.
 """
 from __future__ import annotations
 
@@ -17,17 +22,28 @@ import torch
 
 from helios_train.history import model_inputs, token_counts
 from helios_train.pyramid import PyramidSchedule, build_levels, level_token_counts, sample_all_levels
+from helios_train.stages import RoleSpec
 from helios_train.stages.base import BaseStage
+from helios_train.stages.packed import packed_forward
+
+EXECUTIONS = ("separate", "batch_levels", "packed")
 
 
 class MidStage(BaseStage):
     name = "mid"
 
     def __init__(self, cfg, device: torch.device):
+        execution = cfg.stage.pyramid.execution
+        if execution not in EXECUTIONS:
+            raise ValueError(f"stage.pyramid.execution={execution!r}: expected one of {' | '.join(EXECUTIONS)}")
         super().__init__(cfg, device)
         self.schedule = PyramidSchedule(cfg.stage.pyramid)
-        if cfg.stage.pyramid.execution not in ("separate", "batch_levels"):
-            raise ValueError(f"stage.pyramid.execution={cfg.stage.pyramid.execution!r}: expected separate | batch_levels")
+        self.execution = execution
+
+    def role_specs(self) -> dict[str, RoleSpec]:
+        # The packed pass bypasses a DDP wrapper's forward, so DDP could not sync its gradients.
+        return {"generator": RoleSpec(self.transformer, self.cfg.trainer.optim,
+                                      multi_forward=self.execution == "packed")}
 
     def segments(self, clean: torch.Tensor, generator: torch.Generator):
         noise = torch.randn(clean.shape, generator=generator, device=generator.device).to(clean.device)
@@ -39,37 +55,47 @@ class MidStage(BaseStage):
         with self.autocast():
             return self.roles[role].model(**inputs, return_dict=False)[0]
 
+    def predict(self, role: str, segs, x0, history, embeds) -> list[torch.Tensor]:
+        """The model's v-prediction for every segment, by the configured execution."""
+        if self.execution == "separate":
+            return [self._forward(role, s.x, s.timestep, x0, history, embeds) for s in segs]
+        if self.execution == "packed":
+            with self.autocast():
+                return packed_forward(self.roles[role].module, [s.x for s in segs],
+                                      [s.timestep.to(self.device, torch.float32) for s in segs],
+                                      x0, history, embeds, self.cfg.stage.history)
+        b, preds = x0.shape[0], [None] * len(segs)
+        for level in sorted({s.level for s in segs}):
+            group = [i for i, s in enumerate(segs) if s.level == level]
+            n = len(group)
+            pred = self._forward(role, torch.cat([segs[i].x for i in group]),
+                                 torch.cat([segs[i].timestep for i in group]),
+                                 x0.repeat(n, 1, 1, 1, 1), history.repeat(n, 1, 1, 1, 1), embeds.repeat(n, 1, 1))
+            for i, p in zip(group, pred.split(b)):
+                preds[i] = p
+        return preds
+
     def loss(self, role: str, batch: dict, step: int, generator: torch.Generator):
         x0, history, logs = self.condition(batch, generator)
         segs = self.segments(batch["target"], generator)
-        embeds = batch["prompt_embeds"]
-        losses = []
-        if self.cfg.stage.pyramid.execution == "separate":
-            for seg in segs:
-                pred = self._forward(role, seg.x, seg.timestep, x0, history, embeds)
-                losses.append(((pred.float() - seg.target.float()) ** 2).flatten(1).mean(1))
-        else:
-            b = x0.shape[0]
-            for level in sorted({s.level for s in segs}):
-                group = [s for s in segs if s.level == level]
-                n = len(group)
-                pred = self._forward(role, torch.cat([s.x for s in group]), torch.cat([s.timestep for s in group]),
-                                     x0.repeat(n, 1, 1, 1, 1), history.repeat(n, 1, 1, 1, 1), embeds.repeat(n, 1, 1))
-                target = torch.cat([s.target for s in group])
-                per = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
-                losses.extend(per.split(b))
-        per_segment = torch.stack([l.mean() for l in losses])  # official: uniform mean over segments
+        preds = self.predict(role, segs, x0, history, batch["prompt_embeds"])
+        # per segment: mean over samples of the per-sample MSE; official: uniform mean over segments
+        per_segment = torch.stack([((p.float() - s.target.float()) ** 2).flatten(1).mean(1).mean()
+                                   for p, s in zip(preds, segs)])
         for seg, value in zip(segs, per_segment):
             logs[f"loss_level{seg.level}"] = float(value.detach())
         logs["segments"] = len(segs)
         return per_segment.mean(), logs
 
     def tokens_per_sample(self, batch: dict) -> dict[str, int]:
+        """Noisy tokens over all segments and history tokens (one copy per segment, as every
+        execution attends each segment with its own history — the official packing too)."""
         h, w = batch["target"].shape[-2:]
         if self._tokens is None or self._tokens[0] != (h, w):
             hist = token_counts(self.transformer, (h, w), self.cfg.stage.history)["history"]
             window = self.cfg.stage.history.latent_window_size
-            per_level = level_token_counts((h, w), window, num_stages=self.schedule.num_stages)
+            per_level = level_token_counts((h, w), window, patch=tuple(self.transformer.config.patch_size),
+                                           num_stages=self.schedule.num_stages)
             ratios = self.cfg.stage.pyramid.sample_ratios
             noisy = sum(n * r for n, r in zip(per_level, ratios))
             self._tokens = ((h, w), {"noisy": noisy, "history": hist * sum(ratios)})
