@@ -42,10 +42,19 @@ def overrides(toy_root, out, shard, *extra):
 def test_two_process_ddp_matches_one_process_same_global_batch(toy_root, tmp_path):
     """Global batch 2 as 2 ranks × 1 sample (DDP all-reduce) vs 1 rank × 2 accumulated micro-batches.
 
-    Equal by construction when the implementation is right: the data is one video listed as two
-    shards (every reader sees the same sample), and each micro-batch's random draws depend only on
-    (seed, step, global micro-batch index) — rank r of 2 ≡ micro-batch r of 1. A wrong gradient
-    reduction (sum instead of mean, missing sync) or rank-dependent draws break the equality.
+    Equal by construction when the implementation is right:
+    - data: one video listed as two shards, so every reader (rank 0, rank 1, or the single process
+      reading both shards) sees the same sample whatever the shard-to-rank split;
+    - randomness: each micro-batch's draws (timestep, noise, degradations, task dropout) come from a
+      generator keyed by (seed, step, global micro-batch index = rank × accum + micro) — with
+      `trainer.seed_per_rank=true` rank r of 2 draws exactly what micro-batch r of 1 draws;
+    - maths: DDP averages the two ranks' gradients, accumulation averages the two micro-batches'
+      (loss / accum), then the same clipping and AdamW step.
+    Why not 1 process × batch 2: one micro-batch of 2 draws all its random numbers from one generator
+    in a different order, so sample 2 would not get rank 1's draws (equal only in distribution).
+    What breaks the equality: a wrong reduction (sum instead of mean, missing sync), rank-independent
+    draws (`seed_per_rank=false` would give rank 1 the draws of rank 0), or ranks reading different data.
+    Remaining differences are float summation order (all-reduce vs accumulation): ~1e-7 relative.
     """
     shard = one_video_shard(toy_root, tmp_path / "one.tar")
     train(toy_root, tmp_path, overrides(toy_root, tmp_path, shard, "trainer.grad_accum_steps=2", "run_name=single"))
