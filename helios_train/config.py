@@ -16,6 +16,7 @@ from omegaconf import MISSING
 from helios_train.anti_drift import AntiDriftConfig
 from helios_train.dmd import DMDConfig
 from helios_train.ema import EMAConfig
+from helios_train.ode_regression import OdeConfig
 from helios_train.guidance import GuidanceConfig
 from helios_train.history import HistoryConfig
 from helios_train.pyramid import PyramidConfig
@@ -83,7 +84,7 @@ class ToyDataConfig:
 @dataclass
 class DataConfig:
     name: str = MISSING
-    mode: str = "latents"  # latents (pre-encoded shards) | raw (mp4 decoded + encoded online)
+    mode: str = "latents"  # latents (pre-encoded shards) | raw (mp4 decoded + encoded online) | ode_pairs (stage 3 ODE)
     shards: str = MISSING  # brace pattern, glob or comma-separated list of .tar paths
     build_toy: bool = False
     toy: ToyDataConfig = field(default_factory=ToyDataConfig)
@@ -109,6 +110,10 @@ class StageConfig:
     trainables: TrainablesConfig = field(default_factory=TrainablesConfig)
     pyramid: PyramidConfig = field(default_factory=PyramidConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    # Distilled only: which objective trains the generator — "ode" (official stage_3_ode: regression
+    # onto Mid-teacher ODE pairs, data.mode=ode_pairs) or "dmd" (stage_3_post: DMD vs teacher/critic).
+    objective: str = "dmd"
+    ode: OdeConfig = field(default_factory=OdeConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)  # EMA of the generator's trainables (stage 3)
 
@@ -155,7 +160,8 @@ class LauncherConfig:
     backend: str = "auto"  # process-group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     find_unused_parameters: bool = False
     zero_stage: int = 2  # deepspeed: ZeRO stage (2 or 3); also what `plan=true` assumes
-    offload_optimizer: bool = False  # deepspeed: optimizer state in CPU memory
+    offload_optimizer: bool = False  # deepspeed (ZeRO-2/3): optimizer state in CPU memory
+    offload_param: bool = False  # deepspeed (ZeRO-3 only): parameters in CPU memory
     deepspeed_config: Optional[str] = None  # deepspeed: JSON merged over the generated config
 
 

@@ -20,7 +20,7 @@ from helios_train.tracking import redact
 # Sections whose change makes old checkpoints meaningless for this run (compared on resume).
 COMPAT_SECTIONS = ("stage", "model")
 CHOICES = {
-    "data.mode": ("latents", "raw"),
+    "data.mode": ("latents", "raw", "ode_pairs"),
     "trainer.mixed_precision": ("no", "bf16"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "launcher.name": ("single", "ddp", "deepspeed"),
@@ -57,6 +57,7 @@ def validate(cfg: DictConfig) -> None:
                                   f"(8× VAE downsampling × 8 for the long memory patch and the pyramid)")
         if v.num_frames < 1:
             raise ConfigError(f"validation.num_frames={v.num_frames}: must be >= 1 (rounded up to 33-frame chunks)")
+    _validate_objective(cfg)
     if cfg.data.min_chunks < 1:
         raise ConfigError(f"data.min_chunks={cfg.data.min_chunks}: a sample needs at least one 33-frame chunk")
     for key in ("latent_height", "latent_width"):
@@ -65,6 +66,29 @@ def validate(cfg: DictConfig) -> None:
         if value is not None and value % 8:
             raise ConfigError(f"data.{key}={value}: latent height/width must be a multiple of 8 "
                               f"(pixels a multiple of 64) for the long memory patch and the pyramid")
+
+
+def _validate_objective(cfg: DictConfig) -> None:
+    """Stage, objective and data must agree: ODE regression reads ODE-pair shards, nothing else does."""
+    ode_data = cfg.data.mode == "ode_pairs"
+    if cfg.stage.name != "distilled":
+        if ode_data:
+            raise ConfigError(f"data.mode=ode_pairs is for stage=distilled stage.objective=ode, not stage={cfg.stage.name}")
+        return
+    if cfg.stage.objective not in ("dmd", "ode"):
+        raise ConfigError(f"stage.objective={cfg.stage.objective!r}: expected one of ['dmd', 'ode']")
+    if (cfg.stage.objective == "ode") != ode_data:
+        raise ConfigError(f"stage.objective={cfg.stage.objective} with data.mode={cfg.data.mode}: the ODE objective "
+                          "needs ODE-pair shards (data=ode_pairs, data_prep/ode_pairs.py) and DMD needs video latents")
+    if cfg.stage.objective == "ode" and cfg.stage.ode.num_chunks > cfg.data.min_chunks:
+        raise ConfigError(f"stage.ode.num_chunks={cfg.stage.ode.num_chunks} > data.min_chunks={cfg.data.min_chunks}: "
+                          "shorter samples could not supply that many chunks")
+    if cfg.stage.objective == "dmd":
+        path = cfg.stage.dmd.real_score_path
+        if not path:
+            raise ConfigError("stage.dmd.real_score_path is empty: give the teacher/critic base (a Base export folder)")
+        if not Path(path).is_dir():
+            raise ConfigError(f"stage.dmd.real_score_path={path!r}: no such folder")
 
 
 def ensure_toy_assets(cfg: DictConfig) -> None:

@@ -77,3 +77,20 @@ def test_validation_geometry_fails_naming_value():
         validate(compose(["validation.height=100"]))
     with pytest.raises(ConfigError, match="data.min_chunks=0"):
         validate(compose(["data.min_chunks=0"]))
+
+
+def test_distilled_objective_and_data_must_agree_before_work(tmp_path):
+    from helios_train.run_setup import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="stage.objective=ode with data.mode=latents"):
+        validate(compose(["stage=distilled", "stage.objective=ode"]))
+    with pytest.raises(ConfigError, match="data.mode=ode_pairs is for stage=distilled"):
+        validate(compose(["data=toy_ode"]))
+    with pytest.raises(ConfigError, match="real_score_path is empty"):
+        validate(compose(["stage=distilled"]))
+    with pytest.raises(ConfigError, match="real_score_path='/nowhere'"):
+        validate(compose(["stage=distilled", "stage.dmd.real_score_path=/nowhere"]))
+    with pytest.raises(ConfigError, match="stage.objective='gan'"):
+        validate(compose(["stage=distilled", "stage.objective=gan"]))
+    validate(compose(["experiment=stage_3_ode", "data=toy_ode"]))  # the ODE recipe on toy pairs is consistent
+    validate(compose(["stage=distilled", f"stage.dmd.real_score_path={tmp_path}"]))

@@ -93,6 +93,51 @@ def raw_sample(raw: dict, data_cfg, history_cfg: HistoryConfig, epoch: int) -> d
     }
 
 
+def ode_sample(raw: dict, data_cfg, history_cfg: HistoryConfig, epoch: int) -> dict:
+    """An ODE-pair sample (data_prep/ode_pairs.py, spec §8.1) → tensors for the ODE-regression phase.
+
+    Members: `prompt_embed.npy` [L, D], `json` {caption, num_chunks}, and per chunk c and pyramid level k
+    `c{c}_s{k}.latents.npy` [n+1, C, window, h_k, w_k] (n teacher states, then the level's end state)
+    and `c{c}_s{k}.timesteps.npy` [n]. Yields those as `ode_c{c}_s{k}_latents/_timesteps` plus
+    `ode_clean` [S, C, window, H, W]: every chunk's final clean latents (the teacher's history source).
+    """
+    key = raw["__key__"]
+    meta = decode_json(raw.get("json"), f"{key}.json")
+    caption = caption_of(meta, key)
+    if "prompt_embed.npy" not in raw:
+        raise BadSample("missing_member", f"sample {key}: no prompt_embed.npy member")
+    embed = decode_npy(raw["prompt_embed.npy"], f"{key}.prompt_embed.npy")
+    if embed.ndim != 2:
+        raise BadSample("bad_embed_shape", f"sample {key}: prompt_embed.npy has shape {list(embed.shape)}, expected [L, D]")
+    num_chunks = int(meta.get("num_chunks", 0))
+    if num_chunks < data_cfg.min_chunks:
+        raise BadSample("too_short", f"sample {key}: {num_chunks} ODE chunks < data.min_chunks={data_cfg.min_chunks}")
+    window, levels = history_cfg.latent_window_size, int(meta.get("levels", 3))
+    out = {"key": key, "caption": caption, "prompt_embeds": torch.from_numpy(embed.astype(np.float32))}
+    clean = []
+    for c in range(num_chunks):
+        for k in range(levels):
+            name = f"c{c}_s{k}"
+            for part in ("latents", "timesteps"):
+                if f"{name}.{part}.npy" not in raw:
+                    raise BadSample("missing_member", f"sample {key}: no {name}.{part}.npy member")
+            lat = decode_npy(raw[f"{name}.latents.npy"], f"{key}.{name}.latents.npy")
+            ts = decode_npy(raw[f"{name}.timesteps.npy"], f"{key}.{name}.timesteps.npy")
+            scale = 2 ** (levels - 1 - k)
+            h = None if data_cfg.latent_height is None else data_cfg.latent_height // scale
+            w = None if data_cfg.latent_width is None else data_cfg.latent_width // scale
+            expected = [ts.shape[0] + 1 if ts.ndim == 1 else None, data_cfg.latent_channels, window, h, w]
+            if lat.ndim != 5 or ts.ndim != 1 or any(e is not None and e != g for e, g in zip(expected, lat.shape)):
+                raise BadSample("bad_latent_shape", f"sample {key}: {name}.latents.npy has shape {list(lat.shape)} "
+                                f"with timesteps {list(ts.shape)}, expected [n+1, {data_cfg.latent_channels}, {window}, "
+                                f"{h or 'h'}, {w or 'w'}] with timesteps [n]")
+            out[f"ode_{name}_latents"] = torch.from_numpy(lat.astype(np.float32))
+            out[f"ode_{name}_timesteps"] = torch.from_numpy(ts.astype(np.float32))
+        clean.append(out[f"ode_c{c}_s{levels - 1}_latents"][-1])
+    out["ode_clean"] = torch.stack(clean)
+    return out
+
+
 def collate(samples: list[dict]) -> dict:
     """Stack tensors of equal shape; variable-size ones (raw context frames) stay a list."""
     batch: dict = {}

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from helios_train.data.decoding import BadSample
-from helios_train.data.samples import collate, latent_sample, raw_sample
+from helios_train.data.samples import collate, latent_sample, ode_sample, raw_sample
 from helios_train.data.shards import iter_shard_samples
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class HistoryShardDataset(IterableDataset):
         self.world_size = world_size
         self.positions = positions or {}
         self.batches_consumed = batches_consumed
-        self.convert = latent_sample if data_cfg.mode == "latents" else raw_sample
+        self.convert = {"latents": latent_sample, "raw": raw_sample, "ode_pairs": ode_sample}[data_cfg.mode]
 
     def _shuffled(self, shard_idx: int, epoch: int, on_error) -> Iterator[dict]:
         rng = random.Random(f"{self.data_cfg.seed}/{epoch}/{shard_idx}")

@@ -1,4 +1,8 @@
-"""Stage 3 (Helios-Distilled), DMD phase: generator vs critic/teacher sharing one base (spec §8.3–8.8).
+"""Stage 3 (Helios-Distilled): ODE regression, then DMD with a critic/teacher sharing one base (spec §8).
+
+`stage.objective=ode` (official stage_3_ode): the generator alone regresses teacher ODE pairs onto
+each pyramid level's end state (helios_train/ode_regression.py, data=ode_pairs); no critic is built.
+`stage.objective=dmd` (stage_3_post):
 
 Roles (data, not branches in the trainer):
 - generator: the student (model.path: the ODE / Mid export) + LoRA; rolls out one chunk with the
@@ -11,7 +15,6 @@ real, corrupted ground-truth history of the batch (task dropout + anti-drift inc
 
 EMA of the generator's trainables (`stage.ema`, official decay 0.99 from step 750) is kept with the
 checkpoints (`generator.ema.safetensors`); `python -m helios_train.export --ema` exports it.
-Not yet here (issue "Distilled stage"): the ODE-regression phase and the hierarchical GAN heads.
 """
 from __future__ import annotations
 
@@ -20,13 +23,15 @@ from omegaconf import OmegaConf
 
 from helios_train.dmd import critic_flow_loss, dmd_gradient, dmd_loss, sample_critic_t, sample_generator_t
 from helios_train.ema import EMA
-from helios_train.history import model_inputs
+from helios_train.history import model_inputs, token_counts
 from helios_train.model.loading import load_text_stack, load_transformer
+from helios_train.model.text_codec import encode_prompts
 from helios_train.model.trainables import apply_trainable_policy
+from helios_train.ode_regression import ode_regression_loss
 from helios_train.rollout import calculate_mu, pyramid_rollout
 from helios_train.stages import RoleSpec
 from helios_train.stages.base import BaseStage
-from helios_train.variants import make_scheduler
+from helios_train.variants import NEGATIVE_PROMPT, make_scheduler
 
 
 class DistilledStage(BaseStage):
@@ -34,6 +39,16 @@ class DistilledStage(BaseStage):
 
     def __init__(self, cfg, device: torch.device):
         super().__init__(cfg, device)  # the generator: student + LoRA (stage.trainables)
+        self.objective = cfg.stage.objective
+        if self.objective not in ("dmd", "ode"):
+            raise ValueError(f"stage.objective={self.objective!r}: expected dmd | ode")
+        self.scheduler = make_scheduler("distilled")
+        self.ema = EMA(self.transformer, cfg.stage.ema) if cfg.stage.ema.enabled else None
+        if self.objective == "dmd":
+            self._build_critic(cfg, device)
+
+    def _build_critic(self, cfg, device) -> None:
+        """Teacher + critic: one real-score base (a Base export) with the critic's LoRA (spec §8.3)."""
         d = cfg.stage.dmd
         if not d.real_score_path:
             raise ValueError("stage.dmd.real_score_path: give the teacher (Helios-Base export) folder")
@@ -43,14 +58,9 @@ class DistilledStage(BaseStage):
                                                                 "patch_embedding": "frozen", "memory_patches": "frozen"})
         apply_trainable_policy(self.critic, critic_policy)
         self.critic.to(device)
-        self.scheduler = make_scheduler("distilled")
         tok, enc = load_text_stack(cfg.model, device)  # the negative prompt for the teacher's guidance
-        from helios_train.variants import NEGATIVE_PROMPT
-        from helios_train.model.text_codec import encode_prompts
-
         self.negative = encode_prompts(tok, enc, [NEGATIVE_PROMPT], cfg.model.text_max_length, device)
         del tok, enc
-        self.ema = EMA(self.transformer, cfg.stage.ema) if cfg.stage.ema.enabled else None
 
     # -- EMA of the generator (spec §1.5) ------------------------------------------------------------
     def after_step(self, step: int, updated: list[str]) -> dict:
@@ -75,10 +85,14 @@ class DistilledStage(BaseStage):
         d, o = self.cfg.stage.dmd, self.cfg.trainer.optim
         critic_optim = OmegaConf.merge(o, {"lr": d.critic_lr, "betas": list(d.critic_betas),
                                            "weight_decay": d.critic_weight_decay})
-        return {"generator": RoleSpec(self.transformer, o, multi_forward=True),
-                "critic": RoleSpec(self.critic, critic_optim)}
+        generator = RoleSpec(self.transformer, o, multi_forward=True)  # several forwards per loss
+        if self.objective == "ode":
+            return {"generator": generator}
+        return {"generator": generator, "critic": RoleSpec(self.critic, critic_optim)}
 
     def phases(self, step: int) -> list[str]:
+        if self.objective == "ode":
+            return ["generator"]
         return ["generator", "critic"] if step % self.cfg.stage.dmd.update_ratio == 0 else ["critic"]
 
     # -- model calls -----------------------------------------------------------------------------
@@ -108,9 +122,31 @@ class DistilledStage(BaseStage):
 
     # -- losses ----------------------------------------------------------------------------------
     def loss(self, role: str, batch: dict, step: int, generator: torch.Generator):
+        if self.objective == "ode":
+            return self._ode_loss(batch, generator)
         x0, history, logs = self.condition(batch, generator)
         return self._generator_loss(batch, x0, history, step, generator, logs) if role == "generator" \
             else self._critic_loss(batch, x0, history, generator, logs)
+
+    def _ode_loss(self, batch, generator):
+        model, embeds = self.roles["generator"].model, batch["prompt_embeds"].to(self.device)
+
+        def velocity(x_t, t, x0, history):
+            return self._velocity(model, x0, history, embeds)(x_t, t)
+        return ode_regression_loss(velocity, batch, self.cfg.stage.ode, self.cfg.stage.history, generator,
+                                   self.scheduler, self.device)
+
+    def tokens_per_sample(self, batch: dict) -> dict[str, int]:
+        if self.objective == "dmd":
+            return super().tokens_per_sample(batch)
+        # ODE: num_chunks × (one forward per pyramid level, each with the full history)
+        terms = {"noisy": 0, "history": 0}
+        for k in range(self.cfg.stage.ode.levels):
+            h, w = batch[f"ode_c0_s{k}_latents"].shape[-2:]
+            counts = token_counts(self.transformer, (h, w), self.cfg.stage.history)
+            terms["noisy"] += counts["noisy"] * self.cfg.stage.ode.num_chunks
+            terms["history"] += counts["history"] * self.cfg.stage.ode.num_chunks
+        return terms
 
     def _generator_loss(self, batch, x0, history, step, generator, logs):
         exits = self._exit_steps(x0, history, generator)

@@ -1,0 +1,148 @@
+"""ODE pairs for the Distilled stage's ODE-regression phase (spec §8.1, inference_data §1.6).
+
+    python -m data_prep.ode_pairs --teacher exports/mid --prompts prompts.txt --out data/ode \\
+        [--num-chunks 5 --height 384 --width 640 --guidance 5.0 --steps 20 20 20 --student-steps 2 2 2 \\
+         --per-shard 100 --seed 42 --shard-index 0 --num-shards-total 1]
+
+The teacher (a Mid export, a Mid training checkpoint or an official Helios-Mid folder) samples each
+prompt autoregressively over `--num-chunks` chunks (its own outputs as history) with diffusers'
+`HeliosPyramidPipeline`: [20, 20, 20] UniPC, classic CFG 5.0 with Wan's negative prompt (no
+CFG-Zero*), linear dynamic shift — the official ODE settings. Its scheduler is
+`helios_train.ode_pairs.TrajectoryRecorder`, which makes the trajectory pass exactly through the
+student's timesteps and records the states there plus each level's end state.
+
+Shard layout (no pickles; one sample per prompt, key `<prompts stem>_<line:05d>`):
+`prompt_embed.npy` float32 [L, D], `json` {caption, num_chunks, levels, teacher settings}, and per chunk
+c, level k: `c{c}_s{k}.latents.npy` float32 [n+1, C, 9, h_k, w_k], `c{c}_s{k}.timesteps.npy` [n].
+Train on them with `experiment=stage_3_ode data=ode_pairs data.shards=...`.
+
+Several machines: give each a `--shard-index i --num-shards-total N`; prompts are split by line
+(prompt j goes to machine j mod N), shard names carry the index so outputs never collide.
+Finished shards are skipped on re-run; a shard is written to `.tmp` and renamed when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_prep.encode_latents import _npy
+
+log = logging.getLogger(__name__)
+
+
+def load_teacher(teacher: str, device: str, dtype=torch.float32, student_steps=(2, 2, 2), mu_from: str = "level"):
+    """The Mid pipeline with the recording scheduler and plain CFG (ODE pairs use no CFG-Zero*)."""
+    from helios_train.infer import load_pipeline
+    from helios_train.ode_pairs import recording_scheduler
+
+    pipe, variant = load_pipeline(teacher, variant="mid", dtype=dtype, device=device)
+    pipe.register_to_config(is_cfg_zero_star=False, is_distilled=False)
+    pipe.scheduler = recording_scheduler(student_steps, amplify_first_chunk=True, mu_from=mu_from)
+    return pipe
+
+
+def record_prompt(pipe, prompt: str, negative: str, num_chunks: int, height: int, width: int, steps, guidance: float,
+                  seed: int, max_length: int = 512) -> tuple[torch.Tensor, list[list[dict]]]:
+    """(prompt embedding [L, D], per chunk per level {"latents" [n+1, C, 9, h, w], "timesteps" [n]})."""
+    from helios_train.model.text_codec import encode_prompts
+
+    device = pipe.transformer.device
+    embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, [prompt, negative], max_length, device)
+    pipe.scheduler.chunks = []
+    pipe(prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:], height=height, width=width,
+         num_frames=num_chunks * 33, guidance_scale=guidance, pyramid_num_inference_steps_list=list(steps),
+         use_zero_init=False, generator=torch.Generator().manual_seed(seed), output_type="latent")
+    chunks = pipe.scheduler.chunks
+    if len(chunks) != num_chunks:
+        raise RuntimeError(f"teacher produced {len(chunks)} chunks, expected {num_chunks}")
+    per_chunk = [[{"latents": lv["latents"][:, 0], "timesteps": lv["timesteps"]} for lv in levels] for levels in chunks]
+    return embeds[0].float().cpu(), per_chunk
+
+
+def sample_members(key: str, prompt: str, embed: torch.Tensor, chunks: list[list[dict]], settings: dict) -> dict:
+    sample = {"__key__": key, "prompt_embed.npy": _npy(embed.numpy().astype(np.float32)),
+              "json": json.dumps({"caption": prompt, "num_chunks": len(chunks), "levels": len(chunks[0]),
+                                  **settings}).encode()}
+    for c, levels in enumerate(chunks):
+        for k, level in enumerate(levels):
+            sample[f"c{c}_s{k}.latents.npy"] = _npy(level["latents"].numpy().astype(np.float32))
+            sample[f"c{c}_s{k}.timesteps.npy"] = _npy(level["timesteps"].numpy().astype(np.float32))
+    return sample
+
+
+def make_ode_pairs(teacher, prompts_file, out_dir, num_chunks=5, height=384, width=640, steps=(20, 20, 20),
+                   student_steps=(2, 2, 2), guidance=5.0, per_shard=100, seed=42, shard_index=0,
+                   num_shards_total=1, device="cpu", mu_from="level", max_length=512) -> dict:
+    import webdataset as wds
+    from helios_train.variants import NEGATIVE_PROMPT
+
+    prompts_file, out = Path(prompts_file), Path(out_dir)
+    if not prompts_file.is_file():
+        raise FileNotFoundError(f"--prompts: no such file {prompts_file}")
+    if height % 64 or width % 64:
+        raise ValueError(f"--height/--width {height}x{width}: must be multiples of 64 pixels (VAE ×8, pyramid ×4, patch ×2)")
+    if not 0 <= shard_index < num_shards_total:
+        raise ValueError(f"--shard-index {shard_index} not in [0, --num-shards-total={num_shards_total})")
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [p.strip() for p in prompts_file.read_text().splitlines()]
+    items = [(f"{prompts_file.stem}_{i:05d}", p) for i, p in enumerate(lines) if p][shard_index::num_shards_total]
+    groups = [items[i: i + per_shard] for i in range(0, len(items), per_shard)]
+    settings = {"teacher": str(teacher), "steps": list(steps), "student_steps": list(student_steps),
+                "guidance_scale": guidance, "height": height, "width": width, "seed": seed, "mu_from": mu_from}
+    summary = {"shards_written": 0, "shards_skipped_existing": 0, "samples": 0}
+    pipe = None
+    for g, group in enumerate(groups):
+        dst = out / f"ode-{shard_index:03d}-{g:06d}.tar"
+        if dst.is_file():
+            summary["shards_skipped_existing"] += 1
+            continue
+        pipe = pipe or load_teacher(teacher, device, student_steps=student_steps, mu_from=mu_from)
+        tmp = dst.with_suffix(".tar.tmp")
+        with wds.TarWriter(str(tmp)) as sink:
+            for key, prompt in group:
+                # Per-prompt seed from the line key: the same prompt gets the same trajectory on any machine.
+                prompt_seed = seed + int(key.rsplit("_", 1)[1])
+                embed, chunks = record_prompt(pipe, prompt, NEGATIVE_PROMPT, num_chunks, height, width, steps,
+                                              guidance, prompt_seed, max_length)
+                sink.write(sample_members(key, prompt, embed, chunks, {**settings, "seed": prompt_seed}))
+                summary["samples"] += 1
+        os.replace(tmp, dst)
+        summary["shards_written"] += 1
+    return summary
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", required=True, help="Mid export / checkpoint / official Helios-Mid folder")
+    ap.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--num-chunks", type=int, default=5, help="33-frame chunks per prompt (official 165 frames = 5)")
+    ap.add_argument("--height", type=int, default=384)
+    ap.add_argument("--width", type=int, default=640)
+    ap.add_argument("--steps", type=int, nargs=3, default=[20, 20, 20], help="teacher steps per pyramid level")
+    ap.add_argument("--student-steps", type=int, nargs=3, default=[2, 2, 2], help="distilled sampler steps per level")
+    ap.add_argument("--guidance", type=float, default=5.0)
+    ap.add_argument("--per-shard", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--shard-index", type=int, default=0)
+    ap.add_argument("--num-shards-total", type=int, default=1)
+    ap.add_argument("--mu-from", choices=["level", "previous"], default="level",
+                    help="linear shift μ from the level's tokens (official ODE code) or the previous level's (diffusers)")
+    ap.add_argument("--text-max-length", type=int, default=512)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args(argv)
+    summary = make_ode_pairs(a.teacher, a.prompts, a.out, a.num_chunks, a.height, a.width, a.steps, a.student_steps,
+                             a.guidance, a.per_shard, a.seed, a.shard_index, a.num_shards_total, a.device,
+                             a.mu_from, a.text_max_length)
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""ODE pairs: the Mid teacher's trajectories, recorded at the distilled sampler's timesteps (spec §8.1).
+
+The Distilled stage starts with an ODE-regression phase (§8.2): the student learns to jump from a
+state of the *teacher's* [20, 20, 20] CFG trajectory straight to the end of that pyramid level. For
+that the teacher must pass exactly through the student's timesteps (998.5/834.0, 742.8/547.2,
+385.4/254.0; four per level for the amplified first chunk). The official ODE pipeline inserts those
+timesteps into each level's schedule before shifting; we do the same with a scheduler subclass that
+diffusers' own `HeliosPyramidPipeline` drives — no second teacher sampler:
+
+- `set_timesteps` (called once per level per chunk) merges the student's σ's (from a
+  `HeliosDMDScheduler` with the same stage table and the same μ) into the teacher's 20 UniPC σ's.
+  Both are shifted with the same μ and the shift is monotone, so merging after the shift is the
+  same as inserting before it. UniPC handles the uneven step sizes.
+- `step` keeps the states x_t (the sampler input at each step) of the current level and, after the
+  level's last step, its end state; the states nearest the student's timesteps are kept, the rest
+  dropped (memory: a 14B level has 20+ states of 2.2 MB each).
+- μ: the pipeline computes the linear shift from the *previous* level's token count (inference_data
+  §4.4); the native ODE code uses the level being denoised, which is what gives the quoted
+  timesteps. `mu_from="level"` (default) corrects the pipeline's μ to the level's, `"previous"`
+  keeps the pipeline's.
+
+Recorded per chunk c and level k: `latents` [n+1, B, C, 9, h_k, w_k] (n states, then the level's end
+state) and `timesteps` [n] — the official `ode_latents` layout.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import HeliosDMDScheduler, HeliosScheduler
+
+from helios_train.rollout import calculate_mu
+
+# calculate_mu is linear in the token count: mu = m·seq + b
+_MU_SLOPE = calculate_mu(1) - calculate_mu(0)
+_MU_OFFSET = calculate_mu(0)
+PYRAMID = dict(stages=3, stage_range=[0, 1 / 3, 2 / 3, 1], gamma=1 / 3, use_dynamic_shifting=True,
+               time_shift_type="linear")
+
+
+class TrajectoryRecorder(HeliosScheduler):
+    """UniPC pyramid scheduler (the Mid teacher's) that passes through, and records, the student's timesteps."""
+
+    def configure(self, student_steps=(2, 2, 2), amplify_first_chunk: bool = True, mu_from: str = "level"):
+        if mu_from not in ("level", "previous"):
+            raise ValueError(f"mu_from={mu_from!r}: expected level | previous")
+        if len(student_steps) != self.config.stages:
+            raise ValueError(f"student_steps {list(student_steps)}: need one count per pyramid level "
+                             f"({self.config.stages})")
+        self.student = HeliosDMDScheduler(**PYRAMID)
+        self.student_steps = [int(n) for n in student_steps]
+        self.amplify_first_chunk = amplify_first_chunk
+        self.mu_from = mu_from
+        self.chunks: list[list[dict]] = []  # per chunk, per level: {"latents", "timesteps"}
+        self._level = None
+        return self
+
+    def _level_mu(self, mu: float, stage_index: int) -> float:
+        if self.mu_from == "previous" or stage_index == 0:
+            return mu
+        previous_tokens = (mu - _MU_OFFSET) / _MU_SLOPE
+        return calculate_mu(round(previous_tokens) * 4)  # ×2 in height and width
+
+    def set_timesteps(self, num_inference_steps, stage_index=None, device=None, sigmas=None, mu=None,
+                      is_amplify_first_chunk=False):
+        if stage_index == 0:
+            self.chunks.append([])
+        mu = self._level_mu(mu, stage_index)
+        super().set_timesteps(num_inference_steps, stage_index, device=device, sigmas=sigmas, mu=mu)
+        amplified = self.amplify_first_chunk and len(self.chunks) == 1
+        self.student.set_timesteps(self.student_steps[stage_index], stage_index, device=device, mu=mu,
+                                   is_amplify_first_chunk=amplified)
+        stage_t = self.timesteps_per_stage[stage_index]
+        if not torch.allclose(self.student.timesteps_per_stage[stage_index], stage_t):
+            raise RuntimeError("teacher and student pyramid tables differ; check the scheduler configs")
+        teacher = self.sigmas[:-1].double().cpu()
+        targets = self.student.sigmas[:-1].double().cpu()
+        extra = [s for s in targets if (teacher - s).abs().min() > 1e-6]
+        merged = torch.sort(torch.cat([teacher, torch.stack(extra)]) if extra else teacher, descending=True).values
+        lo, hi = stage_t.min().double(), stage_t.max().double()
+        self.sigmas = torch.cat([merged, torch.zeros(1, dtype=merged.dtype)]).float().to(device)
+        self.timesteps = (lo + merged * (hi - lo)).float().to(device)
+        self.num_inference_steps = len(merged)
+        self._level = {"targets": self.student.timesteps.float().cpu(), "states": [], "t": []}
+
+    def step(self, model_output, timestep=None, sample=None, generator=None, return_dict=True, **kwargs):
+        level = self._level
+        level["states"].append(sample.detach().float().cpu().clone())
+        level["t"].append(float(timestep))
+        out = super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        if self.step_index == len(self.timesteps):  # the level's last step: keep what the student needs
+            end = (out.prev_sample if return_dict else out[0]).detach().float().cpu()
+            recorded = torch.tensor(level["t"])
+            picks = [int((recorded - t).abs().argmin()) for t in level["targets"]]
+            self.chunks[-1].append({
+                "latents": torch.stack([level["states"][i] for i in picks] + [end]),
+                "timesteps": recorded[picks].clone(),
+            })
+            self._level = None
+        return out
+
+
+def recording_scheduler(student_steps=(2, 2, 2), amplify_first_chunk: bool = True,
+                        mu_from: str = "level") -> TrajectoryRecorder:
+    """The ODE teacher's scheduler (spec §8.1: UniPC, linear dynamic shift, official pyramid table)."""
+    return TrajectoryRecorder(scheduler_type="unipc", **PYRAMID).configure(student_steps, amplify_first_chunk,
+                                                                          mu_from)
+
+
+def sigma_of(timesteps: torch.Tensor, level: int, scheduler=None) -> torch.Tensor:
+    """σ on the shifted level-local table for a recorded timestep (inverse of t = t_min + σ·(t_max − t_min))."""
+    scheduler = scheduler or HeliosDMDScheduler(**PYRAMID)
+    stage_t = scheduler.timesteps_per_stage[level]
+    lo, hi = float(stage_t.min()), float(stage_t.max())
+    return (timesteps.double() - lo) / (hi - lo)
