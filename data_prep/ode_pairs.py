@@ -54,10 +54,13 @@ def record_prompt(pipe, prompt: str, negative: str, num_chunks: int, height: int
 
     device = pipe.transformer.device
     embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, [prompt, negative], max_length, device)
+    from helios_train.ode_pairs import skip_pixel_decode
+
     pipe.scheduler.chunks = []
-    pipe(prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:], height=height, width=width,
-         num_frames=num_chunks * 33, guidance_scale=guidance, pyramid_num_inference_steps_list=list(steps),
-         use_zero_init=False, generator=torch.Generator().manual_seed(seed), output_type="latent")
+    with skip_pixel_decode(pipe):
+        pipe(prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:], height=height, width=width,
+             num_frames=num_chunks * 33, guidance_scale=guidance, pyramid_num_inference_steps_list=list(steps),
+             use_zero_init=False, generator=torch.Generator().manual_seed(seed), output_type="latent")
     chunks = pipe.scheduler.chunks
     if len(chunks) != num_chunks:
         raise RuntimeError(f"teacher produced {len(chunks)} chunks, expected {num_chunks}")

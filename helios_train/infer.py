@@ -42,11 +42,14 @@ def load_pipeline(checkpoint, variant: str | None = None, dtype=torch.float32, d
     """(pipeline, variant) from a diffusers folder or a training checkpoint (adapters attached)."""
     path = Path(checkpoint)
     if (path / "model_index.json").is_file():
-        variant = variant or detect_variant(path)
-        from helios_train.variants import pipeline_class
+        saved = detect_variant(path)
+        variant = variant or saved
+        from helios_train.variants import pipeline_class, sample_as
 
         pipe = pipeline_class(variant).from_pretrained(path, dtype=dtype)
         use_float64_block_noise(pipe)
+        if variant != saved:  # e.g. --variant distilled on a Mid folder: the few-step sampler on Mid weights
+            sample_as(pipe, variant)
         return pipe.to(device), variant
     from diffusers import AutoencoderKLWan
     from transformers import AutoTokenizer, UMT5EncoderModel

@@ -36,7 +36,30 @@ PYRAMID = dict(stages=3, stage_range=[0, 1 / 3, 2 / 3, 1], gamma=1 / 3, use_dyna
                time_shift_type="linear")
 
 
-class TrajectoryRecorder(HeliosScheduler):
+class LevelMu:
+    """Correct the μ that HeliosPyramidPipeline passes to `set_timesteps` (computed from the previous
+    level's token count) to the level's own, as the native Helios code does."""
+
+    mu_from = "level"
+
+    def _level_mu(self, mu: float, stage_index: int) -> float:
+        if self.mu_from == "previous" or stage_index == 0:
+            return mu
+        previous_tokens = (mu - _MU_OFFSET) / _MU_SLOPE
+        return calculate_mu(round(previous_tokens) * 4)  # ×2 in height and width
+
+
+class LevelMuDMDScheduler(LevelMu, HeliosDMDScheduler):
+    """The distilled sampler's scheduler with the native per-level μ: the timesteps the ODE pairs and the
+    DMD rollout (helios_train/rollout.py, mu_from="level") train the student on."""
+
+    def set_timesteps(self, num_inference_steps, stage_index=None, device=None, sigmas=None, mu=None,
+                      is_amplify_first_chunk=False):
+        super().set_timesteps(num_inference_steps, stage_index, device=device, sigmas=sigmas,
+                              mu=self._level_mu(mu, stage_index), is_amplify_first_chunk=is_amplify_first_chunk)
+
+
+class TrajectoryRecorder(LevelMu, HeliosScheduler):
     """UniPC pyramid scheduler (the Mid teacher's) that passes through, and records, the student's timesteps."""
 
     def configure(self, student_steps=(2, 2, 2), amplify_first_chunk: bool = True, mu_from: str = "level"):
@@ -52,12 +75,6 @@ class TrajectoryRecorder(HeliosScheduler):
         self.chunks: list[list[dict]] = []  # per chunk, per level: {"latents", "timesteps"}
         self._level = None
         return self
-
-    def _level_mu(self, mu: float, stage_index: int) -> float:
-        if self.mu_from == "previous" or stage_index == 0:
-            return mu
-        previous_tokens = (mu - _MU_OFFSET) / _MU_SLOPE
-        return calculate_mu(round(previous_tokens) * 4)  # ×2 in height and width
 
     def set_timesteps(self, num_inference_steps, stage_index=None, device=None, sigmas=None, mu=None,
                       is_amplify_first_chunk=False):
@@ -111,3 +128,24 @@ def sigma_of(timesteps: torch.Tensor, level: int, scheduler=None) -> torch.Tenso
     stage_t = scheduler.timesteps_per_stage[level]
     lo, hi = float(stage_t.min()), float(stage_t.max())
     return (timesteps.double() - lo) / (hi - lo)
+
+
+class skip_pixel_decode:
+    """HeliosPyramidPipeline VAE-decodes every chunk even with output_type="latent"; latent-only users
+    (ODE capture, teacher-distance checks) never look at those pixels, and at toy size the decode
+    costs more than the 60 teacher steps. Inside this block `pipe.vae.decode` returns a 1-pixel
+    placeholder that the pipeline concatenates and discards."""
+
+    def __init__(self, pipe):
+        self.vae = pipe.vae
+
+    def __enter__(self):
+        def placeholder(z, return_dict=True):
+            video = z.new_zeros(z.shape[0], 3, 1, 1, 1)
+            return (video,) if not return_dict else type("Decoded", (), {"sample": video})()
+        self.vae.decode = placeholder
+        return self
+
+    def __exit__(self, *exc):
+        del self.vae.decode  # back to the class method
+        return False

@@ -1,85 +1,235 @@
-"""One-command toy pipeline check: each stage starts from the previous stage's export.
+"""One-command toy pipeline check: the whole Helios recipe, each stage starting from the previous one's export.
 
-    python -m helios_train.pipeline_check [--out checkpoints/_pipeline] [--steps 20] [--from-manifest M] [--skip base]
+    python -m helios_train.pipeline_check [--out checkpoints/_pipeline] [--steps 20] [--skip base ...]
+                                          [--from-manifest M] [--base-manifest B]
 
-Runs Base → export → Mid → export on the toy data, renders one mp4 per variant with diffusers'
-pipelines, and prints a summary table. Hand-off between stages is a small manifest
-(`<out>/<stage>/manifest.json`: export path, config hash, step, final loss) so a stage can be
-re-run or started from any manifest. The Distilled stages (ODE pairs, ODE regression, DMD) join
-this chain when they land; until then the check ends at Mid and says so.
+Chain (toy data, CPU, a few minutes):
+
+    base ──export──▶ mid ──export──▶ ode_pairs (Mid teacher, [20,20,20] CFG 5) ──▶ ode (stage_3_ode)
+      │                                                                            │ export
+      └──────────── real score (teacher + critic) ─────────────▶ distilled (DMD) ◀─┘
+
+Hand-off between stages is a small manifest (`<out>/<stage>/manifest.json`: export path, config hash,
+step, first/final loss, video) so any stage can be re-run or started from any manifest:
+`--skip base --skip mid --from-manifest <out>/mid/manifest.json` starts at ODE pairs. The DMD stage
+also needs the Base export (its teacher/critic): `--base-manifest`, default `<out>/base/manifest.json`.
+
+Ends with one mp4 per trained variant, a summary table, and the distillation check: the latent
+distance of the few-step student ([2, 2, 2], no guidance) to the Mid teacher's [20, 20, 20] CFG samples
+on fixed prompts and seeds — before distillation (the Mid weights with the few-step sampler), after
+the ODE phase and after DMD.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
+
+import torch
 
 from helios_train.tracking import read_metrics
 
-STAGES = ("base", "mid")
-NOT_YET = ("ode_pairs", "distilled")
+STAGES = ("base", "mid", "ode_pairs", "ode", "distilled")
+# The prompts of the ODE pairs and of the distance check (the toy videos' vocabulary).
+PROMPTS = ["a red circle moves left to right on a dark blue background",
+           "a green square moves up and down on a black background",
+           "a yellow circle grows on a gray background",
+           "a blue square moves diagonally on a white background"]
+VIDEO_PROMPT = PROMPTS[0]
+TEACHER_STEPS = [20, 20, 20]
+TEACHER_GUIDANCE = 5.0
+HEIGHT, WIDTH = 64, 128
 
 
-def run_stage(stage: str, out: Path, start_from: str | None, steps: int, toy_root: str) -> dict:
-    from helios_train.__main__ import CONF_DIR, run
-    from helios_train.export import export
-    from helios_train.infer import generate, load_pipeline
-    from helios_train.variants import DEFAULTS, SamplerSettings
-
+def _train(out: Path, stage_dir: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    overrides = [f"stage={stage}", f"output_root={out}", f"toy_root={toy_root}", f"run_name={stage}",
-                 f"trainer.max_steps={steps}", f"trainer.checkpoint_every={steps}", "validation.every=0",
-                 "trainer.optim.warmup_steps=0", "stage.trainables.lora.rank=8", "trainer.optim.lr=1e-3"]
-    if start_from:
-        overrides += [f"model.path={start_from}", "model.build_toy=false"]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    run(cfg)
-    exported = export(out / stage, out / f"{stage}_export")
-    pipe, variant = load_pipeline(exported)
-    settings = SamplerSettings(**DEFAULTS[variant].__dict__)
-    settings.num_inference_steps, settings.pyramid_steps = 4, [2, 2, 2]
-    frames = generate(pipe, variant, "a red circle moves left to right on a dark blue background", settings,
-                      66, 64, 128, seed=0)
-    from helios_train.infer import write_mp4
+    from helios_train.__main__ import CONF_DIR, run
 
-    video = out / f"{stage}.mp4"
-    write_mp4(frames, video)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"output_root={out}", f"run_name={stage_dir}",
+                                                       "validation.every=0", *overrides])
+    run(cfg)
+
+
+def _toy_overrides(steps: int, toy_root: str) -> list[str]:
+    return [f"toy_root={toy_root}", f"trainer.max_steps={steps}", f"trainer.checkpoint_every={steps}",
+            "trainer.optim.warmup_steps=0", "stage.trainables.lora.rank=8", "stage.trainables.lora.alpha=8",
+            "trainer.optim.lr=1e-3"]
+
+
+def _render(export: Path, variant: str, path: Path) -> int:
+    from helios_train.infer import generate, load_pipeline, write_mp4
+    from helios_train.variants import DEFAULTS, SamplerSettings
+
+    pipe, variant = load_pipeline(export, variant)
+    settings = SamplerSettings(**DEFAULTS[variant].__dict__)
+    if variant == "base":
+        settings.num_inference_steps = 4  # toy: the video proves the path, not the quality
+    elif variant == "mid":
+        settings.pyramid_steps = [2, 2, 2]
+    frames = generate(pipe, variant, VIDEO_PROMPT, settings, 66, HEIGHT, WIDTH, seed=0)
+    write_mp4(frames, path)
+    return int(frames.shape[0])
+
+
+def _losses(hist: list[dict]) -> dict[str, list[float]]:
+    """First and final value of every loss the stage logged ("loss"; DMD: "generator/loss", "critic/loss")."""
+    out = {}
+    for key in sorted({k for row in hist for k in row if k == "loss" or k.endswith("/loss")}):
+        values = [row[key] for row in hist if key in row]
+        out[key] = [values[0], values[-1]]
+    return out
+
+
+def _manifest(out: Path, stage: str, exported: Path, started_from: str | None, **extra) -> dict:
     hist = read_metrics(out / stage)
     export_manifest = json.loads((exported / "helios_export.json").read_text())
-    manifest = {"stage": stage, "export": str(exported), "config_hash": export_manifest["config_hash"],
-                "step": export_manifest["step"], "first_loss": hist[0]["loss"], "final_loss": hist[-1]["loss"],
-                "video": str(video), "frames": int(frames.shape[0]), "started_from": start_from}
-    (out / stage / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return manifest
+    m = {"stage": stage, "export": str(exported), "config_hash": export_manifest["config_hash"],
+         "step": export_manifest["step"], "losses": _losses(hist), "started_from": started_from, **extra}
+    variant = export_manifest["variant"]
+    video = out / f"{stage}.mp4"
+    m.update(video=str(video), frames=_render(exported, variant, video), variant=variant)
+    return m
+
+
+def run_stage(stage: str, out: Path, start_from: str | None, steps: int, toy_root: str,
+              manifests: dict[str, dict], ode_steps: int | None = None) -> dict:
+    from helios_train.export import export
+
+    model = [f"model.path={start_from}", "model.build_toy=false"] if start_from else []
+    if stage in ("base", "mid"):
+        _train(out, stage, [f"stage={stage}", *_toy_overrides(steps, toy_root), *model])
+        return _manifest(out, stage, export(out / stage, out / f"{stage}_export"), start_from)
+    if stage == "ode_pairs":
+        from data_prep.ode_pairs import make_ode_pairs
+
+        if not start_from:
+            raise ValueError("ode_pairs needs a Mid export: run mid first or give --from-manifest <mid manifest>")
+        prompts = out / "ode_pairs" / "prompts.txt"
+        prompts.parent.mkdir(parents=True, exist_ok=True)
+        prompts.write_text("\n".join(PROMPTS) + "\n")
+        summary = make_ode_pairs(start_from, prompts, out / "ode_pairs" / "shards", num_chunks=3, height=HEIGHT,
+                                 width=WIDTH, steps=TEACHER_STEPS, guidance=TEACHER_GUIDANCE, per_shard=len(PROMPTS))
+        # The ODE stage starts from the teacher's weights: the hand-off export is the Mid export.
+        return {"stage": stage, "export": start_from, "shards": str(out / "ode_pairs" / "shards"),
+                "samples": summary["samples"], "started_from": start_from, "step": 0}
+    if stage == "ode":
+        shards = manifests.get("ode_pairs", {}).get("shards") or str(out / "ode_pairs" / "shards")
+        _train(out, stage, ["experiment=stage_3_ode", "model=toy", "data=toy_ode", f"data.shards={shards}/ode-*.tar",
+                            "stage.ema.update_after_step=0", *_toy_overrides(ode_steps or steps, toy_root), *model])
+        return _manifest(out, stage, export(out / stage, out / f"{stage}_export"), start_from)
+    if stage == "distilled":
+        base = manifests.get("base")
+        if base is None:
+            raise ValueError("distilled needs the Base export as teacher/critic: run base or give --base-manifest")
+        _train(out, stage, ["stage=distilled", f"stage.dmd.real_score_path={base['export']}",
+                            "stage.dmd.critic_lora_rank=8", "stage.dmd.critic_lr=1e-4", "stage.ema.update_after_step=0",
+                            *_toy_overrides(steps, toy_root), "trainer.optim.lr=1e-4", *model])
+        return _manifest(out, stage, export(out / stage, out / f"{stage}_export"), start_from)
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+# Few-step schedules the distance is measured with: (steps per level, amplified first chunk).
+SCHEDULES = {"[1,1,1]": ([1, 1, 1], False), "[2,2,2]": ([2, 2, 2], False), "[2,2,2] amplified": ([2, 2, 2], True)}
+
+
+@torch.no_grad()
+def distance_to_teacher(teacher: str, students: dict[str, str], seeds=(100, 101)) -> dict[str, dict[str, float]]:
+    """RMS latent distance of each few-step student to the Mid teacher's [20,20,20] CFG samples, one chunk,
+    averaged over PROMPTS × seeds (seeds differ from the ODE pairs', so these are not training trajectories).
+
+    The teacher is exactly the ODE pairs' (classic CFG 5, linear shift, per-level μ) and the students
+    sample with the μ they were trained with (LevelMuDMDScheduler). Per schedule: [1,1,1] is one jump per
+    level from the level's start (what the ODE regression trains most directly); [2,2,2] is the later
+    chunks' schedule; "amplified" the first chunk's (4 steps per level). Returns {schedule: {student: d}}."""
+    from data_prep.ode_pairs import load_teacher
+    from helios_train.infer import load_pipeline
+    from helios_train.ode_pairs import LevelMuDMDScheduler, skip_pixel_decode
+    from helios_train.variants import NEGATIVE_PROMPT
+
+    def sample(pipe, prompt, seed, **kw):
+        with skip_pixel_decode(pipe):
+            out = pipe(prompt=prompt, negative_prompt=NEGATIVE_PROMPT, height=HEIGHT, width=WIDTH, num_frames=33,
+                       generator=torch.Generator().manual_seed(seed), output_type="latent", **kw)
+        return out.frames.float()
+
+    pipe = load_teacher(teacher, "cpu")
+    targets = {(p, s): sample(pipe, p, s, pyramid_num_inference_steps_list=TEACHER_STEPS,
+                              guidance_scale=TEACHER_GUIDANCE, use_zero_init=False)
+               for p in PROMPTS for s in seeds}
+    result: dict[str, dict[str, float]] = {name: {} for name in SCHEDULES}
+    for student, export in students.items():
+        pipe, _ = load_pipeline(export, "distilled")
+        pipe.scheduler = LevelMuDMDScheduler.from_config(pipe.scheduler.config)
+        for name, (steps, amplify) in SCHEDULES.items():
+            d = [torch.sqrt(torch.mean((sample(pipe, p, s, pyramid_num_inference_steps_list=steps, guidance_scale=1.0,
+                                               is_amplify_first_chunk=amplify) - target) ** 2))
+                 for (p, s), target in targets.items()]
+            result[name][student] = float(torch.stack(d).mean())
+    return result
 
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="checkpoints/_pipeline")
     ap.add_argument("--toy-root", default="checkpoints/_toy")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--skip", action="append", default=[], choices=STAGES, help="stages to skip")
+    ap.add_argument("--steps", type=int, default=20, help="training steps per stage")
+    ap.add_argument("--ode-steps", type=int, default=100,
+                    help="ODE-regression steps (cheap: one forward per level; the distance check needs ~100 on the toy)")
+    ap.add_argument("--skip", action="append", default=[], choices=STAGES, help="stages to skip (repeatable)")
     ap.add_argument("--from-manifest", help="start the first non-skipped stage from this manifest's export")
+    ap.add_argument("--base-manifest", help="Base manifest for the DMD teacher/critic (default <out>/base/manifest.json)")
+    ap.add_argument("--no-distance", action="store_true", help="skip the distance-to-teacher check")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     from data_prep.toy_data import ensure_toy_assets
 
     ensure_toy_assets(Path(a.toy_root))
+    manifests: dict[str, dict] = {}
+    for stage in STAGES:  # earlier runs' manifests in this --out (for stages skipped now)
+        path = out / stage / "manifest.json"
+        if path.is_file():
+            manifests[stage] = json.loads(path.read_text())
+    if a.base_manifest:
+        manifests["base"] = json.loads(Path(a.base_manifest).read_text())
     start = json.loads(Path(a.from_manifest).read_text())["export"] if a.from_manifest else None
+    if a.from_manifest:
+        given = json.loads(Path(a.from_manifest).read_text())
+        manifests[given["stage"]] = given
     done = []
     for stage in STAGES:
         if stage in a.skip:
             continue
-        manifest = run_stage(stage, out, start, a.steps, a.toy_root)
+        began = time.perf_counter()
+        manifest = run_stage(stage, out, start, a.steps, a.toy_root, manifests, a.ode_steps)
+        manifest["seconds"] = round(time.perf_counter() - began, 1)
+        (out / stage).mkdir(parents=True, exist_ok=True)
+        (out / stage / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        manifests[stage] = manifest
         start = manifest["export"]
         done.append(manifest)
-    print(f"\n{'stage':<8} {'steps':>5} {'loss first→final':>20} {'frames':>6}  video")
+
+    print(f"\n{'stage':<10} {'steps':>5} {'time s':>7}  {'loss first → final':<40} {'frames':>6}  video / output")
     for m in done:
-        print(f"{m['stage']:<8} {m['step']:>5} {m['first_loss']:>9.4f} → {m['final_loss']:<8.4f} {m['frames']:>6}  {m['video']}")
-    print(f"not yet in the chain (their stages have not landed): {', '.join(NOT_YET)}")
+        if "losses" in m:
+            losses = ", ".join(f"{k} {a:.4f} → {b:.4f}" for k, (a, b) in m["losses"].items())
+            print(f"{m['stage']:<10} {m['step']:>5} {m['seconds']:>7.1f}  {losses:<40} {m['frames']:>6}  {m['video']}")
+        else:
+            print(f"{m['stage']:<10} {'':>5} {m['seconds']:>7.1f}  {m['samples']} ODE-pair samples → {m['shards']}")
+    students = {k: manifests[s]["export"] for k, s in (("before (Mid weights)", "mid"), ("after ODE", "ode"),
+                                                      ("after DMD", "distilled")) if s in manifests}
+    if not a.no_distance and "mid" in manifests and len(students) > 1:
+        dist = distance_to_teacher(manifests["mid"]["export"], students)
+        print("\nfew-step student (no CFG) vs Mid teacher ([20,20,20], CFG 5): RMS latent distance, one chunk")
+        print(f"  {'student':<22}" + "".join(f"{name:>20}" for name in dist))
+        for student in students:
+            print(f"  {student:<22}" + "".join(f"{dist[name][student]:>20.4f}" for name in dist))
+        (out / "distance_to_teacher.json").write_text(json.dumps(dist, indent=2))
+        for m in done:
+            m["distance_to_teacher"] = dist
     return done
 
 

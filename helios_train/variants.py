@@ -83,6 +83,17 @@ def build_pipeline(variant: str, transformer, vae, text_encoder, tokenizer, cfg_
     return pipe
 
 
+def sample_as(pipe, variant: str):
+    """Reconfigure a pyramid pipeline to sample as `variant` (scheduler + pipeline flags), e.g. a Mid
+    export with the distilled few-step sampler — the student before distillation."""
+    check_variant(variant)
+    if variant == "base" or not hasattr(pipe, "sample_block_noise"):
+        raise ValueError(f"only HeliosPyramidPipeline can switch between mid and distilled, not to {variant!r}")
+    pipe.scheduler = make_scheduler(variant)
+    pipe.register_to_config(is_distilled=(variant == "distilled"), is_cfg_zero_star=DEFAULTS[variant].cfg_zero_star)
+    return pipe
+
+
 def use_float64_block_noise(pipe) -> None:
     """Route diffusers' pyramid block noise through our float64 Cholesky (helios_train/pyramid.py).
 

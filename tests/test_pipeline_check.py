@@ -1,4 +1,4 @@
-"""The toy pipeline check chains stages through exports and manifests."""
+"""The toy pipeline check chains Base → Mid → ODE pairs → ODE → DMD through exports and manifests."""
 from __future__ import annotations
 
 import json
@@ -7,17 +7,28 @@ import pytest
 
 
 @pytest.mark.slow
-def test_toy_pipeline_base_to_mid(toy_root, tmp_path):
+def test_toy_pipeline_whole_recipe(toy_root, tmp_path):
     from helios_train.pipeline_check import main
 
-    done = main(["--out", str(tmp_path), "--toy-root", str(toy_root), "--steps", "6"])
-    assert [m["stage"] for m in done] == ["base", "mid"]
-    base, mid = done
-    assert mid["started_from"] == base["export"]
-    assert all(m["frames"] == 65 for m in done)
-    manifest = json.loads((tmp_path / "mid/manifest.json").read_text())
-    assert manifest["step"] == 6 and len(manifest["config_hash"]) == 16
-    # Restart the chain at Mid from the Base manifest.
-    again = main(["--out", str(tmp_path / "again"), "--toy-root", str(toy_root), "--steps", "2", "--skip", "base",
-                  "--from-manifest", str(tmp_path / "base/manifest.json")])
-    assert [m["stage"] for m in again] == ["mid"] and again[0]["started_from"] == base["export"]
+    done = main(["--out", str(tmp_path), "--toy-root", str(toy_root), "--steps", "6", "--ode-steps", "60"])
+    assert [m["stage"] for m in done] == ["base", "mid", "ode_pairs", "ode", "distilled"]
+    base, mid, pairs, ode, dmd = done
+    assert mid["started_from"] == base["export"] and pairs["started_from"] == mid["export"]
+    assert ode["started_from"] == mid["export"] and dmd["started_from"] == ode["export"]
+    assert pairs["samples"] == 4 and list((tmp_path / "ode_pairs/shards").glob("ode-*.tar"))
+    assert [m["variant"] for m in (base, mid, ode, dmd)] == ["base", "mid", "distilled", "distilled"]
+    assert all(m["frames"] == 65 for m in (base, mid, ode, dmd))
+    assert set(dmd["losses"]) == {"generator/loss", "critic/loss"} and ode["step"] == 60
+    manifest = json.loads((tmp_path / "ode/manifest.json").read_text())
+    assert len(manifest["config_hash"]) == 16
+    # Distillation moves the one-jump-per-level student towards the teacher's samples (held-out seeds).
+    dist = json.loads((tmp_path / "distance_to_teacher.json").read_text())
+    for schedule in ("[1,1,1]", "[2,2,2]"):
+        assert dist[schedule]["after ODE"] < dist[schedule]["before (Mid weights)"], dist
+
+    # Restart at the DMD stage from the ODE manifest (teacher/critic from the Base manifest).
+    again = main(["--out", str(tmp_path / "again"), "--toy-root", str(toy_root), "--steps", "2",
+                  "--skip", "base", "--skip", "mid", "--skip", "ode_pairs", "--skip", "ode", "--no-distance",
+                  "--from-manifest", str(tmp_path / "ode/manifest.json"),
+                  "--base-manifest", str(tmp_path / "base/manifest.json")])
+    assert [m["stage"] for m in again] == ["distilled"] and again[0]["started_from"] == ode["export"]
