@@ -16,6 +16,7 @@ from omegaconf import MISSING
 from helios_train.anti_drift import AntiDriftConfig
 from helios_train.dmd import DMDConfig
 from helios_train.ema import EMAConfig
+from helios_train.gan import GanConfig
 from helios_train.ode_regression import OdeConfig
 from helios_train.guidance import GuidanceConfig
 from helios_train.history import HistoryConfig
@@ -115,6 +116,7 @@ class StageConfig:
     objective: str = "dmd"
     ode: OdeConfig = field(default_factory=OdeConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)
+    gan: GanConfig = field(default_factory=GanConfig)  # hierarchical GAN on the critic (stage_3_post_gan_version)
     ema: EMAConfig = field(default_factory=EMAConfig)  # EMA of the generator's trainables (stage 3)
 
 

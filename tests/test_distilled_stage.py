@@ -91,6 +91,50 @@ def test_update_ratio_and_exact_resume_mid_cycle(toy_root, base_export, tmp_path
     assert not torch.equal(w_ema, w_live)  # the EMA export fused the averaged LoRA, not the live one
 
 
+GAN = ["stage.gan.enabled=true", "stage.gan.start_step=2", "stage.gan.head_width=32", "stage.gan.groups=8"]
+
+
+@pytest.mark.slow
+def test_gan_only_from_start_step_runs_past_it_and_resumes_exactly(toy_root, base_export, tmp_path):
+    """The official gan-version config crashes when its GAN starts (spec §12.3); ours runs past it.
+    Before start_step nothing GAN-related runs and the heads do not move; from it the critic adds
+    L_D + R1, generator steps add L_G; 3 + 3 resumed steps equal 6 straight (heads and critic state)."""
+    from safetensors.torch import load_file
+
+    common = dmd_overrides(toy_root, base_export)[1:] + GAN + ["trainer.checkpoint_every=2"]
+    train(toy_root, tmp_path, common + ["trainer.max_steps=6", "stage.dmd.update_ratio=3", "run_name=straight"])
+    train(toy_root, tmp_path, common + ["trainer.max_steps=3", "stage.dmd.update_ratio=3", "run_name=split"])
+    train(toy_root, tmp_path, common + ["trainer.max_steps=6", "stage.dmd.update_ratio=3", "run_name=split"])
+    hist = read_metrics(tmp_path / "straight")
+    assert [m["critic/gan/active"] for m in hist] == [0, 0, 1, 1, 1, 1]  # step index 2 = logged step 3
+    assert [m["step"] for m in hist if "critic/gan/d_loss" in m] == [3, 4, 5, 6]
+    assert [m["step"] for m in hist if "generator/gan/g_loss" in m] == [4]  # generator steps: 1, 4 (ratio 3)
+    assert all(np.isfinite(m["critic/loss"]) and m["critic/gan/r1"] >= 0 for m in hist if "critic/gan/r1" in m)
+    heads = lambda step: {k: v for k, v in load_file(str(tmp_path / f"straight/checkpoint-{step}/critic.trainable.safetensors")).items()
+                          if k.startswith("gan_heads.")}  # noqa: E731
+    h2, h4 = heads(2), heads(4)
+    assert h2 and any(not torch.equal(h2[k], h4[k]) for k in h2)  # trained once active
+    split = read_metrics(tmp_path / "split")
+    for key in ("critic/loss", "critic/gan/d_loss", "generator/gan/g_loss"):
+        a = [m[key] for m in hist if key in m]
+        b = [m[key] for m in split if key in m]
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-7), key
+    sa = load_file(str(tmp_path / "straight/checkpoint-6/critic.trainable.safetensors"))
+    sb = load_file(str(tmp_path / "split/checkpoint-6/critic.trainable.safetensors"))
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=1e-6)
+
+
+def test_gan_heads_are_untouched_before_start(toy_root, base_export):
+    from helios_train.stages.distilled import DistilledStage
+
+    stage = DistilledStage(compose(dmd_overrides(toy_root, base_export) + GAN), torch.device("cpu"))
+    names = [n for n, p in stage.critic.named_parameters() if p.requires_grad]
+    assert any(n.startswith("gan_heads.") for n in names) and any("lora" in n for n in names)
+    assert not any("lora" in n for n in names if n.startswith("gan_heads."))  # heads are plain, not LoRA-wrapped
+    assert stage.role_specs()["critic"].multi_forward  # two forwards with grad per critic loss
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["deepspeed_zero2", "ddp"])
 def test_dmd_runs_on_two_processes(toy_root, base_export, tmp_path, launcher):
@@ -99,11 +143,13 @@ def test_dmd_runs_on_two_processes(toy_root, base_export, tmp_path, launcher):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     cmd = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "helios_train", f"launcher={launcher}",
            f"output_root={tmp_path}", "validation.every=0", "trainer.max_steps=6", "trainer.checkpoint_every=3",
-           "run_name=dmdds", *dmd_overrides(toy_root, base_export)]
+           "run_name=dmdds", *dmd_overrides(toy_root, base_export), *GAN]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     hist = read_metrics(tmp_path / "dmdds")
     assert [m["step"] for m in hist if "generator/loss" in m] == [1, 6]
+    assert [m["step"] for m in hist if "critic/gan/d_loss" in m] == [3, 4, 5, 6]  # GAN heads under this backend too
+    assert [m["step"] for m in hist if "generator/gan/g_loss" in m] == [6]
     ckpt = tmp_path / "dmdds/checkpoint-6"
     for role in ("generator", "critic"):
         assert (ckpt / f"{role}.trainable.safetensors").is_file()

@@ -13,6 +13,11 @@ Phases: every step the critic takes a flow-matching step on generator samples; o
 step % update_ratio == 0 the generator's DMD step runs first (5:1 critic:generator). History is the
 real, corrupted ground-truth history of the batch (task dropout + anti-drift incl. saturation).
 
+Hierarchical GAN (`stage.gan`, official stage_3_post_gan_version, helios_train/gan.py): discriminator
+heads on the critic's noisy-token hidden states (blocks scaled from 5/15/25/35 of 40) + its output;
+from `stage.gan.start_step` the critic adds L_D + approximate R1 on [fake, real, real + σ·N] and the
+generator adds L_G (only ∂L_G/∂x flows back, the critic keeps no graph).
+
 EMA of the generator's trainables (`stage.ema`, official decay 0.99 from step 750) is kept with the
 checkpoints (`generator.ema.safetensors`); `python -m helios_train.export --ema` exports it.
 """
@@ -23,6 +28,8 @@ from omegaconf import OmegaConf
 
 from helios_train.dmd import critic_flow_loss, dmd_gradient, dmd_loss, sample_critic_t, sample_generator_t
 from helios_train.ema import EMA
+from helios_train.gan import (approximate_r1, attach_gan_heads, critic_gan_logits, discriminator_gan_loss, gan_active,
+                              generator_gan_loss, input_gradient_loss, perturb, random_spatial_crop)
 from helios_train.history import model_inputs, token_counts
 from helios_train.model.loading import load_text_stack, load_transformer
 from helios_train.model.text_codec import encode_prompts
@@ -57,6 +64,11 @@ class DistilledStage(BaseStage):
         critic_policy = OmegaConf.merge(cfg.stage.trainables, {"lora": {"rank": d.critic_lora_rank},
                                                                 "patch_embedding": "frozen", "memory_patches": "frozen"})
         apply_trainable_policy(self.critic, critic_policy)
+        if cfg.stage.gan.enabled:
+            # After the trainable policy (which freezes everything and LoRA-wraps every Linear) and
+            # before the optimizer: the heads are plain trainable modules of the critic, so its
+            # optimizer, DDP/DeepSpeed engine and checkpoint pick them up by name from step 0.
+            attach_gan_heads(self.critic, cfg.stage.gan)
         self.critic.to(device)
         tok, enc = load_text_stack(cfg.model, device)  # the negative prompt for the teacher's guidance
         self.negative = encode_prompts(tok, enc, [NEGATIVE_PROMPT], cfg.model.text_max_length, device)
@@ -88,7 +100,9 @@ class DistilledStage(BaseStage):
         generator = RoleSpec(self.transformer, o, multi_forward=True)  # several forwards per loss
         if self.objective == "ode":
             return {"generator": generator}
-        return {"generator": generator, "critic": RoleSpec(self.critic, critic_optim)}
+        # With the GAN the critic loss runs two forwards with grad (denoising, then the GAN batch).
+        critic = RoleSpec(self.critic, critic_optim, multi_forward=self.cfg.stage.gan.enabled)
+        return {"generator": generator, "critic": critic}
 
     def phases(self, step: int) -> list[str]:
         if self.objective == "ode":
@@ -126,7 +140,7 @@ class DistilledStage(BaseStage):
             return self._ode_loss(batch, generator)
         x0, history, logs = self.condition(batch, generator)
         return self._generator_loss(batch, x0, history, step, generator, logs) if role == "generator" \
-            else self._critic_loss(batch, x0, history, generator, logs)
+            else self._critic_loss(batch, x0, history, step, generator, logs)
 
     def _ode_loss(self, batch, generator):
         model, embeds = self.roles["generator"].model, batch["prompt_embeds"].to(self.device)
@@ -168,9 +182,57 @@ class DistilledStage(BaseStage):
             grad = dmd_gradient(x0_gen.detach(), fake, real)
         logs.update({"dmd_gradient_norm": float(grad.abs().mean()), "t_mean": float(t.mean()),
                      "exit_steps": float(sum(exits))})
-        return dmd_loss(x0_gen, grad), logs
+        loss = dmd_loss(x0_gen, grad)
+        if gan_active(self.cfg.stage.gan, step):
+            loss = loss + self._gan_generator_loss(batch, x0_gen, x0, history, t, s, generator, logs)
+        return loss, logs
 
-    def _critic_loss(self, batch, x0, history, generator, logs):
+    # -- hierarchical GAN (spec §8.6–8.7; stage.gan, from stage.gan.start_step) ---------------------
+    def _gan_call(self, model, x0, history, embeds, t, copies: int):
+        """call(x) → one critic forward on x with the history/prompt/t repeated for `copies` stacked inputs."""
+        rep = lambda z: None if z is None else z.repeat(copies, *([1] * (z.dim() - 1)))  # noqa: E731
+
+        def call(x):
+            with self.autocast():
+                inputs = model_inputs(x, rep(x0), rep(history), rep(t), rep(embeds), self.cfg.stage.history)
+                return model(**inputs, return_dict=False)
+        return call
+
+    def _gan_crop(self, tensors, generator):
+        """One random spatial box (a multiple of the patch) for every tensor; None (no x0 anchor) passes through."""
+        patch = self.critic.config.patch_size[1]
+        present = [x for x in tensors if x is not None]
+        cropped = iter(random_spatial_crop(present, self.cfg.stage.gan.crop_fraction, generator, multiple=patch))
+        return [None if x is None else next(cropped) for x in tensors]
+
+    def _gan_generator_loss(self, batch, x0_gen, x0, history, t, s, generator, logs):
+        """L_G: the generator's sample re-noised at the same t with fresh noise, cropped, scored by the critic
+        (adapters on). Only ∂L_G/∂x reaches the generator; the critic's parameters get no gradient."""
+        g = self.cfg.stage.gan
+        eps = torch.randn(x0_gen.shape, generator=generator).to(self.device)
+        x_gan = (1 - s) * x0_gen + s * eps
+        x_gan, hist_c, x0_c = self._gan_crop([x_gan, history, x0], generator)
+        call = self._gan_call(self.critic, x0_c, hist_c, batch["prompt_embeds"], t, 1)
+        loss = input_gradient_loss(lambda z: generator_gan_loss(critic_gan_logits(self.critic, None, call, z), g), x_gan)
+        logs["gan/g_loss"] = float(loss)
+        return loss
+
+    def _gan_discriminator_loss(self, batch, x_t, x0, history, t, s, eps, generator, logs):
+        """L_D + approximate R1 on one batched critic forward of [fake, real, real + σ_R1·N] (same t, noise, crop).
+        Real = the batch's ground-truth chunk noised like the fake (official: with the critic section's history)."""
+        g = self.cfg.stage.gan
+        real_t = (1 - s) * batch["target"].to(self.device) + s * eps
+        fake_c, real_c, hist_c, x0_c = self._gan_crop([x_t, real_t, history, x0], generator)
+        perturbed = perturb(real_c, g.r1_sigma, generator)
+        call = self._gan_call(self.roles["critic"].model, x0_c, hist_c, batch["prompt_embeds"], t, 3)
+        logits = critic_gan_logits(self.critic, None, call, torch.cat([fake_c, real_c, perturbed]))
+        lf, lr, lp = logits.chunk(3)
+        d_loss, r1 = discriminator_gan_loss(lf, lr, g), approximate_r1(lr, lp, g)
+        logs.update({"gan/d_loss": float(d_loss.detach()), "gan/r1": float(r1.detach()),
+                     "gan/logit_fake": float(lf.mean()), "gan/logit_real": float(lr.mean())})
+        return d_loss + r1
+
+    def _critic_loss(self, batch, x0, history, step, generator, logs):
         with torch.no_grad():
             x0_gen = self._rollout(batch, x0, history, generator, None).x0
         b = x0_gen.shape[0]
@@ -179,4 +241,9 @@ class DistilledStage(BaseStage):
         eps = torch.randn(x0_gen.shape, generator=generator).to(self.device)
         x_t = (1 - s) * x0_gen + s * eps
         v = self._velocity(self.roles["critic"].model, x0, history, batch["prompt_embeds"])(x_t, t)
-        return critic_flow_loss(v, eps, x0_gen), logs
+        loss = critic_flow_loss(v, eps, x0_gen)
+        logs["gan/active"] = float(gan_active(self.cfg.stage.gan, step))
+        if gan_active(self.cfg.stage.gan, step):
+            # One critic step for denoise + GAN + R1 (gradients summed). Official DeepSpeed runs stepped twice.
+            loss = loss + self._gan_discriminator_loss(batch, x_t, x0, history, t, s, eps, generator, logs)
+        return loss, logs

@@ -1,0 +1,371 @@
+"""Hierarchical GAN discriminator of the Distilled-stage critic (spec §8.6–8.7, §11 `3_post_gan`).
+
+The critic (real-score base + critic LoRA) doubles as the discriminator's feature extractor: in
+"gan mode" small 3D conv heads read the hidden states of the *noisy* tokens after a few transformer
+blocks (official: blocks 5, 15, 25, 35 of 40) plus the model's final output, and each head gives one
+logit. Only the heads and the critic LoRA learn from the discriminator loss.
+
+Sign convention (the official one, spec §8.7): **logit = "fakeness"**.
+- discriminator: L_D = d_weight · [mean softplus(−logit_fake) + mean softplus(logit_real)]
+  → minimising pushes logit_fake → +∞ and logit_real → −∞;
+- generator:     L_G = g_weight · mean softplus(logit_fake)
+  → minimising pushes the generator's logits → −∞, i.e. to the "real" side (non-saturating form of
+  the same game: −log σ(−logit) = −log P(real));
+- approximate R1: r1_weight · MSE(logit(x_real), logit(x_real + σ·ε)) (a finite-difference penalty on
+  the discriminator's slope around real data).
+
+Noisy-token layout in diffusers' ``HeliosTransformer3DModel.forward`` (diffusers 0.42): the noisy chunk
+is patch-embedded and flattened first (``hidden_states.flatten(2).transpose(1, 2)``, so token order is
+t-major, then h, then w), then each history term is *prepended*
+(``torch.cat([latents_history_short, hidden_states], dim=1)``, then mid, then long), giving
+``[long | mid | short | noisy]``; every block gets ``original_context_length`` = the noisy token count,
+and ``HeliosOutputNorm`` keeps ``hidden_states[:, -original_context_length:]``. So the noisy tokens are
+the *last* ``original_context_length`` tokens of every block's output, on the grid of the
+``patch_embedding`` output [B, D, T', h', w'].
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class GanConfig:
+    """`stage.dmd.gan` (official keys: is_use_gan, gan_start_step, gan_hooks, gan_*_weight, aprox_r1…)."""
+
+    enabled: bool = False
+    start_step: int = 1000  # no GAN forward/loss at all before this generator/critic step
+    blocks: list[int] = field(default_factory=lambda: [5, 15, 25, 35])  # 0-indexed, at reference_depth
+    reference_depth: int = 40  # depth `blocks` are written for; rescaled to the real depth
+    head_width: int = 768  # gan_cond_map_dim
+    g_weight: float = 0.05
+    d_weight: float = 0.01
+    r1_weight: float = 100.0
+    r1_sigma: float = 0.1
+    crop_fraction: float = 0.5  # 48×80 latents → 24×40
+    groups: int = 32  # GroupNorm groups in every head layer; head_width must be a multiple
+
+
+def gan_active(cfg: GanConfig, step: int) -> bool:
+    return bool(cfg.enabled) and step >= int(cfg.start_step)
+
+
+def scaled_blocks(blocks: list[int], num_layers: int, reference_depth: int = 40) -> list[int]:
+    """Block indices written for a `reference_depth`-deep model, mapped to a `num_layers`-deep one.
+
+    Rule: keep each block's *relative depth*, measured at block centres:
+        i = round((b + ½)·num_layers / reference_depth − ½), clipped to [0, num_layers − 1]
+    (identity when num_layers == reference_depth; 4 layers → [0, 1, 2, 3] for [5, 15, 25, 35]).
+    Collisions are pushed to the next free index (and back from the end), so the number of taps is
+    kept whenever num_layers allows; with num_layers ≤ len(blocks) every block is tapped.
+    """
+    n, ref = int(num_layers), int(reference_depth)
+    wanted = sorted(set(int(b) for b in blocks))
+    if n < 1 or ref < 1:
+        raise ValueError(f"num_layers={n} and reference_depth={ref} must be positive")
+    if any(b < 0 or b >= ref for b in wanted):
+        raise ValueError(f"GAN blocks {list(blocks)} must lie in [0, {ref - 1}] (reference_depth {ref})")
+    if len(wanted) >= n:
+        return list(range(n))
+    # math.floor(x + 0.5): half-up rounding, not Python's banker's rounding.
+    idx = [min(n - 1, max(0, math.floor((b + 0.5) * n / ref))) for b in wanted]
+    for k in range(1, len(idx)):  # strictly increasing …
+        idx[k] = max(idx[k], idx[k - 1] + 1)
+    for k in range(len(idx) - 1, -1, -1):  # … and within range (enough room since len < n)
+        idx[k] = min(idx[k], n - len(idx) + k)
+    return idx
+
+
+class _SafeConv3d(nn.Conv3d):
+    """Conv3d that zero-pads (at the end) any dim too small for its kernel, so no output dim is 0.
+
+    At real sizes it is a plain conv with the usual (k−1)//2 padding; only tiny inputs (a 2×4-token
+    crop of the toy model, T reduced to 1 by the strided layers) take the extra padding.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        short = [max(0, k - (d + 2 * p)) for d, k, p in zip(x.shape[2:], self.kernel_size, self.padding)]
+        if any(short):
+            x = F.pad(x, (0, short[2], 0, short[1], 0, short[0]))
+        return super().forward(x)
+
+
+class Discriminator3DHead(nn.Module):
+    """[B, C, T, H, W] → one logit per sample [B] (spec §8.7 layer list).
+
+    Conv k3 (→ width) → Conv k4 s2 → Conv k4 s2 → Conv k3 s(2,1,1) → Conv k3 s(2,1,1) → Conv k(1,3,3),
+    each + GroupNorm + SiLU; global average pool; Linear(width → 1).
+    """
+
+    LAYERS = (  # (kernel, stride)
+        ((3, 3, 3), (1, 1, 1)),
+        ((4, 4, 4), (2, 2, 2)),
+        ((4, 4, 4), (2, 2, 2)),
+        ((3, 3, 3), (2, 1, 1)),
+        ((3, 3, 3), (2, 1, 1)),
+        ((1, 3, 3), (1, 1, 1)),
+    )
+
+    def __init__(self, in_channels: int, width: int = 768, groups: int = 32):
+        super().__init__()
+        if width % groups:
+            raise ValueError(f"GAN head_width={width} must be a multiple of groups={groups} (GroupNorm)")
+        layers: list[nn.Module] = []
+        c = in_channels
+        for kernel, stride in self.LAYERS:
+            pad = tuple((k - 1) // 2 for k in kernel)
+            layers += [_SafeConv3d(c, width, kernel, stride, pad), nn.GroupNorm(groups, width), nn.SiLU()]
+            c = width
+        self.convs = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool3d(1)
+        self.linear = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.linear.weight.dtype)  # features may be bf16; the heads stay fp32
+        return self.linear(self.pool(self.convs(x)).flatten(1)).squeeze(1)
+
+
+class DiscriminatorHeads(nn.Module):
+    """One head per tapped block (inner_dim channels, post-patch grid) + one on the final output.
+
+    forward → logits [B, len(block_indices) + 1], hook heads in block order, then the final head.
+    """
+
+    def __init__(self, num_layers: int, inner_dim: int, out_channels: int, cfg: GanConfig):
+        super().__init__()
+        self.block_indices = scaled_blocks(list(cfg.blocks), num_layers, cfg.reference_depth)
+        width, groups = int(cfg.head_width), int(cfg.groups)
+        self.block_heads = nn.ModuleList(Discriminator3DHead(inner_dim, width, groups) for _ in self.block_indices)
+        self.final_head = Discriminator3DHead(out_channels, width, groups)
+
+    @classmethod
+    def for_transformer(cls, transformer: nn.Module, cfg: GanConfig) -> "DiscriminatorHeads":
+        c = transformer.config
+        return cls(c.num_layers, c.num_attention_heads * c.attention_head_dim, c.out_channels or c.in_channels, cfg)
+
+    def forward(self, block_features: list[torch.Tensor], final_output: torch.Tensor) -> torch.Tensor:
+        if len(block_features) != len(self.block_heads):
+            raise ValueError(f"got {len(block_features)} block features for {len(self.block_heads)} heads")
+        logits = [head(f) for head, f in zip(self.block_heads, block_features)]
+        logits.append(self.final_head(final_output))
+        return torch.stack(logits, dim=1)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformer inside a DDP / DeepSpeed-engine wrapper (both keep it as `.module`)."""
+    # A registered submodule named "module" (not attribute lookup: DeepSpeedEngine forwards unknown
+    # attributes such as `blocks` to the wrapped model).
+    while isinstance(model._modules.get("module"), nn.Module):
+        model = model._modules["module"]
+    return model
+
+
+def attach_gan_heads(transformer: nn.Module, cfg: GanConfig) -> DiscriminatorHeads:
+    """Create the heads (fp32, trainable) and register them as `transformer.gan_heads`.
+
+    Being a submodule, they are part of the critic's `parameters()` / `named_parameters()` — the
+    optimizer, DDP/DeepSpeed and the by-name checkpoint of trainables pick them up — and they move
+    with `.to(device)`. The stock forward never calls them, so the normal velocity is unchanged.
+    Call AFTER the critic's LoRA is added (`apply_trainable_policy`): that policy freezes the whole
+    module and LoRA-wraps every Linear it finds, which must not include the heads. Plain Conv/Linear
+    modules are not PEFT tuner layers, so `disable_adapters()` (the teacher pass) leaves them alone.
+    """
+    model = unwrap(transformer)
+    if hasattr(model, "gan_heads"):
+        raise ValueError("the transformer already has gan_heads")
+    ref = next(model.parameters())
+    heads = DiscriminatorHeads.for_transformer(model, cfg).to(device=ref.device, dtype=torch.float32)
+    heads.requires_grad_(True)
+    model.add_module("gan_heads", heads)
+    return heads
+
+
+def noisy_tokens_to_grid(tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Block output [B, L, D] → its last T'·h'·w' (noisy) tokens as [B, D, T', h', w']."""
+    t, h, w = grid
+    n = t * h * w
+    return tokens[:, -n:].unflatten(1, (t, h, w)).permute(0, 4, 1, 2, 3)
+
+
+class NoisyHiddenStateTap:
+    """Collects the noisy-token hidden states after chosen blocks during one transformer forward.
+
+    Why pre-hooks on the *consumer* of block i (block i+1, or `norm_out` after the last block) rather
+    than a forward hook on block i: the consumer receives exactly the tensor the forward loop holds,
+    i.e. the output of gradient checkpointing, which carries autograd history with either checkpoint
+    flavour (inside a reentrant checkpoint a block's own output has none). The noisy grid comes from a
+    forward hook on `patch_embedding` (its output is [B, D, T', h', w']), so nothing is hard-coded.
+    The first capture of a forward wins: recomputation of checkpointed blocks during a backward that
+    runs while the tap is still open does not overwrite it.
+    """
+
+    def __init__(self, transformer: nn.Module, block_indices: list[int]):
+        self.model = unwrap(transformer)
+        self.block_indices = list(block_indices)
+        n = len(self.model.blocks)
+        if any(i < 0 or i >= n for i in self.block_indices):
+            raise ValueError(f"tap blocks {self.block_indices} outside [0, {n - 1}]")
+        self.forwards = 0
+        self.grid: tuple[int, int, int] | None = None
+        self._captured: dict[int, torch.Tensor] = {}
+        self._handles: list = []
+
+    def _on_patch(self, module, args, output):
+        self.forwards += 1  # patch_embedding runs once per transformer forward, never in a recompute
+        self.grid = tuple(int(s) for s in output.shape[2:])
+        self._captured = {}
+
+    def _consumer_hook(self, index: int, context_arg: int):
+        def hook(module, args, kwargs):
+            if index in self._captured or self.grid is None:
+                return
+            hidden = args[0] if args else kwargs["hidden_states"]
+            context = args[context_arg] if len(args) > context_arg else kwargs.get("original_context_length")
+            t, h, w = self.grid
+            if context is not None and int(context) != t * h * w:
+                raise RuntimeError(f"noisy token count {int(context)} != patch grid {self.grid}")
+            self._captured[index] = noisy_tokens_to_grid(hidden, self.grid)
+        return hook
+
+    def __enter__(self) -> "NoisyHiddenStateTap":
+        m = self.model
+        self._handles.append(m.patch_embedding.register_forward_hook(self._on_patch))
+        last = len(m.blocks) - 1
+        for i in self.block_indices:
+            # block(hidden, text, temb, rotary_emb, original_context_length); norm_out(hidden, temb, context)
+            consumer, ctx_arg = (m.blocks[i + 1], 4) if i < last else (m.norm_out, 2)
+            self._handles.append(consumer.register_forward_pre_hook(self._consumer_hook(i, ctx_arg), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @property
+    def features(self) -> list[torch.Tensor]:
+        missing = [i for i in self.block_indices if i not in self._captured]
+        if missing:
+            raise RuntimeError(f"no hidden states captured for blocks {missing} (did the forward run?)")
+        return [self._captured[i] for i in self.block_indices]
+
+
+def tap_noisy_hidden_states(transformer: nn.Module, block_indices: list[int]) -> NoisyHiddenStateTap:
+    """Context manager: `with tap_noisy_hidden_states(model, idx) as tap: model(...)`; then `tap.features`."""
+    return NoisyHiddenStateTap(transformer, block_indices)
+
+
+def critic_gan_logits(transformer: nn.Module, heads: DiscriminatorHeads | None,
+                      call_model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The critic in gan mode: logits [B, n_heads] for the noisy latents `x` [B, C, T, H, W].
+
+    `call_model(x)` runs ONE forward of the critic with `return_dict=False` (history, prompt and
+    timestep bound by the caller, possibly through a DDP / DeepSpeed wrapper) and returns its output.
+    `heads` defaults to `transformer.gan_heads`.
+
+    Why the heads run in a forward hook of the inner transformer instead of after `call_model`: so
+    that they run *inside* the wrapper's forward and their logits are appended to the output tuple
+    the wrapper sees. DDP only accepts parameters used in its forward's output graph (a head applied
+    outside fails in backward with "marked ready twice" / unused-parameter errors); the extra tuple
+    element is ignored by callers that take `[0]`.
+    """
+    model = unwrap(transformer)
+    heads = model.gan_heads if heads is None else heads
+    box: dict[str, torch.Tensor] = {}
+
+    def run_heads(module, args, output):
+        if "logits" in box:
+            return None
+        velocity = output[0] if isinstance(output, tuple) else output.sample
+        box["logits"] = heads(tap.features, velocity)
+        return (*output, box["logits"]) if isinstance(output, tuple) else None
+
+    with tap_noisy_hidden_states(model, heads.block_indices) as tap:
+        handle = model.register_forward_hook(run_heads)
+        try:
+            call_model(x)
+        finally:
+            handle.remove()
+    if tap.forwards != 1 or "logits" not in box:
+        raise RuntimeError(f"call_model ran {tap.forwards} transformer forwards; gan mode needs exactly one")
+    return box["logits"]
+
+
+def random_spatial_crop(tensors: list[torch.Tensor], fraction: float, generator: torch.Generator,
+                        multiple: int = 1) -> list[torch.Tensor]:
+    """Crop the last two dims of every tensor with ONE random box (fake / real / perturbed alike).
+
+    Box size = max(1, floor(fraction·H)) × max(1, floor(fraction·W)), rounded down to `multiple`
+    (e.g. the patch size, to keep whole tokens) but at least `multiple`; offsets drawn from `generator`.
+    """
+    if not tensors:
+        return []
+    hw = tensors[0].shape[-2:]
+    if any(t.shape[-2:] != hw for t in tensors):
+        raise ValueError(f"crop needs equal spatial sizes, got {[tuple(t.shape[-2:]) for t in tensors]}")
+    box, offsets = [], []
+    for d in hw:
+        size = max(1, math.floor(fraction * d))
+        size = min(d, max(multiple, size // multiple * multiple))
+        box.append(size)
+        offsets.append(int(torch.randint(0, d - size + 1, (1,), generator=generator)))
+    (ch, cw), (top, left) = box, offsets
+    return [t[..., top:top + ch, left:left + cw] for t in tensors]
+
+
+def perturb(x: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """x + σ·N(0, I) with the noise drawn from `generator` (on its device, then moved)."""
+    noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    return x + sigma * noise.to(device=x.device, dtype=x.dtype)
+
+
+def generator_gan_loss(logits_fake: torch.Tensor, cfg: GanConfig) -> torch.Tensor:
+    """L_G = g_weight · mean softplus(logit): drives the generator's samples to the "real" (−) side."""
+    return cfg.g_weight * F.softplus(logits_fake.float()).mean()
+
+
+def discriminator_gan_loss(logits_fake: torch.Tensor, logits_real: torch.Tensor, cfg: GanConfig) -> torch.Tensor:
+    """L_D = d_weight · [mean softplus(−logit_fake) + mean softplus(logit_real)]: fake → +, real → −."""
+    return cfg.d_weight * (F.softplus(-logits_fake.float()).mean() + F.softplus(logits_real.float()).mean())
+
+
+def approximate_r1(logits_real: torch.Tensor, logits_real_perturbed: torch.Tensor, cfg: GanConfig) -> torch.Tensor:
+    """r1_weight · MSE(logit(x_real), logit(x_real + r1_sigma·ε)) (official `aprox_r1`)."""
+    return cfg.r1_weight * F.mse_loss(logits_real.float(), logits_real_perturbed.float())
+
+
+class _InputGradient(torch.autograd.Function):
+    """Value `loss`, gradient `grad` w.r.t. x (the official `Gan_D_Loss_With_Cached_Grad` idea)."""
+
+    @staticmethod
+    def forward(ctx, x, loss, grad):
+        ctx.save_for_backward(grad)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad_output * grad, None, None
+
+
+def input_gradient_loss(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Evaluate `loss_fn(x)` (e.g. L_G through the critic) and differentiate it w.r.t. `x` right away.
+
+    Returns a scalar equal to the loss whose backward passes only ∂loss/∂x into x's graph (the
+    generator). The critic's graph is freed here, and its parameters get no `.grad` (autograd.grad
+    only to the input), so the generator step cannot leak gradients into the critic.
+    """
+    leaf = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(leaf)
+        # backward(inputs=[leaf]) rather than autograd.grad: the same "only x gets a gradient", but it
+        # also works while module-level multi-grad hooks are live (FlopCounterMode's ModTracker on the
+        # step whose FLOPs are counted raises inside autograd.grad).
+        loss.backward(inputs=[leaf])
+        grad = leaf.grad
+    return _InputGradient.apply(x, loss.detach(), grad.detach())
