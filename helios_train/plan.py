@@ -247,12 +247,24 @@ def dmd_policies(cfg, lora_rank: int | None = None):
     return gen, critic
 
 
+def gan_head_params(model, gan_cfg) -> int:
+    """Parameters of the hierarchical GAN heads for this transformer (built on meta, spec §8.7)."""
+    from helios_train.gan import DiscriminatorHeads
+
+    with torch.device("meta"):
+        heads = DiscriminatorHeads.for_transformer(model, gan_cfg)
+    return sum(p.numel() for p in heads.parameters())
+
+
 def plan_dmd(cfg, lora_rank: int | None = None, backends=BACKENDS) -> dict[str, dict]:
     """DMD: the generator (its own base + LoRA), one bf16 base shared by teacher (adapters off) and
     critic (its own LoRA), the EMA of the generator's trainables (spec §8.3, §10)."""
     gen_policy, critic_policy = dmd_policies(cfg, lora_rank)
     g_frozen, g_train, model = count_role(cfg.model, gen_policy)
     c_frozen, c_train, _ = count_role(cfg.model, critic_policy)
+    gan = cfg.stage.gan if cfg.stage.name == "distilled" and cfg.stage.gan.enabled else None
+    heads = gan_head_params(model, gan) if gan is not None else 0
+    c_train += heads  # fp32 trainable, in the critic's optimizer like its LoRA
     wb = DTYPE_BYTES[cfg.model.weight_dtype]
     roles = [RolePlan("generator", g_frozen, g_train, wb, ddp_wrapped=False),
              RolePlan("critic", c_frozen, c_train, wb)]
@@ -261,7 +273,8 @@ def plan_dmd(cfg, lora_rank: int | None = None, backends=BACKENDS) -> dict[str, 
     print(f"DMD: generator frozen {g_frozen / 1e9:.3f} B + trainable {g_train / 1e9:.3f} B (LoRA "
           f"r{gen_policy.lora.rank}); critic/teacher base frozen {c_frozen / 1e9:.3f} B + critic LoRA "
           f"{c_train / 1e9:.3f} B (r{critic_policy.lora.rank}); tokens with grad: generator rollout "
-          f"{tokens['generator']}, critic {tokens['critic']}")
+          f"{tokens['generator']}, critic {tokens['critic']}"
+          + (f"; GAN heads {heads / 1e9:.3f} B (in the critic's trainables)" if heads else ""))
     out = {}
     for backend in backends:
         out[backend] = plan_roles(cfg, roles, backend, act, ema=RolePlan("ema", 0, g_train, 4),

@@ -39,6 +39,21 @@ def test_dmd_role_counts_match_real_toy_models(toy_root):
         assert (frozen, trainable) == real_counts(cfg, policy)
 
 
+def test_gan_heads_priced_as_the_stage_builds_them(toy_root):
+    """The planner's GAN-head count equals the heads the Distilled stage attaches to a real toy critic."""
+    from diffusers import HeliosTransformer3DModel
+
+    from helios_train.gan import attach_gan_heads
+    from helios_train.plan import count_role, dmd_policies, gan_head_params
+
+    cfg = compose([f"toy_root={toy_root}", "stage=distilled", "stage.gan.enabled=true", "stage.gan.head_width=32",
+                   "stage.gan.groups=8"])
+    _, _, meta = count_role(cfg.model, dmd_policies(cfg)[0])
+    real = HeliosTransformer3DModel.from_pretrained(toy_root / "model", subfolder="transformer")
+    heads = attach_gan_heads(real, cfg.stage.gan)
+    assert gan_head_params(meta, cfg.stage.gan) == sum(p.numel() for p in heads.parameters()) > 0
+
+
 def test_14b_lora_counts_match_spec():
     """Spec §1.4: ≈ 0.62 B LoRA parameters at r128 and ≈ 1.25 B at r256 (+ ~24 M memory patches)."""
     from helios_train.plan import count_role
