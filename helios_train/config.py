@@ -98,6 +98,8 @@ class DataConfig:
     latent_height: Optional[int] = None
     latent_width: Optional[int] = None
     min_chunks: int = 3  # official length filter: >= 121 frames -> >= 3 chunks of 33
+    # Stage 3: also yield a second random chunk of each video (the DMD critic's section, spec §8.5).
+    secondary_section: bool = False
     max_skip_fraction: float = 0.5  # stop when more than this fraction of read samples is bad
 
 

@@ -36,7 +36,7 @@ from torch import nn
 
 @dataclass
 class GanConfig:
-    """`stage.dmd.gan` (official keys: is_use_gan, gan_start_step, gan_hooks, gan_*_weight, aprox_r1…)."""
+    """`stage.gan` (official keys: is_use_gan, gan_start_step, gan_hooks, gan_*_weight, aprox_r1…)."""
 
     enabled: bool = False
     start_step: int = 1000  # no GAN forward/loss at all before this generator/critic step
@@ -49,6 +49,10 @@ class GanConfig:
     r1_sigma: float = 0.1
     crop_fraction: float = 0.5  # 48×80 latents → 24×40
     groups: int = 32  # GroupNorm groups in every head layer; head_width must be a multiple
+    # The critic's "real" sample: False = the critic section's own target (consistent with the history
+    # it is scored with); True = official pairing, the generator (primary) section's target with the
+    # critic (secondary) section's history (spec §8.7, §12.8).
+    real_from_primary: bool = False
 
 
 def gan_active(cfg: GanConfig, step: int) -> bool:

@@ -124,7 +124,10 @@ def run_stage(stage: str, out: Path, start_from: str | None, steps: int, toy_roo
         base = manifests.get("base")
         if base is None:
             raise ValueError("distilled needs the Base export as teacher/critic: run base or give --base-manifest")
-        _train(out, stage, ["stage=distilled", f"stage.dmd.real_score_path={base['export']}",
+        # DMD + hierarchical GAN (official gan version), the GAN switching on half-way through.
+        gan = ["stage.gan.enabled=true", f"stage.gan.start_step={steps // 2}", "stage.gan.head_width=32",
+               "stage.gan.groups=8"]
+        _train(out, stage, ["stage=distilled", f"stage.dmd.real_score_path={base['export']}", *gan,
                             "stage.dmd.critic_lora_rank=8", "stage.dmd.critic_lr=1e-4", "stage.ema.update_after_step=0",
                             *_toy_overrides(steps, toy_root), "trainer.optim.lr=1e-4", *model])
         return _manifest(out, stage, export(out / stage, out / f"{stage}_export"), start_from)

@@ -83,6 +83,8 @@ def _validate_objective(cfg: DictConfig) -> None:
     if cfg.stage.objective == "ode" and cfg.stage.ode.num_chunks > cfg.data.min_chunks:
         raise ConfigError(f"stage.ode.num_chunks={cfg.stage.ode.num_chunks} > data.min_chunks={cfg.data.min_chunks}: "
                           "shorter samples could not supply that many chunks")
+    if cfg.data.secondary_section and cfg.data.mode != "latents":
+        raise ConfigError(f"data.secondary_section=true needs data.mode=latents (got {cfg.data.mode})")
     if cfg.stage.objective == "dmd":
         path = cfg.stage.dmd.real_score_path
         if not path:

@@ -19,6 +19,10 @@ def test_toy_pipeline_whole_recipe(toy_root, tmp_path):
     assert [m["variant"] for m in (base, mid, ode, dmd)] == ["base", "mid", "distilled", "distilled"]
     assert all(m["frames"] == 65 for m in (base, mid, ode, dmd))
     assert set(dmd["losses"]) == {"generator/loss", "critic/loss"} and ode["step"] == 60
+    from helios_train.tracking import read_metrics
+
+    dmd_hist = read_metrics(tmp_path / "distilled")  # DMD + GAN: the GAN switches on at step 3 of 6
+    assert [m["step"] for m in dmd_hist if "critic/gan/d_loss" in m] == [4, 5, 6]
     manifest = json.loads((tmp_path / "ode/manifest.json").read_text())
     assert len(manifest["config_hash"]) == 16
     # Distillation moves the one-jump-per-level student towards the teacher's samples (held-out seeds).

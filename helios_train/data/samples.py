@@ -54,9 +54,10 @@ def latent_sample(raw: dict, data_cfg, history_cfg: HistoryConfig, epoch: int) -
     embed = decode_npy(raw["prompt_embed.npy"], f"{key}.prompt_embed.npy")
     if embed.ndim != 2:
         raise BadSample("bad_embed_shape", f"sample {key}: prompt_embed.npy has shape {list(embed.shape)}, expected [L, D]")
+    chunks = torch.from_numpy(latents.astype(np.float32))
     chunk = int(sample_rng(data_cfg.seed, epoch, key).integers(latents.shape[0]))
-    x0, history, target = assemble_history_sample(torch.from_numpy(latents.astype(np.float32)), chunk, history_cfg)
-    return {
+    x0, history, target = assemble_history_sample(chunks, chunk, history_cfg)
+    out = {
         "key": key,
         "caption": caption,
         "chunk_index": chunk,
@@ -65,6 +66,14 @@ def latent_sample(raw: dict, data_cfg, history_cfg: HistoryConfig, epoch: int) -
         "target": target,
         "prompt_embeds": torch.from_numpy(embed.astype(np.float32)),
     }
+    if data_cfg.secondary_section:
+        # Stage 3 (official dataloader_dmd `*_2`): an independent second chunk of the same video for the
+        # critic step; it may coincide with the first.
+        chunk2 = int(sample_rng(data_cfg.seed, epoch, key + "/secondary").integers(latents.shape[0]))
+        x0_2, history_2, target_2 = assemble_history_sample(chunks, chunk2, history_cfg)
+        out.update(secondary_chunk_index=chunk2, secondary_x0=x0_2, secondary_history=history_2,
+                   secondary_target=target_2)
+    return out
 
 
 def raw_sample(raw: dict, data_cfg, history_cfg: HistoryConfig, epoch: int) -> dict:

@@ -41,6 +41,16 @@ from helios_train.stages.base import BaseStage
 from helios_train.variants import NEGATIVE_PROMPT, make_scheduler
 
 
+def critic_section(batch: dict) -> dict:
+    """The critic step's view of a batch: the video's secondary section when the loader gives one
+    (`data.secondary_section`, official), else the same section as the generator. The primary target
+    stays available as `primary_target` (official GAN real-sample pairing)."""
+    if "secondary_target" not in batch:
+        return {**batch, "primary_target": batch["target"]}
+    return {**batch, "x0": batch["secondary_x0"], "history": batch["secondary_history"],
+            "target": batch["secondary_target"], "primary_target": batch["target"]}
+
+
 class DistilledStage(BaseStage):
     name = "distilled"
 
@@ -138,6 +148,8 @@ class DistilledStage(BaseStage):
     def loss(self, role: str, batch: dict, step: int, generator: torch.Generator):
         if self.objective == "ode":
             return self._ode_loss(batch, generator)
+        if role == "critic":
+            batch = critic_section(batch)
         x0, history, logs = self.condition(batch, generator)
         return self._generator_loss(batch, x0, history, step, generator, logs) if role == "generator" \
             else self._critic_loss(batch, x0, history, step, generator, logs)
@@ -219,9 +231,11 @@ class DistilledStage(BaseStage):
 
     def _gan_discriminator_loss(self, batch, x_t, x0, history, t, s, eps, generator, logs):
         """L_D + approximate R1 on one batched critic forward of [fake, real, real + σ_R1·N] (same t, noise, crop).
-        Real = the batch's ground-truth chunk noised like the fake (official: with the critic section's history)."""
+        Real = the critic section's ground-truth chunk noised like the fake (stage.gan.real_from_primary: the
+        generator section's chunk, official)."""
         g = self.cfg.stage.gan
-        real_t = (1 - s) * batch["target"].to(self.device) + s * eps
+        real = batch["primary_target"] if g.real_from_primary else batch["target"]
+        real_t = (1 - s) * real.to(self.device) + s * eps
         fake_c, real_c, hist_c, x0_c = self._gan_crop([x_t, real_t, history, x0], generator)
         perturbed = perturb(real_c, g.r1_sigma, generator)
         call = self._gan_call(self.roles["critic"].model, x0_c, hist_c, batch["prompt_embeds"], t, 3)
