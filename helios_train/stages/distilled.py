@@ -243,7 +243,7 @@ class DistilledStage(BaseStage):
         lf, lr, lp = logits.chunk(3)
         d_loss, r1 = discriminator_gan_loss(lf, lr, g), approximate_r1(lr, lp, g)
         logs.update({"gan/d_loss": float(d_loss.detach()), "gan/r1": float(r1.detach()),
-                     "gan/logit_fake": float(lf.mean()), "gan/logit_real": float(lr.mean())})
+                     "gan/logit_fake": float(lf.detach().mean()), "gan/logit_real": float(lr.detach().mean())})
         return d_loss + r1
 
     def _critic_loss(self, batch, x0, history, step, generator, logs):
