@@ -7,10 +7,17 @@ the meta device (no weights, shapes only) — and multiplied by the sampler's fo
 - Base: 50 steps × CFG (2 forwards) at full resolution with 2400 history tokens;
 - Mid: [20, 20, 20] pyramid steps × CFG over the three levels (540 / 2160 / 8640 noisy tokens at 384×640);
 - Distilled: add a row with `distilled_row` ([2, 2, 2] without CFG, 12 NFE for the first chunk).
-Also times one Mid training step on the toy with separate vs level-batched segment forwards.
+Also compares the Mid training step's three execution modes (separate / batch_levels / packed):
+tokens per step, forward FLOPs and median step time on the toy and a small model, and forward
+FLOPs of one 14B micro-batch.
+Last, the peak memory of one Distilled (DMD) training step vs one Base step on the toy model, each in
+a fresh subprocess (bench/peak_memory.py), next to the 14B planner's Base / DMD per-GPU totals.
+
+    python bench/compute_per_chunk.py --only memory      # sections: flops, wall, mid, memory
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -55,27 +62,72 @@ def distilled_row(model, hw, c, d, dev, steps=(2, 2, 2), first_chunk=False) -> f
     return sum(n * mult * forward_flops(model, hw, (h // f, w // f), c, d, dev) for n, f in zip(steps, (4, 2, 1)))
 
 
-def mid_step_times(toy_root: Path, n: int = 10) -> dict[str, tuple[float, int]]:
+MID_MODES = ("separate", "batch_levels", "packed")
+# Sizes for the Mid training-step comparison: (transformer kwargs, latent h, w, text dim).
+STEP_SIZES = {
+    "toy": (TOY, 8, 16, 32),
+    "small": (dict(num_attention_heads=8, attention_head_dim=64, in_channels=4, out_channels=4, text_dim=64,
+                   freq_dim=64, ffn_dim=1024, num_layers=4, rope_dim=(20, 22, 22)), 16, 32, 64),
+}
+
+
+def mid_forward_flops(model, hw, c, d, dev, mode: str, ratios=(1, 2, 1)) -> float:
+    """Forward FLOPs of one Mid training micro-batch (batch 1, one segment per draw) by execution mode."""
+    from helios_train.stages.packed import packed_forward
+
+    h, w = hw
+    shapes = [(h // f, w // f) for f, r in zip((4, 2, 1), ratios) for _ in range(r)]
+    x0, hist = torch.zeros(1, c, 1, h, w, device=dev), torch.zeros(1, c, 19, h, w, device=dev)
+    embeds, t = torch.zeros(1, 512, d, device=dev), torch.tensor([500.0], device=dev)
+    xs = [torch.zeros(1, c, 9, lh, lw, device=dev) for lh, lw in shapes]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        if mode == "packed":
+            packed_forward(model, xs, [t] * len(xs), x0, hist, embeds, HistoryConfig())
+        elif mode == "separate":
+            for x in xs:
+                model(**model_inputs(x, x0, hist, t, embeds, HistoryConfig()), return_dict=False)
+        else:
+            for lv in sorted(set(shapes)):
+                n = shapes.count(lv)
+                model(**model_inputs(torch.cat([x for x in xs if x.shape[-2:] == lv]), x0.repeat(n, 1, 1, 1, 1),
+                                     hist.repeat(n, 1, 1, 1, 1), t.repeat(n), embeds.repeat(n, 1, 1),
+                                     HistoryConfig()), return_dict=False)
+    return float(counter.get_total_flops())
+
+
+def mid_step_times(toy_root: Path, size: str, n: int = 10) -> dict[str, tuple[float, int, float]]:
+    """Median fwd+bwd time of one Mid training micro-batch (2-init [1,2,1], batch 1, LoRA r8) per
+    execution mode, with tokens per step and forward FLOPs; same draws for every mode."""
+    import tempfile
+
+    from diffusers import HeliosTransformer3DModel
     from tests.conftest import compose
 
     from helios_train.stages.mid import MidStage
 
+    kwargs, h, w, d = STEP_SIZES[size]
     out = {}
-    batch = {"x0": torch.randn(1, 4, 1, 8, 16), "history": torch.randn(1, 4, 19, 8, 16),
-             "target": torch.randn(1, 4, 9, 8, 16), "prompt_embeds": torch.randn(1, 512, 32)}
-    for mode in ("separate", "batch_levels"):
-        cfg = compose([f"toy_root={toy_root}", "stage=mid", "stage.trainables.lora.rank=8",
-                       f"stage.pyramid.execution={mode}"])
-        stage = MidStage(cfg, torch.device("cpu"))
-        stage.bind({"generator": type("R", (), {"model": stage.transformer})()})
-        times = []
-        for i in range(n + 2):
-            t0 = time.perf_counter()
-            loss, _ = stage.loss("generator", batch, 0, torch.Generator().manual_seed(i))
-            loss.backward()
-            times.append(time.perf_counter() - t0)
-        tokens = sum(stage.tokens_per_sample(batch).values())
-        out[mode] = (statistics.median(times[2:]), tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        HeliosTransformer3DModel(**kwargs).save_pretrained(f"{tmp}/transformer")
+        g = torch.Generator().manual_seed(0)
+        batch = {"x0": torch.randn(1, 4, 1, h, w, generator=g), "history": torch.randn(1, 4, 19, h, w, generator=g),
+                 "target": torch.randn(1, 4, 9, h, w, generator=g),
+                 "prompt_embeds": torch.randn(1, 512, d, generator=g)}
+        for mode in MID_MODES:
+            cfg = compose([f"toy_root={toy_root}", "stage=mid", "stage.trainables.lora.rank=8",
+                           f"model.transformer_path={tmp}/transformer", f"stage.pyramid.execution={mode}"])
+            stage = MidStage(cfg, torch.device("cpu"))
+            stage.bind({"generator": type("R", (), {"model": stage.transformer, "module": stage.transformer})()})
+            times = []
+            for i in range(n + 2):  # 2 warm-up steps
+                t0 = time.perf_counter()
+                loss, _ = stage.loss("generator", batch, 0, torch.Generator().manual_seed(i))
+                loss.backward()
+                times.append(time.perf_counter() - t0)
+            tokens = sum(stage.tokens_per_sample(batch).values())
+            flops = mid_forward_flops(stage.transformer, (h, w), 4, d, "cpu", mode)
+            out[mode] = (statistics.median(times[2:]), tokens, flops)
     return out
 
 
@@ -112,15 +164,41 @@ def wall_time_per_chunk(model_dir: Path, repeats: int = 2) -> dict[str, float]:
     return out
 
 
-def main() -> None:
-    from diffusers import HeliosTransformer3DModel
+SECTIONS = ("flops", "wall", "mid", "memory")
 
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(SECTIONS),
+                    help=f"comma-separated sections to run, of {', '.join(SECTIONS)} (default: all)")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    if only - set(SECTIONS):
+        ap.error(f"--only: unknown section(s) {sorted(only - set(SECTIONS))}; expected {SECTIONS}")
     from data_prep.toy_data import ensure_toy_assets
 
-    rows = []
+    assets = ensure_toy_assets(REPO / "checkpoints/_toy")
+    if "flops" in only:
+        flops_table()
+    if "wall" in only:
+        wall = wall_time_per_chunk(assets.model_dir)
+        print(f"\n{'wall time per chunk (toy, CPU)':<32} {'seconds':>8} {'vs Base':>8}")
+        for variant, secs in wall.items():
+            print(f"{variant:<32} {secs:8.3f} {secs / wall['base']:8.3f}")
+    if "mid" in only:
+        mid_tables(assets.model_dir.parent)
+    if "memory" in only:
+        from bench.peak_memory import run as peak_memory
+
+        print(peak_memory(assets.model_dir.parent.resolve()))
+
+
+def flops_table() -> None:
+    from diffusers import HeliosTransformer3DModel
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     torch.manual_seed(0)
     toy = HeliosTransformer3DModel(**TOY).eval()
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
     # 14B geometry under FakeTensorMode: shapes only, no memory, no weights (the rotary embedding's
     # autocast guard rejects the meta device, fake CPU tensors pass).
@@ -137,15 +215,25 @@ def main() -> None:
     for name, b, m, dist, dist0 in rows:
         print(f"{name:<20} {b / 1e12:14.3f} {m / 1e12:15.3f} {m / b:9.3f} {dist / 1e12:12.4f} {dist / b:10.4f} "
               f"{dist0 / 1e12:12.4f}")
-    assets = ensure_toy_assets(REPO / "checkpoints/_toy")
-    wall = wall_time_per_chunk(assets.model_dir)
-    print(f"\n{'wall time per chunk (toy, CPU)':<32} {'seconds':>8} {'vs Base':>8}")
-    for variant, secs in wall.items():
-        print(f"{variant:<32} {secs:8.3f} {secs / wall['base']:8.3f}")
-    times = mid_step_times(assets.model_dir.parent)
-    print(f"\n{'Mid step (toy, fwd+bwd)':<24} {'median ms':>10} {'tokens/sample':>14}")
-    for mode, (t, tok) in times.items():
-        print(f"{mode:<24} {t * 1e3:10.1f} {tok:14d}")
+
+
+def mid_tables(toy_root: Path) -> None:
+    from diffusers import HeliosTransformer3DModel
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    print(f"\n{'Mid step, 2-init [1,2,1], batch 1':<36} {'tokens/step':>11} {'fwd GFLOPs':>11} "
+          f"{'median ms':>10} {'vs separate':>12}   (fwd+bwd, CPU, median of 10)")
+    for size in STEP_SIZES:
+        times = mid_step_times(toy_root, size)
+        for mode, (t, tok, flops) in times.items():
+            print(f"{size + ' ' + mode:<36} {tok:11d} {flops / 1e9:11.3f} {t * 1e3:10.1f} "
+                  f"{t / times['separate'][0]:12.3f}")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        big = HeliosTransformer3DModel().eval()
+        big_flops = {m: mid_forward_flops(big, (48, 80), 16, 4096, "cpu", m) for m in MID_MODES}
+    print(f"\n{'14B Mid micro-batch fwd (48x80)':<36} {'TFLOPs':>11}   (23100 tokens: 540 + 2x2160 + 8640 + 4x2400)")
+    for mode, flops in big_flops.items():
+        print(f"{mode:<36} {flops / 1e12:11.2f}")
 
 
 if __name__ == "__main__":
