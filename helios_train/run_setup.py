@@ -83,6 +83,10 @@ def _validate_objective(cfg: DictConfig) -> None:
     if cfg.stage.objective == "ode" and cfg.stage.ode.num_chunks > cfg.data.min_chunks:
         raise ConfigError(f"stage.ode.num_chunks={cfg.stage.ode.num_chunks} > data.min_chunks={cfg.data.min_chunks}: "
                           "shorter samples could not supply that many chunks")
+    if cfg.stage.ema.enabled and cfg.launcher.name == "deepspeed" and cfg.launcher.zero_stage == 3:
+        raise ConfigError("stage.ema.enabled=true with launcher.zero_stage=3: the generator EMA needs whole "
+                          "parameters and ZeRO-3 shards them; use launcher=deepspeed_zero2 (with "
+                          "launcher.offload_optimizer=true to fit 14B DMD) or stage.ema.enabled=false")
     if cfg.data.secondary_section and cfg.data.mode != "latents":
         raise ConfigError(f"data.secondary_section=true needs data.mode=latents (got {cfg.data.mode})")
     if cfg.stage.objective == "dmd":
