@@ -142,7 +142,7 @@ def test_dmd_runs_on_two_processes(toy_root, base_export, tmp_path, launcher):
     averaged by the backend (its rollout calls the model several times before one backward)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     cmd = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "helios_train", f"launcher={launcher}",
-           f"output_root={tmp_path}", "validation.every=0", "trainer.max_steps=6", "trainer.checkpoint_every=3",
+           f"output_root={tmp_path}", "validation.every=0", "trainer.max_steps=6", "trainer.checkpoint_every=2",
            "run_name=dmdds", *dmd_overrides(toy_root, base_export), *GAN]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -156,6 +156,27 @@ def test_dmd_runs_on_two_processes(toy_root, base_export, tmp_path, launcher):
         if launcher.startswith("deepspeed"):
             assert (ckpt / f"{role}.deepspeed").is_dir()
     assert (ckpt / "generator.ema.safetensors").is_file()
+    # Before stage.gan.start_step no rank gives the heads a gradient. DDP keeps their grad None, so AdamW
+    # leaves them bit-identical to their init (as in one process); ZeRO's flat buffers hold zeros instead,
+    # so its AdamW applies the critic's weight decay (1e-3 · lr, official behaviour): equal to ~1e-6.
+    from safetensors.torch import load_file
+
+    from helios_train.checkpoint import trainable_state
+    from helios_train.stages.distilled import DistilledStage
+
+    cfg = compose(dmd_overrides(toy_root, base_export) + GAN)
+    torch.manual_seed(cfg.trainer.seed)  # as the trainer does before building the stage
+    init = {k: v for k, v in trainable_state(DistilledStage(cfg, torch.device("cpu")).critic).items()
+            if k.startswith("gan_heads.")}
+    before = load_file(str(tmp_path / "dmdds/checkpoint-2/critic.trainable.safetensors"))
+    after = load_file(str(ckpt / "critic.trainable.safetensors"))
+    assert init and set(init) <= set(before)
+    for k, v in init.items():
+        if launcher == "ddp":
+            assert torch.equal(before[k], v), k
+        else:
+            torch.testing.assert_close(before[k], v, rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(after[k], v) for k, v in init.items())  # and trained once active
 
 
 def test_critic_reads_the_secondary_section(toy_root):

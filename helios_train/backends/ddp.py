@@ -57,7 +57,14 @@ class DDPBackend(Backend):
                 dist.broadcast(p.data, src=0)
 
     def reduce_gradients(self, role: PreparedRole) -> None:
-        for p in role.params:
+        # A parameter no rank touched this step (the GAN heads before stage.gan.start_step) keeps
+        # grad None, so AdamW skips it exactly as in a single process (no weight decay, no moments).
+        touched = torch.tensor([p.grad is not None for p in role.params], dtype=torch.int32, device=self.device)
+        dist.all_reduce(touched, op=dist.ReduceOp.MAX)
+        for p, any_rank in zip(role.params, touched.tolist()):
+            if not any_rank:
+                p.grad = None
+                continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
