@@ -53,6 +53,12 @@ class GanConfig:
     # it is scored with); True = official pairing, the generator (primary) section's target with the
     # critic (secondary) section's history (spec §8.7, §12.8).
     real_from_primary: bool = False
+    # Before start_step the heads get no gradient. True = official: they sit in the critic's optimizer
+    # from step 0 with zero gradients (DeepSpeed's flat buffers), so AdamW applies weight decay and
+    # advances its step count — the first real update is bias-corrected as step start_step, not 1
+    # (about 25× larger at the official start 1000, β2 0.999). False = heads untouched until
+    # start_step (single/DDP only: DeepSpeed always holds zeros).
+    idle_head_updates: bool = True
 
 
 def gan_active(cfg: GanConfig, step: int) -> bool:

@@ -69,8 +69,15 @@ def renoise_coefficients(scheduler, k: int) -> tuple[float, float]:
 def pyramid_rollout(velocity: VelocityFn, noise: torch.Tensor, scheduler, steps=(2, 2, 2),
                     amplify_first_chunk: bool = False, generator: Optional[torch.Generator] = None,
                     mu_from: str = "level", exit_steps: Optional[list[int]] = None,
-                    integer_timesteps: bool = True, patch=(1, 2, 2)) -> RolloutResult:
-    """Run the x0 pyramid sampler on one chunk. `generator` draws the block noise between levels."""
+                    integer_timesteps: bool = True, patch=(1, 2, 2),
+                    lockstep: Optional[list[int]] = None) -> RolloutResult:
+    """Run the x0 pyramid sampler on one chunk. `generator` draws the block noise between levels.
+
+    `lockstep` (training under ZeRO-3, helios_train/lockstep.py): per level, the number of no-grad
+    forwards every rank runs before its exit forward (the max of the exit steps over ranks). This rank
+    pads with discarded no-grad forwards up to it, gives every exit forward an input that requires grad
+    and ties every level's exit output to the result with weight 0, so all ranks run the same sequence
+    of forwards and backward passes. Values and gradients are unchanged."""
     if mu_from not in ("level", "previous"):
         raise ValueError(f"mu_from={mu_from!r}: expected level | previous")
     n_stages = scheduler.config.stages
@@ -90,11 +97,17 @@ def pyramid_rollout(velocity: VelocityFn, noise: torch.Tensor, scheduler, steps=
         scheduler.set_timesteps(steps[k], k, device=latents.device, mu=mu, is_amplify_first_chunk=amplify_first_chunk)
         timesteps, sigmas = scheduler.timesteps, scheduler.sigmas.double()
         last = len(timesteps) - 1 if exit_steps is None else exit_steps[k]
+        if lockstep is not None:
+            with torch.no_grad():
+                for _ in range(lockstep[k] - last):  # discarded: only the forward count matters
+                    velocity(latents, timesteps[0].expand(latents.shape[0]).to(torch.int64))
         for i in range(last + 1):
             grad = contextlib.nullcontext() if (exit_steps is None or i == last) else torch.no_grad()
             with grad:
                 t = timesteps[i].expand(latents.shape[0])
                 t = t.to(torch.int64) if integer_timesteps else t.float()
+                if lockstep is not None and i == last and not latents.requires_grad:
+                    latents = latents.detach().requires_grad_()  # same backward modules on every rank
                 v = velocity(latents, t)
                 nfe += 1
                 x0 = (latents.double() - sigmas[i] * v.double()).float()
@@ -103,4 +116,7 @@ def pyramid_rollout(velocity: VelocityFn, noise: torch.Tensor, scheduler, steps=
                 else:
                     latents = x0
         outputs.append(latents)
+    if lockstep is not None:  # every level's exit forward is backpropagated on every rank
+        latents = latents + sum(0.0 * o.sum() for o in outputs[:-1])
     return RolloutResult(latents, outputs, nfe)
+

@@ -87,6 +87,9 @@ def _validate_objective(cfg: DictConfig) -> None:
         raise ConfigError("stage.ema.enabled=true with launcher.zero_stage=3: the generator EMA needs whole "
                           "parameters and ZeRO-3 shards them; use launcher=deepspeed_zero2 (with "
                           "launcher.offload_optimizer=true to fit 14B DMD) or stage.ema.enabled=false")
+    if cfg.stage.gan.enabled and not cfg.stage.gan.idle_head_updates and cfg.launcher.name == "deepspeed":
+        raise ConfigError("stage.gan.idle_head_updates=false needs launcher=single|ddp: DeepSpeed's ZeRO buffers "
+                          "give the idle GAN heads zero gradients, so AdamW always steps them (the official behaviour)")
     if cfg.data.secondary_section and cfg.data.mode != "latents":
         raise ConfigError(f"data.secondary_section=true needs data.mode=latents (got {cfg.data.mode})")
     if cfg.stage.objective == "dmd":

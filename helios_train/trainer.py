@@ -23,6 +23,7 @@ from helios_train import checkpoint as ckpt
 from helios_train.backends import build_backend
 from helios_train.data.decoding import SKIP_REASONS
 from helios_train.data.video_dataset import DataPosition, build_loader
+from helios_train.seeding import micro_batch_key
 from helios_train.stages import build_stage
 from helios_train.throughput import Throughput
 from helios_train.tracking import Tracker
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 
 WINDOW_PREFIXES = ("task/", "degrade/")  # logged as fractions over the log window
+RANK_MEAN_SUFFIXES = ("loss", "_share")  # per-rank values logged as their mean over ranks
 
 
 class NonFiniteLossError(RuntimeError):
@@ -171,8 +173,7 @@ class Trainer:
         """
         tc, b = self.cfg.trainer, self.backend
         index = (b.rank if tc.seed_per_rank else 0) * tc.grad_accum_steps + micro
-        key = ((tc.seed * 1_000_003 + self.step) * 101 + phase) * 1_000_033 + index
-        return torch.Generator(device="cpu").manual_seed(key % (2**63 - 1))
+        return torch.Generator(device="cpu").manual_seed(micro_batch_key(tc.seed, self.step, phase, index))
 
     def _update_role(self, name: str, batches: list[dict], phase: int = 0) -> dict:
         role, b = self.roles[name], self.backend
@@ -185,6 +186,7 @@ class Trainer:
                     loss = loss * float("nan")  # fault drill (trainer.debug), exercises the guard below
                 b.backward(role, loss / accum)
             total += float(loss.detach()) / accum
+        self.stage.before_optimizer_step(name, self.step)
         norm, stepped = b.grad_norm_and_step(role)
         finite = stepped and math.isfinite(total)
         prefix = "" if len(self.roles) == 1 else f"{name}/"
@@ -299,7 +301,8 @@ class Trainer:
         logs.update({f"data/skipped_{k}": b.all_sum_int(skips.get(k, 0)) for k in SKIP_REASONS})
         logs["data/samples_read"] = b.all_sum_int(self.position.samples_read())
         logs["nonfinite_skipped_total"] = self.nonfinite_total
-        logs = {k: (float(b.all_mean(torch.tensor(float(v)))) if k.endswith("loss") else v) for k, v in logs.items()}
+        logs = {k: (float(b.all_mean(torch.tensor(float(v)))) if k.endswith(RANK_MEAN_SUFFIXES) else v)
+                for k, v in logs.items()}
         for k, v in logs.items():
             if k.startswith(WINDOW_PREFIXES):
                 self._window.setdefault(k, []).append(float(v))

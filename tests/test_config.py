@@ -94,5 +94,8 @@ def test_distilled_objective_and_data_must_agree_before_work(tmp_path):
         validate(compose(["stage=distilled", "stage.objective=gan"]))
     with pytest.raises(ConfigError, match="stage.ema.enabled=true with launcher.zero_stage=3"):
         validate(compose(["stage=distilled", f"stage.dmd.real_score_path={tmp_path}", "launcher=deepspeed_zero3"]))
+    with pytest.raises(ConfigError, match="idle_head_updates=false needs launcher=single"):
+        validate(compose(["stage=distilled", f"stage.dmd.real_score_path={tmp_path}", "launcher=deepspeed_zero2",
+                          "stage.gan.enabled=true", "stage.gan.idle_head_updates=false"]))
     validate(compose(["experiment=stage_3_ode", "data=toy_ode"]))  # the ODE recipe on toy pairs is consistent
     validate(compose(["stage=distilled", f"stage.dmd.real_score_path={tmp_path}"]))

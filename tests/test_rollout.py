@@ -76,3 +76,35 @@ def test_exit_step_gradient_flows_only_through_exit_step(distilled_pipe):
     assert out.nfe == 5
     out.x0.sum().backward()
     assert weight.grad is not None and weight.grad != 0
+
+
+@pytest.mark.parametrize("amplify,exits", [(False, [1, 1, 1]), (True, [3, 2, 3]), (True, [0, 1, 0])])
+def test_lockstep_pads_to_one_sequence_and_keeps_values_and_gradients(distilled_pipe, amplify, exits):
+    """ZeRO-3 lockstep (helios_train/lockstep.py): with per-level pre-exit counts [3, 2, 3] every rank runs
+    3 no-grad forwards then the exit forward per level, and backpropagates through all three exit forwards
+    (input requiring grad each time); the chunk and the gradient are those of the plain rollout."""
+    def run(lockstep):
+        weight = torch.tensor(0.5, requires_grad=True)
+        calls, backward_calls = [], []
+
+        def fn(x, t):
+            # under no_grad the input's flag changes nothing; with grad it decides which modules backward visits
+            calls.append((torch.is_grad_enabled(), x.requires_grad and torch.is_grad_enabled()))
+            v = x * weight
+            if v.requires_grad:
+                v.register_hook(lambda g: backward_calls.append(1))
+            return v
+
+        out = pyramid_rollout(fn, torch.randn(1, 4, 9, 8, 16, generator=torch.Generator().manual_seed(1)),
+                              distilled_pipe.scheduler, [2, 2, 2], amplify, torch.Generator().manual_seed(0),
+                              exit_steps=exits, lockstep=lockstep)
+        out.x0.square().sum().backward()
+        return out.x0.detach(), weight.grad, calls, len(backward_calls)
+
+    x_plain, g_plain, _, _ = run(None)
+    x_lock, g_lock, calls, backward_passes = run([3, 2, 3])
+    torch.testing.assert_close(x_lock, x_plain, rtol=0, atol=0)
+    torch.testing.assert_close(g_lock, g_plain)
+    level = [(False, False)] * 3 + [(True, True)]
+    assert calls == level + [(False, False)] * 2 + [(True, True)] + level  # the same on every rank
+    assert backward_passes == 3

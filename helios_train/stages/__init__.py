@@ -56,6 +56,9 @@ class Stage:
         """Token counts of one sample by kind ("noisy", "history"), for throughput metrics."""
         return {}
 
+    def before_optimizer_step(self, role: str, step: int) -> None:
+        """Called after a role's backward(s) of `step`, before the backend reduces, clips and steps."""
+
     def after_step(self, step: int, updated: list[str]) -> dict:
         """Called after the optimizer steps of `step` (roles in `updated`); returns values to log."""
         return {}

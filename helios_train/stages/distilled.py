@@ -29,13 +29,15 @@ from omegaconf import OmegaConf
 from helios_train.dmd import critic_flow_loss, dmd_gradient, dmd_loss, sample_critic_t, sample_generator_t
 from helios_train.ema import EMA
 from helios_train.gan import (approximate_r1, attach_gan_heads, critic_gan_logits, discriminator_gan_loss, gan_active,
-                              generator_gan_loss, input_gradient_loss, perturb, random_spatial_crop)
+                              generator_gan_loss, input_gradient_loss, perturb, random_spatial_crop, unwrap)
 from helios_train.history import model_inputs, token_counts
+from helios_train.lockstep import max_over_ranks, pad_forwards, params_sharded
 from helios_train.model.loading import load_text_stack, load_transformer
 from helios_train.model.text_codec import encode_prompts
 from helios_train.model.trainables import apply_trainable_policy
 from helios_train.ode_regression import ode_regression_loss
 from helios_train.rollout import calculate_mu, pyramid_rollout
+from helios_train.seeding import shared_generator
 from helios_train.stages import RoleSpec
 from helios_train.stages.base import BaseStage
 from helios_train.variants import NEGATIVE_PROMPT, make_scheduler
@@ -60,6 +62,7 @@ class DistilledStage(BaseStage):
         if self.objective not in ("dmd", "ode"):
             raise ValueError(f"stage.objective={self.objective!r}: expected dmd | ode")
         self.scheduler = make_scheduler("distilled")
+        self.sharded = params_sharded(cfg)  # ZeRO-3: every rank must run the same number of forwards
         self.ema = EMA(self.transformer, cfg.stage.ema) if cfg.stage.ema.enabled else None
         if self.objective == "dmd":
             self._build_critic(cfg, device)
@@ -103,6 +106,18 @@ class DistilledStage(BaseStage):
 
             self.ema.load_state_dict(load_file(str(directory / "generator.ema.safetensors")))
 
+    def before_optimizer_step(self, role: str, step: int) -> None:
+        g = self.cfg.stage.gan
+        if role != "critic" or not g.enabled or gan_active(g, step) or not g.idle_head_updates:
+            return
+        if self.cfg.launcher.name == "deepspeed":
+            return  # ZeRO already holds zero gradients for parameters the backward did not reach
+        # Official (stage.gan.idle_head_updates): idle heads step on zero gradients, as under DeepSpeed,
+        # so every backend trains them identically (tests/test_distilled_stage.py, ZeRO-3 vs DDP).
+        for p in unwrap(self.critic).gan_heads.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
     def role_specs(self) -> dict[str, RoleSpec]:
         d, o = self.cfg.stage.dmd, self.cfg.trainer.optim
         critic_optim = OmegaConf.merge(o, {"lr": d.critic_lr, "betas": list(d.critic_betas),
@@ -127,18 +142,34 @@ class DistilledStage(BaseStage):
                 return model(**inputs, return_dict=False)[0].float()
         return fn
 
+    def _amplified(self, x0, history) -> bool:
+        """The first chunk of a video (no history, no anchor) gets the amplified sampler (spec §8.4)."""
+        return self.cfg.stage.dmd.amplify_first_chunk and bool((x0.abs().sum() == 0) and (history.abs().sum() == 0))
+
     def _rollout(self, batch, x0, history, generator, exit_steps):
         d = self.cfg.stage.dmd
-        empty = bool((x0.abs().sum() == 0) and (history.abs().sum() == 0))  # first chunk: amplified sampler
         noise = torch.randn(batch["target"].shape, generator=generator).to(self.device)
         model = self.roles["generator"].model if exit_steps is not None else self.roles["generator"].module
-        return pyramid_rollout(self._velocity(model, x0, history, batch["prompt_embeds"]), noise, self.scheduler,
-                               d.rollout_steps, d.amplify_first_chunk and empty, generator, "level", exit_steps)
+        velocity = self._velocity(model, x0, history, batch["prompt_embeds"])
+        # ZeRO-3: every rank must run the same forward/backward sequence (helios_train/lockstep.py).
+        lockstep = max_over_ranks(exit_steps, self.device) if (self.sharded and exit_steps is not None) else None
+        result = pyramid_rollout(velocity, noise, self.scheduler, d.rollout_steps, self._amplified(x0, history),
+                                 generator, "level", exit_steps, lockstep=lockstep)
+        if self.sharded and exit_steps is None:
+            t0 = torch.zeros(noise.shape[0], dtype=torch.int64, device=self.device)
+            pad_forwards(result.nfe, lambda: velocity(result.x0, t0), self.device)
+        return result
 
-    def _exit_steps(self, x0, history, generator) -> list[int]:
-        d = self.cfg.stage.dmd
-        amplify = d.amplify_first_chunk and bool((x0.abs().sum() == 0) and (history.abs().sum() == 0))
-        return [int(torch.randint(n * (2 if amplify else 1), (1,), generator=generator)) for n in d.rollout_steps]
+    def _exit_steps(self, step: int, amplified: bool) -> list[int]:
+        """One exit step per pyramid level, uniform in [0, steps of the level).
+
+        Official: the same on every rank (spec §8.4). Drawn from (seed, step) only, so it is also the
+        same for every accumulated micro-batch — 2 ranks × 1 micro-batch still train exactly like
+        1 rank × 2 — and a rank with the amplified first-chunk sampler (twice the steps per level)
+        maps the same uniform draw onto its longer level."""
+        u = torch.rand(len(self.cfg.stage.dmd.rollout_steps),
+                       generator=shared_generator(self.cfg.trainer.seed, step, "dmd-exit-steps"))
+        return [int(u_k * n * (2 if amplified else 1)) for u_k, n in zip(u.tolist(), self.cfg.stage.dmd.rollout_steps)]
 
     def _mu(self, target) -> float:
         t, h, w = target.shape[-3:]
@@ -175,7 +206,7 @@ class DistilledStage(BaseStage):
         return terms
 
     def _generator_loss(self, batch, x0, history, step, generator, logs):
-        exits = self._exit_steps(x0, history, generator)
+        exits = self._exit_steps(step, self._amplified(x0, history))
         x0_gen = self._rollout(batch, x0, history, generator, exits).x0
         b = x0_gen.shape[0]
         t, sigma = sample_generator_t(b, step, self.cfg.stage.dmd, self._mu(x0_gen), generator)
@@ -193,7 +224,7 @@ class DistilledStage(BaseStage):
             real = cond + self.cfg.stage.dmd.real_guidance_scale * (cond - neg)
             grad = dmd_gradient(x0_gen.detach(), fake, real)
         logs.update({"dmd_gradient_norm": float(grad.abs().mean()), "t_mean": float(t.mean()),
-                     "exit_steps": float(sum(exits))})
+                     "exit_steps": float(sum(exits)), "amplified_share": float(self._amplified(x0, history))})
         loss = dmd_loss(x0_gen, grad)
         if gan_active(self.cfg.stage.gan, step):
             loss = loss + self._gan_generator_loss(batch, x0_gen, x0, history, t, s, generator, logs)

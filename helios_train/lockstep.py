@@ -1,0 +1,51 @@
+"""Identical forward/backward sequences on every rank when DeepSpeed ZeRO-3 shards the parameters.
+
+Under ZeRO-3 a forward gathers each module's weights with collectives, a backward pass through a
+(checkpointed) forward gathers them again, and which gathers are needed depends on what the
+previous forwards/backwards released. So every rank must run the same sequence of no-grad forwards,
+grad forwards and backward passes, or the collectives pair up wrongly and the job hangs (measured on
+the toy: a step where one rank draws a first chunk hangs in its backward).
+
+The DMD rollout is data-dependent: a rank whose sample is a first chunk (no history) runs the
+amplified sampler, twice the steps per level (spec §8.4), so the shared exit steps land on different
+positions and the graph reaching the loss differs. Under ZeRO-3 the stage therefore
+
+- takes, per level, the largest exit step over ranks and pads with discarded no-grad forwards
+  (`pyramid_rollout(lockstep=...)`), so every rank runs "n no-grad forwards, then the exit forward";
+- ties every level's exit output to the chunk with weight 0 and gives each exit forward an input that
+  requires grad, so every rank backpropagates through the same forwards and modules;
+- pads fully no-grad rollouts (the critic's) to the longest rank with discarded forwards.
+
+Values and gradients are unchanged; only ranks with shorter rollouts pay extra compute. Under DDP
+and ZeRO-1/2 nothing is padded.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+
+def params_sharded(cfg) -> bool:
+    """True when the launcher shards parameters across ranks (DeepSpeed ZeRO-3)."""
+    return cfg.launcher.name == "deepspeed" and int(cfg.launcher.zero_stage) == 3
+
+
+def max_over_ranks(values: list[int], device: torch.device) -> list[int]:
+    """Element-wise maximum over ranks (collective: every rank must call it)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [int(v) for v in t.tolist()]
+
+
+def pad_forwards(count: int, forward: Callable[[], object], device: torch.device) -> int:
+    """Run `forward()` without grad until this rank has run as many forwards as the busiest rank.
+    Collective. Returns the number of padding forwards."""
+    extra = max_over_ranks([count], device)[0] - count
+    with torch.no_grad():
+        for _ in range(extra):
+            forward()
+    return extra
