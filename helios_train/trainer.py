@@ -23,6 +23,7 @@ from helios_train import checkpoint as ckpt
 from helios_train.backends import build_backend
 from helios_train.data.decoding import SKIP_REASONS
 from helios_train.data.video_dataset import DataPosition, build_loader
+from helios_train.lockstep import params_sharded
 from helios_train.seeding import micro_batch_key
 from helios_train.stages import build_stage
 from helios_train.throughput import Throughput
@@ -82,7 +83,9 @@ class Trainer:
         self.stop_signal: str | None = None
         self.fresh_start = resume_from is None
         self.validator = None
-        if cfg.validation.every > 0 and b.is_main:
+        # Rank 0 renders; under ZeRO-3 every rank must run the sampler's forwards with it (lockstep.py).
+        self.validate_on_all_ranks = params_sharded(cfg)
+        if cfg.validation.every > 0 and (b.is_main or self.validate_on_all_ranks):
             from helios_train.validation import Validator
 
             self.validator = Validator(cfg, run_dir, self.tracker, b.device)
@@ -277,7 +280,8 @@ class Trainer:
         return {"step": self.step, "stopped_by": self.stop_signal, **last}
 
     def _maybe_validate(self) -> None:
-        """Rank 0 renders validation videos; the other ranks wait at the barrier."""
+        """Rank 0 renders validation videos; the other ranks wait at the barrier (under ZeRO-3 they render
+        alongside it without writing, since every forward gathers the sharded weights collectively)."""
         from helios_train.validation import validation_due
 
         if not validation_due(self.cfg.validation, self.step, self.fresh_start):
@@ -288,8 +292,9 @@ class Trainer:
             weights = ema.swap_into(role.module) if (ema is not None and self.cfg.validation.use_ema) \
                 else contextlib.nullcontext()
             with weights:
-                result = self.validator.run(self.step, role.module)
-            tqdm.write(f"[helios-train] step {self.step}: validation videos {result['videos']}")
+                result = self.validator.run(self.step, role.module, write=self.backend.is_main)
+            if self.backend.is_main:
+                tqdm.write(f"[helios-train] step {self.step}: validation videos {result['videos']}")
         self.backend.barrier()
 
     def _log_step(self, logs: dict, batches: list[dict], dt: float) -> dict:

@@ -83,7 +83,9 @@ class Validator:
         return s
 
     @torch.no_grad()
-    def run(self, step: int, transformer) -> dict:
+    def run(self, step: int, transformer, write: bool = True) -> dict:
+        """Render the prompts. Under ZeRO-3 every rank calls this in lockstep (each forward gathers the
+        sharded weights collectively) and only the one with `write` saves and logs the videos."""
         from helios_train.infer import generate, slug, write_mp4
         from helios_train.variants import NEGATIVE_PROMPT
 
@@ -93,7 +95,8 @@ class Validator:
         pipe = build_pipeline(self.variant, transformer, vae, enc, tok)
         pipe.set_progress_bar_config(disable=True)
         out_dir = self.run_dir / "validation" / f"step-{step}"
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if write:
+            out_dir.mkdir(parents=True, exist_ok=True)
         s, v = self.settings(), self.vcfg
         videos, drift = {}, None
         try:
@@ -101,12 +104,15 @@ class Validator:
                 frames = generate(pipe, self.variant, prompt, s, v.num_frames, v.height, v.width, v.seed + i,
                                   NEGATIVE_PROMPT)
                 path = out_dir / f"{i:02d}_{slug(prompt)}.mp4"
-                write_mp4(frames, path)
+                if write:
+                    write_mp4(frames, path)
                 videos[f"validation/video_{i}"] = path
                 if i == 0:
                     drift = drift_stats(frames)
         finally:
             transformer.train(was_training)
+        if not write:
+            return {"videos": [], "drift": drift}
         (out_dir / "drift.json").write_text(json.dumps(drift, indent=1))
         self.tracker.log_media(step, videos, drift)
         return {"videos": [str(p) for p in videos.values()], "drift": drift}

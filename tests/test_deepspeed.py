@@ -174,3 +174,26 @@ def test_zero_trains_checkpoints_resumes_exactly_and_matches_ddp(toy_root, tmp_p
         assert set(wb) == set(weights)
         for k in weights:
             np.testing.assert_allclose(weights[k].numpy(), wb[k].numpy(), rtol=0, atol=1e-5, err_msg=f"{other}: {k}")
+
+
+@pytest.mark.slow
+def test_zero3_validation_renders_in_lockstep_and_matches_one_process(toy_root, tmp_path):
+    """Under ZeRO-3 every forward gathers the sharded weights collectively, so rank 0 cannot render alone
+    (the run hung at step 0's validation before). All ranks sample, rank 0 writes: the step-0 video
+    (weights = init) equals a one-process run's frame for frame."""
+    import decord
+
+    from conftest import train
+
+    val = ["validation.every=1", "validation.num_frames=33", "validation.height=64", "validation.width=128",
+           "validation.steps=2", "trainer.max_steps=1", "data.num_workers=0"]
+    torchrun(toy_root, tmp_path, "launcher=deepspeed_zero3", *val, "run_name=z3")
+    train(toy_root, tmp_path, [*val, "run_name=one"])
+    videos = {}
+    for run in ("z3", "one"):
+        files = sorted((tmp_path / run / "validation" / "step-0").glob("*.mp4"))
+        assert len(files) == 1, files
+        videos[run] = decord.VideoReader(str(files[0]))[:].asnumpy()
+        assert (tmp_path / run / "validation" / "step-1" / "drift.json").is_file()
+    assert videos["z3"].shape == (33, 64, 128, 3)
+    np.testing.assert_array_equal(videos["z3"], videos["one"])
