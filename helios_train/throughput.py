@@ -30,7 +30,8 @@ class Throughput:
         self._counter: FlopCounterMode | None = None
 
     def measuring(self):
-        """Context for the step whose FLOPs are counted (the first step this process runs)."""
+        """Context for the step whose FLOPs are counted: the run's first step (a resumed run takes the count
+        from its checkpoint, so counting never perturbs a step an uninterrupted run did not count)."""
         if not self.cfg.count_flops or self.flops_per_step is not None:
             return contextlib.nullcontext()
         self._counter = FlopCounterMode(display=False)

@@ -75,11 +75,11 @@ class Trainer:
         self.nonfinite_total = 0
         self.position = DataPosition()
         self.tracker = Tracker(cfg.tracker, run_dir, cfg.run_name, plain_config, enabled=b.is_main)
+        self.throughput = Throughput(tc.perf, b.device, b.world_size)
         if resume_from is not None:
             self._load(resume_from)
             self.tracker.truncate_after(self.step)
         self.shards = shards
-        self.throughput = Throughput(tc.perf, b.device, b.world_size)
         self.stop_signal: str | None = None
         self.fresh_start = resume_from is None
         self.validator = None
@@ -124,6 +124,10 @@ class Trainer:
                 "consecutive_nonfinite": self.consecutive_nonfinite,
                 "world_size": b.world_size,
                 "stage": self.stage.state_dict(),
+                # A resumed run reuses the count instead of counting its first step again: the
+                # FlopCounterMode dispatch changes kernel choices (1e-9 differences), which would make
+                # the resumed step differ from the uninterrupted run's.
+                "flops_per_step": self.throughput.flops_per_step,
             }
             ckpt.write_json(state, tmp / "trainer_state.json")
         b.barrier()
@@ -153,6 +157,7 @@ class Trainer:
         self.nonfinite_total = state["nonfinite_total"]
         self.consecutive_nonfinite = state["consecutive_nonfinite"]
         self.stage.load_state_dict(state["stage"])
+        self.throughput.flops_per_step = state.get("flops_per_step")
         if b.is_main:
             tqdm.write(f"[helios-train] resumed from {path} at step {self.step}")
 
