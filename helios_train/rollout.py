@@ -119,4 +119,3 @@ def pyramid_rollout(velocity: VelocityFn, noise: torch.Tensor, scheduler, steps=
     if lockstep is not None:  # every level's exit forward is backpropagated on every rank
         latents = latents + sum(0.0 * o.sum() for o in outputs[:-1])
     return RolloutResult(latents, outputs, nfe)
-

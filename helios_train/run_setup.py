@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from helios_train import checkpoint as ckpt
 from helios_train.data.shards import expand_shards
 from helios_train.data.video_dataset import check_slots
+from helios_train.lockstep import params_sharded
 from helios_train.stages import check_stage_name
 from helios_train.tracking import redact
 
@@ -83,7 +84,7 @@ def _validate_objective(cfg: DictConfig) -> None:
     if cfg.stage.objective == "ode" and cfg.stage.ode.num_chunks > cfg.data.min_chunks:
         raise ConfigError(f"stage.ode.num_chunks={cfg.stage.ode.num_chunks} > data.min_chunks={cfg.data.min_chunks}: "
                           "shorter samples could not supply that many chunks")
-    if cfg.stage.ema.enabled and cfg.launcher.name == "deepspeed" and cfg.launcher.zero_stage == 3:
+    if cfg.stage.ema.enabled and params_sharded(cfg):
         raise ConfigError("stage.ema.enabled=true with launcher.zero_stage=3: the generator EMA needs whole "
                           "parameters and ZeRO-3 shards them; use launcher=deepspeed_zero2 (with "
                           "launcher.offload_optimizer=true to fit 14B DMD) or stage.ema.enabled=false")

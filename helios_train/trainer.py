@@ -84,8 +84,7 @@ class Trainer:
         self.fresh_start = resume_from is None
         self.validator = None
         # Rank 0 renders; under ZeRO-3 every rank must run the sampler's forwards with it (lockstep.py).
-        self.validate_on_all_ranks = params_sharded(cfg)
-        if cfg.validation.every > 0 and (b.is_main or self.validate_on_all_ranks):
+        if cfg.validation.every > 0 and (b.is_main or params_sharded(cfg)):
             from helios_train.validation import Validator
 
             self.validator = Validator(cfg, run_dir, self.tracker, b.device)

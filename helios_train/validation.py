@@ -103,12 +103,11 @@ class Validator:
             for i, prompt in enumerate(v.prompts):
                 frames = generate(pipe, self.variant, prompt, s, v.num_frames, v.height, v.width, v.seed + i,
                                   NEGATIVE_PROMPT)
-                path = out_dir / f"{i:02d}_{slug(prompt)}.mp4"
-                if write:
-                    write_mp4(frames, path)
-                videos[f"validation/video_{i}"] = path
                 if i == 0:
                     drift = drift_stats(frames)
+                if write:
+                    videos[f"validation/video_{i}"] = out_dir / f"{i:02d}_{slug(prompt)}.mp4"
+                    write_mp4(frames, videos[f"validation/video_{i}"])
         finally:
             transformer.train(was_training)
         if not write:

@@ -206,7 +206,8 @@ class DistilledStage(BaseStage):
         return terms
 
     def _generator_loss(self, batch, x0, history, step, generator, logs):
-        exits = self._exit_steps(step, self._amplified(x0, history))
+        amplified = self._amplified(x0, history)
+        exits = self._exit_steps(step, amplified)
         x0_gen = self._rollout(batch, x0, history, generator, exits).x0
         b = x0_gen.shape[0]
         t, sigma = sample_generator_t(b, step, self.cfg.stage.dmd, self._mu(x0_gen), generator)
@@ -224,7 +225,7 @@ class DistilledStage(BaseStage):
             real = cond + self.cfg.stage.dmd.real_guidance_scale * (cond - neg)
             grad = dmd_gradient(x0_gen.detach(), fake, real)
         logs.update({"dmd_gradient_norm": float(grad.abs().mean()), "t_mean": float(t.mean()),
-                     "exit_steps": float(sum(exits)), "amplified_share": float(self._amplified(x0, history))})
+                     "exit_steps": float(sum(exits)), "amplified_share": float(amplified)})
         loss = dmd_loss(x0_gen, grad)
         if gan_active(self.cfg.stage.gan, step):
             loss = loss + self._gan_generator_loss(batch, x0_gen, x0, history, t, s, generator, logs)
