@@ -1,6 +1,7 @@
 """Memory-patch init: a mid/long patch on a block-constant input equals the patch embed on its average."""
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import HeliosTransformer3DModel
 
@@ -34,3 +35,38 @@ def test_init_changes_random_patches():
     before = model.patch_mid.weight.clone()
     init_memory_patches(model)
     assert not torch.allclose(before, model.patch_mid.weight)
+
+
+def _wan_like_checkpoint(root):
+    """A Helios transformer folder without patch_short/mid/long: what a Wan2.1-T2V checkpoint gives."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(2)
+    HeliosTransformer3DModel(**TINY).save_pretrained(root / "transformer")
+    weights = root / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = {k: v for k, v in load_file(str(weights)).items() if not k.startswith(("patch_short", "patch_mid", "patch_long"))}
+    save_file(state, str(weights))
+    return state
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_wan_checkpoint_without_memory_patches_loads_in_both_dtypes(tmp_path, dtype):
+    """Stage-1 init from Wan2.1: diffusers leaves the absent patches on the meta device; loading must give
+    them storage in the weight dtype and initialise them from the *loaded* patch embedding (this failed
+    with 'Cannot copy out of meta tensor' in fp32 and bf16 before)."""
+    from types import SimpleNamespace as NS
+
+    from helios_train.model.loading import load_transformer
+    from helios_train.model.memory_patches import expanded_kernel
+
+    state = _wan_like_checkpoint(tmp_path)
+    cfg = NS(transformer_path=None, path=str(tmp_path), transformer_subfolder="transformer", weight_dtype=dtype,
+             gradient_checkpointing=False)
+    model = load_transformer(cfg)
+    want = torch.float32 if dtype == "fp32" else torch.bfloat16
+    assert not any(p.is_meta for p in model.parameters())
+    assert model.patch_mid.weight.dtype == model.patch_embedding.weight.dtype == want
+    loaded = state["patch_embedding.weight"].to(want).float()
+    torch.testing.assert_close(model.patch_embedding.weight.float(), loaded)
+    torch.testing.assert_close(model.patch_long.weight.float(), expanded_kernel(loaded, 4).to(want).float())
+    torch.testing.assert_close(model.patch_short.bias.float(), state["patch_embedding.bias"].to(want).float())

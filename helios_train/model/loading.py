@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from helios_train.model.memory_patches import init_memory_patches, memory_patches_missing
+from helios_train.model.memory_patches import init_memory_patches, materialise_memory_patches, memory_patches_missing
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -44,32 +44,32 @@ def load_transformer(model_cfg, trainables_cfg=None, device="cpu"):
     else:
         kwargs = {"pretrained_model_name_or_path": model_cfg.path, "subfolder": model_cfg.transformer_subfolder}
     dtype = torch_dtype(model_cfg.weight_dtype)
-    try:
-        model, info = HeliosTransformer3DModel.from_pretrained(**kwargs, dtype=dtype, output_loading_info=True)
-    except (ValueError, RuntimeError) as exn:
-        if "missing" not in str(exn).lower():
-            raise
-        # A Wan2.1 checkpoint has no patch_short/mid/long: build them on CPU, initialise them below.
-        model, info = HeliosTransformer3DModel.from_pretrained(
-            **kwargs, dtype=dtype, output_loading_info=True, low_cpu_mem_usage=False
-        )
+    model, info = HeliosTransformer3DModel.from_pretrained(**kwargs, dtype=dtype, output_loading_info=True)
     policy = trainables_cfg.memory_patch_init if trainables_cfg is not None else "after_load"
     if policy not in ("after_load", "official"):
         raise ValueError(f"stage.trainables.memory_patch_init={policy!r}: expected after_load | official")
     if memory_patches_missing(info):
-        # Starting from Wan2.1 (stage 1 init): the checkpoint has no memory patches. A checkpoint that
-        # has them (Helios-Base, our exports) is never re-initialised: they were trained.
+        # Starting from Wan2.1 (stage 1 init): the checkpoint has no memory patches. diffusers leaves
+        # tensors it did not find on the meta device (no storage), so they are materialised here in
+        # the patch embedding's dtype before being initialised. A checkpoint that has them
+        # (Helios-Base, our exports) is never re-initialised: they were trained.
+        materialise_memory_patches(model)
         if policy == "after_load":
             init_memory_patches(model)
             log.info("memory patches initialised from the loaded patch_embedding")
         else:
-            # Official order bug (spec §4, §12.1): the init ran on the *random* patch embedding.
+            # Official order bug (train_helios.py builds the patches in __init__, before the Wan weights
+            # load): the init ran on the *random* patch embedding.
             random_embed = torch.nn.Conv3d(
                 model.patch_embedding.in_channels, model.patch_embedding.out_channels,
                 model.patch_embedding.kernel_size, model.patch_embedding.stride,
             )
             init_memory_patches(model, source=random_embed)
             log.warning("memory_patch_init=official: memory patches derived from a random patch embedding")
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise ValueError(f"{kwargs['pretrained_model_name_or_path']}: the checkpoint lacks {len(still_meta)} tensors "
+                         f"besides the memory patches (e.g. {still_meta[:3]}); is it a Helios / Wan2.1-T2V folder?")
     if model_cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model.to(device)

@@ -37,8 +37,22 @@ def init_memory_patches(transformer: nn.Module, source: nn.Conv3d | None = None)
         dst.bias.copy_(src.bias.to(dst.bias.dtype))
 
 
+MEMORY_PATCHES = ("patch_short", "patch_mid", "patch_long")
+
+
+def materialise_memory_patches(transformer: nn.Module) -> None:
+    """Give memory patches that a checkpoint did not contain (left on the meta device) real storage in
+    the patch embedding's dtype and device; their values are set by `init_memory_patches`."""
+    ref = transformer.patch_embedding.weight
+    for name in MEMORY_PATCHES:
+        patch = getattr(transformer, name, None)
+        if patch is not None and any(p.is_meta for p in patch.parameters()):
+            patch.to_empty(device=ref.device)
+            patch.to(ref.dtype)
+
+
 def memory_patches_missing(load_info: dict | None) -> bool:
     """True when the loaded checkpoint had no patch_short/mid/long weights (e.g. plain Wan2.1)."""
     if not load_info:
         return False
-    return any(k.startswith(("patch_short", "patch_mid", "patch_long")) for k in load_info.get("missing_keys", []))
+    return any(k.startswith(MEMORY_PATCHES) for k in load_info.get("missing_keys", []))
