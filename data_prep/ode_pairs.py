@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from data_prep.encode_latents import _npy
+from helios_train.model.loading import torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def sample_members(key: str, prompt: str, embed: torch.Tensor, chunks: list[list
 
 def make_ode_pairs(teacher, prompts_file, out_dir, num_chunks=5, height=384, width=640, steps=(20, 20, 20),
                    student_steps=(2, 2, 2), guidance=5.0, per_shard=100, seed=42, shard_index=0,
-                   num_shards_total=1, device="cpu", mu_from="level", max_length=512) -> dict:
+                   num_shards_total=1, device="cpu", mu_from="level", max_length=512, dtype="fp32") -> dict:
     import webdataset as wds
     from helios_train.variants import NEGATIVE_PROMPT
 
@@ -97,7 +98,8 @@ def make_ode_pairs(teacher, prompts_file, out_dir, num_chunks=5, height=384, wid
     items = [(f"{prompts_file.stem}_{i:05d}", p) for i, p in enumerate(lines) if p][shard_index::num_shards_total]
     groups = [items[i: i + per_shard] for i in range(0, len(items), per_shard)]
     settings = {"teacher": str(teacher), "steps": list(steps), "student_steps": list(student_steps),
-                "guidance_scale": guidance, "height": height, "width": width, "seed": seed, "mu_from": mu_from}
+                "guidance_scale": guidance, "height": height, "width": width, "seed": seed, "mu_from": mu_from,
+                "dtype": dtype}
     summary = {"shards_written": 0, "shards_skipped_existing": 0, "samples": 0}
     pipe = None
     for g, group in enumerate(groups):
@@ -105,7 +107,7 @@ def make_ode_pairs(teacher, prompts_file, out_dir, num_chunks=5, height=384, wid
         if dst.is_file():
             summary["shards_skipped_existing"] += 1
             continue
-        pipe = pipe or load_teacher(teacher, device, student_steps=student_steps, mu_from=mu_from)
+        pipe = pipe or load_teacher(teacher, device, torch_dtype(dtype), student_steps=student_steps, mu_from=mu_from)
         tmp = dst.with_suffix(".tar.tmp")
         with wds.TarWriter(str(tmp)) as sink:
             for key, prompt in group:
@@ -139,10 +141,12 @@ def main(argv=None) -> dict:
                     help="linear shift μ from the level's tokens (official ODE code) or the previous level's (diffusers)")
     ap.add_argument("--text-max-length", type=int, default=512)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if torch.cuda.is_available() else "fp32",
+                    help="teacher transformer / text encoder dtype (the VAE stays fp32); official: bf16")
     a = ap.parse_args(argv)
     summary = make_ode_pairs(a.teacher, a.prompts, a.out, a.num_chunks, a.height, a.width, a.steps, a.student_steps,
                              a.guidance, a.per_shard, a.seed, a.shard_index, a.num_shards_total, a.device,
-                             a.mu_from, a.text_max_length)
+                             a.mu_from, a.text_max_length, a.dtype)
     print(json.dumps(summary))
     return summary
 

@@ -20,12 +20,16 @@ def run(cfg: DictConfig) -> dict:
     from helios_train.trainer import Trainer
     from helios_train.tracking import wandb_env_defaults
 
+    from helios_train.precision import resolve_precision
+
     wandb_env_defaults()
     if cfg.plan:
         from helios_train.plan import run_plan
 
+        resolve_precision(cfg, device=None)  # planning for GPUs: no probe of this machine
         return run_plan(cfg)
     run_setup.validate(cfg)
+    resolve_precision(cfg, run_setup.training_device(cfg))
     is_main = int(os.environ.get("RANK", 0)) == 0
     run_setup.ensure_toy_assets(cfg)  # file-locked: every rank may call it
     shards = run_setup.resolve_shards(cfg, run_setup.world_size())

@@ -60,7 +60,7 @@ class ModelConfig:
     transformer_path: Optional[str] = None  # overrides <path>/<transformer_subfolder>
     transformer_subfolder: str = "transformer"
     build_toy: bool = False  # build the tiny random checkpoint at `path` when missing
-    weight_dtype: str = "fp32"  # frozen base weights: fp32 | bf16 (trainables always fp32)
+    weight_dtype: str = "fp32"  # frozen base weights: fp32 | bf16 (trainables always fp32; helios_train/precision.py)
     gradient_checkpointing: bool = False
     text_max_length: int = 512
     # Speed options (GPU runs; all work on CPU too): diffusers attention dispatcher backend
@@ -146,7 +146,9 @@ class TrainerConfig:
     max_steps: int = 30
     grad_accum_steps: int = 1
     optim: OptimConfig = field(default_factory=OptimConfig)
-    mixed_precision: str = "no"  # no | bf16 (autocast on CUDA; CPU runs fp32 unless asked)
+    # auto (bf16 autocast exactly when model.weight_dtype=bf16, the official setting) | no | bf16;
+    # impossible combinations fail at start-up (helios_train/precision.py)
+    mixed_precision: str = "auto"
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 43
     seed_per_rank: bool = True  # False = official behaviour: every rank draws the same noise/timesteps

@@ -22,6 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from helios_train import checkpoint as ckpt
+from helios_train.model.loading import cast_weights, torch_dtype
 from helios_train.variants import build_pipeline, check_variant
 
 COMPONENTS = ("vae", "text_encoder", "tokenizer")
@@ -74,7 +75,10 @@ def fuse(transformer):
 
 
 def export(checkpoint, out_dir, variant: str | None = None, link: bool = False, role: str = "generator",
-           use_ema: bool = False) -> Path:
+           use_ema: bool = False, dtype: str | None = None) -> Path:
+    """Fuse the checkpoint's trainables into its base and write a diffusers-layout folder. `dtype`
+    (fp32 | bf16; default: the run's model.weight_dtype) is the transformer's saved dtype, fp32-kept
+    modules excepted; the fp32 LoRA delta is merged before the cast."""
     from diffusers import AutoencoderKLWan
     from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -98,7 +102,7 @@ def export(checkpoint, out_dir, variant: str | None = None, link: bool = False, 
         with torch.no_grad():
             for name, value in ckpt_state.items():
                 params[name].copy_(value.to(params[name].dtype))
-    transformer = fuse(transformer)
+    transformer = cast_weights(fuse(transformer), torch_dtype(dtype or cfg.model.weight_dtype))
     model_root = Path(cfg.model.path)
     # Saving through the pipeline writes model_index.json exactly as diffusers expects for the class.
     vae = AutoencoderKLWan.from_pretrained(model_root, subfolder="vae")
@@ -111,6 +115,7 @@ def export(checkpoint, out_dir, variant: str | None = None, link: bool = False, 
             os.symlink((model_root / name).resolve(), tmp / name)
     state = ckpt.read_json(src / "trainer_state.json")
     manifest = {"variant": variant, "source_checkpoint": str(src.resolve()), "step": state["step"], "ema": use_ema,
+                "dtype": dtype or cfg.model.weight_dtype,
                 "stage": cfg.stage.name, "config_hash": config_hash(cfg), "run_name": cfg.run_name}
     (tmp / "helios_export.json").write_text(json.dumps(manifest, indent=2))
     if out.exists():
@@ -126,9 +131,10 @@ def main() -> None:
     ap.add_argument("--variant", choices=["base", "mid", "distilled"], help="default: the run's stage")
     ap.add_argument("--link", action="store_true", help="symlink vae/text_encoder/tokenizer instead of copying")
     ap.add_argument("--ema", action="store_true", help="export the EMA weights (Distilled stage)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], help="saved transformer dtype (default: the run's model.weight_dtype)")
     a = ap.parse_args()
     with torch.no_grad():
-        print(f"exported {export(a.checkpoint, a.out, a.variant, a.link, use_ema=a.ema)}")
+        print(f"exported {export(a.checkpoint, a.out, a.variant, a.link, use_ema=a.ema, dtype=a.dtype)}")
 
 
 if __name__ == "__main__":

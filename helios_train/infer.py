@@ -46,7 +46,9 @@ def load_pipeline(checkpoint, variant: str | None = None, dtype=torch.float32, d
         variant = variant or saved
         from helios_train.variants import pipeline_class, sample_as
 
-        pipe = pipeline_class(variant).from_pretrained(path, dtype=dtype)
+        # The VAE stays fp32 whatever the dtype (every official script); the transformer keeps its
+        # fp32 modules itself (`_keep_in_fp32_modules`).
+        pipe = pipeline_class(variant).from_pretrained(path, dtype={"default": dtype, "vae": torch.float32})
         use_float64_block_noise(pipe)
         if variant != saved:  # e.g. --variant distilled on a Mid folder: the few-step sampler on Mid weights
             sample_as(pipe, variant)
@@ -55,11 +57,14 @@ def load_pipeline(checkpoint, variant: str | None = None, dtype=torch.float32, d
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     from helios_train.export import load_trained_transformer, resolve_checkpoint, run_config
+    from helios_train.model.loading import cast_weights
 
     src = resolve_checkpoint(path)
     cfg = run_config(src)
     variant = variant or cfg.stage.name
-    transformer = load_trained_transformer(src, cfg=cfg).to(dtype)
+    # The trained tensors (fp32) are cast with the base, fp32-kept modules excepted, so the pipeline's
+    # inputs (cast to transformer.dtype) match every weight without autocast, as after from_pretrained.
+    transformer = cast_weights(load_trained_transformer(src, cfg=cfg), dtype)
     root = Path(cfg.model.path)
     pipe = build_pipeline(
         variant, transformer,

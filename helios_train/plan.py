@@ -136,7 +136,9 @@ def dmd_tokens(cfg, model) -> dict[str, int]:
 
 
 def _act_bytes(cfg) -> int:
-    return 2 if cfg.trainer.mixed_precision == "bf16" or cfg.model.weight_dtype in ("bf16", "fp16") else 4
+    from helios_train.precision import mixed_precision
+
+    return 2 if mixed_precision(cfg) == "bf16" or cfg.model.weight_dtype == "bf16" else 4
 
 
 # -- pricing --------------------------------------------------------------------------------------

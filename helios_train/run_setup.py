@@ -22,7 +22,6 @@ from helios_train.tracking import redact
 COMPAT_SECTIONS = ("stage", "model")
 CHOICES = {
     "data.mode": ("latents", "raw", "ode_pairs"),
-    "trainer.mixed_precision": ("no", "bf16"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "launcher.name": ("single", "ddp", "deepspeed"),
     "tracker.mode": ("online", "offline", "disabled"),
@@ -185,6 +184,16 @@ def prepare_run_dir(cfg: DictConfig, is_main: bool) -> tuple[Path, Optional[Path
     elif is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
     return run_dir, resume_from, config
+
+
+def training_device(cfg: DictConfig):
+    """The device type the run will train on (`trainer.device`), without touching CUDA state."""
+    import torch
+
+    name = cfg.trainer.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
 
 
 def world_size() -> int:

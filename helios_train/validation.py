@@ -16,6 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from helios_train.precision import forward_autocast, mixed_precision
 from helios_train.variants import DEFAULTS, SamplerSettings, build_pipeline
 
 TOKYO = ("A stylish woman walks down a Tokyo street filled with warm glowing neon and animated city signage. She "
@@ -99,15 +100,18 @@ class Validator:
             out_dir.mkdir(parents=True, exist_ok=True)
         s, v = self.settings(), self.vcfg
         videos, drift = {}, None
+        # The live model mixes bf16 frozen weights with fp32 trainables: only its forward runs under the
+        # run's autocast, the VAE decode stays fp32.
         try:
-            for i, prompt in enumerate(v.prompts):
-                frames = generate(pipe, self.variant, prompt, s, v.num_frames, v.height, v.width, v.seed + i,
-                                  NEGATIVE_PROMPT)
-                if i == 0:
-                    drift = drift_stats(frames)
-                if write:
-                    videos[f"validation/video_{i}"] = out_dir / f"{i:02d}_{slug(prompt)}.mp4"
-                    write_mp4(frames, videos[f"validation/video_{i}"])
+            with forward_autocast(transformer, self.device, mixed_precision(self.cfg)):
+                for i, prompt in enumerate(v.prompts):
+                    frames = generate(pipe, self.variant, prompt, s, v.num_frames, v.height, v.width, v.seed + i,
+                                      NEGATIVE_PROMPT)
+                    if i == 0:
+                        drift = drift_stats(frames)
+                    if write:
+                        videos[f"validation/video_{i}"] = out_dir / f"{i:02d}_{slug(prompt)}.mp4"
+                        write_mp4(frames, videos[f"validation/video_{i}"])
         finally:
             transformer.train(was_training)
         if not write:

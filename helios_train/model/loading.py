@@ -24,6 +24,25 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def keeps_fp32(model, name: str) -> bool:
+    """True for a parameter diffusers keeps in fp32 whatever the load dtype (`_keep_in_fp32_modules`:
+    time embedder, norms, scale-shift tables, history key scale), matched on name components as
+    `from_pretrained(dtype=...)` matches them."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    return any(k in name.split(".") for k in keep)
+
+
+def cast_weights(model, dtype: torch.dtype):
+    """Cast every floating parameter/buffer to `dtype` except the fp32-kept modules — what
+    `from_pretrained(dtype=...)` does, for a model already in memory (`model.to(dtype)` would cast the
+    norms and time embedder too; diffusers warns about exactly that)."""
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.is_floating_point() and tensor.dtype != dtype and not keeps_fp32(model, name):
+                tensor.data = tensor.data.to(dtype)
+    return model
+
+
 def check_model_dir(model_cfg) -> None:
     """Fail before any work when the folder is not a diffusers-layout Helios/Wan checkpoint."""
     root = model_cfg.transformer_path or os.path.join(model_cfg.path, model_cfg.transformer_subfolder)

@@ -8,14 +8,13 @@ One micro-batch (spec §2, §3, §5, §9):
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from helios_train.anti_drift import add_saturation, corrupt_history, corrupt_target
 from helios_train.history import model_inputs, token_counts
 from helios_train.model.loading import apply_speed_options, load_transformer
 from helios_train.model.trainables import apply_trainable_policy
+from helios_train.precision import autocast, mixed_precision
 from helios_train.stages import RoleSpec, Stage
 from helios_train.task_dropout import apply_task_dropout
 from helios_train.timesteps import add_noise, flow_target, sample_training_sigmas, seq_len_for
@@ -46,9 +45,7 @@ class BaseStage(Stage):
         return batch
 
     def autocast(self):
-        if self.cfg.trainer.mixed_precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device, mixed_precision(self.cfg))
 
     def condition(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Task dropout then anti-drift degradations on (x0, history); returns what was applied."""
