@@ -4,6 +4,9 @@
     root/raw/      synthetic moving-shape mp4 videos in WebDataset shards (data_prep/toy_videos.py)
     root/latents/  the same videos VAE-encoded per 33-frame chunk + prompt embeddings (encode_latents.py)
 
+Other model specs (`data_prep/toy_checkpoint.py:SPECS`, e.g. `helios_14b_shape`) get their own model and
+latents under root/<spec>/ and share root/raw/.
+
 Each part is marked complete by a `COMPLETE` file; a file lock lets several processes (torchrun
 ranks, parallel tests) call `ensure_toy_assets` at once: one builds, the others wait and reuse.
 """
@@ -33,21 +36,22 @@ def _part(path: Path, label: str, build) -> None:
     print(f"[helios-train] built toy {label} in {time.perf_counter() - t0:.1f}s -> {path}", flush=True)
 
 
-def ensure_toy_assets(root, seed: int = 0) -> ToyAssets:
+def ensure_toy_assets(root, seed: int = 0, spec: str = "toy") -> ToyAssets:
     from data_prep.encode_latents import encode_shards
     from data_prep.toy_checkpoint import build_toy_checkpoint
     from data_prep.toy_videos import build_toy_videos
 
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    home = root if spec == "toy" else root / spec
+    home.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            _part(root / "model", "checkpoint", lambda: build_toy_checkpoint(root / "model", seed))
+            _part(home / "model", f"{spec} checkpoint", lambda: build_toy_checkpoint(home / "model", seed, spec))
             _part(root / "raw", "videos", lambda: build_toy_videos(root / "raw", seed=seed))
             raw = sorted((root / "raw").glob("raw-*.tar"))
-            _part(root / "latents", "latents",
-                  lambda: encode_shards(raw, root / "latents", root / "model", min_frames=99, seed=seed))
+            _part(home / "latents", f"{spec} latents",
+                  lambda: encode_shards(raw, home / "latents", home / "model", min_frames=99, seed=seed))
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-    return ToyAssets(root / "model", raw, sorted((root / "latents").glob("latent-*.tar")))
+    return ToyAssets(home / "model", raw, sorted((home / "latents").glob("latent-*.tar")))

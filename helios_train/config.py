@@ -60,6 +60,7 @@ class ModelConfig:
     transformer_path: Optional[str] = None  # overrides <path>/<transformer_subfolder>
     transformer_subfolder: str = "transformer"
     build_toy: bool = False  # build the tiny random checkpoint at `path` when missing
+    toy_spec: str = "toy"  # which tiny architecture build_toy builds: toy | helios_14b_shape (data_prep/toy_checkpoint.py)
     weight_dtype: str = "fp32"  # frozen base weights: fp32 | bf16 (trainables always fp32; helios_train/precision.py)
     gradient_checkpointing: bool = False
     text_max_length: int = 512
@@ -68,7 +69,9 @@ class ModelConfig:
     # torch.compile of the repeated transformer blocks (compiles one block, reuses it 40×).
     attention_backend: str = "native"
     compile_blocks: bool = False
-    # Transformer config overrides applied when building from scratch (toy) — empty for real weights.
+    # Changes to the transformer's config.json where a model is built from its config instead of its
+    # weights — the dry run and the planner (e.g. num_layers=8 for a quicker dry run); real loading
+    # refuses them (a checkpoint has one architecture).
     transformer_overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -198,6 +201,9 @@ class Config:
     resume: str = "auto"
     # plan=true: print the per-GPU memory plan of this stage/model/launcher (meta device, no weights) and exit.
     plan: bool = False
+    # dry_run=true: one real training step of this configuration at full size on fake tensors (no weights
+    # read, no memory allocated); prints measured vs planned memory per GPU (helios_train/dry_run.py).
+    dry_run: bool = False
     plan_gpus: int = 8
     plan_gpu_memory_gb: float = 80.0
 

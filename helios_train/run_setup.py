@@ -104,7 +104,7 @@ def ensure_toy_assets(cfg: DictConfig) -> None:
     if cfg.model.build_toy or cfg.data.build_toy:
         from data_prep.toy_data import ensure_toy_assets as build
 
-        build(Path(cfg.toy_root), seed=cfg.data.toy.seed)
+        build(Path(cfg.toy_root), seed=cfg.data.toy.seed, spec=cfg.model.toy_spec)
 
 
 def resolve_shards(cfg: DictConfig, world_size: int) -> list[str]:
