@@ -215,20 +215,12 @@ def measure(config: str, toy_root: Path, profile: bool) -> dict:
 
 
 def planner_14b() -> dict[str, tuple[float, float]]:
-    """Per-GPU GB of Base r128 and DMD r256 on 8 GPUs from `python -m helios_train.plan`'s functions."""
-    from hydra import compose, initialize_config_dir
+    """Per-GPU GB of Base r128 (stage_1_init) and DMD r256 (stage_3_post, EMA off so ZeRO-3 is comparable)
+    on 8 GPUs from `python -m helios_train.plan`'s functions."""
+    from helios_train.plan import BACKENDS, GB, plan, recipe_config
 
-    from helios_train.__main__ import CONF_DIR
-    from helios_train.plan import BACKENDS, plan_dmd, run_plan
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            "experiment=stage_1_init", "model=helios_14b", "model.path=/nonexistent", "data=webdataset",
-            "trainer.mixed_precision=bf16"])
-    with contextlib.redirect_stdout(io.StringIO()):
-        base = {be: run_plan(cfg, be)["per_gpu_gb"] for be in BACKENDS}
-        dmd = {be: sum(v for k, v in rows.items() if k != "offloaded_cpu") for be, rows in plan_dmd(cfg).items()}
-    return {be: (base[be], dmd[be]) for be in BACKENDS}
+    base, dmd = recipe_config("stage_1_init"), recipe_config("stage_3_post", ["stage.ema.enabled=false"])
+    return {be: (plan(base, be)["total"] / GB, plan(dmd, be)["total"] / GB) for be in BACKENDS}
 
 
 def report(results: dict[str, dict], profiled: dict[str, dict], planner: dict | None) -> str:

@@ -9,18 +9,15 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from helios_train.config import register_configs
+from helios_train.config import CONF_DIR, register_configs
 
-CONF_DIR = os.environ.get("HELIOS_CONF_DIR", str(Path(__file__).resolve().parent.parent / "conf"))
 register_configs()
 
 
 def run(cfg: DictConfig) -> dict:
-    from helios_train import run_setup
-    from helios_train.trainer import Trainer
-    from helios_train.tracking import wandb_env_defaults
-
+    """Everything `python -m helios_train` does for a composed config: plan, dry run, or train."""
     from helios_train.precision import resolve_precision
+    from helios_train.tracking import wandb_env_defaults
 
     wandb_env_defaults()
     if cfg.plan:
@@ -28,17 +25,32 @@ def run(cfg: DictConfig) -> dict:
 
         resolve_precision(cfg, device=None)  # planning for GPUs: no probe of this machine
         return run_plan(cfg)
+    if cfg.dry_run:
+        from helios_train import run_setup
+        from helios_train.dry_run import run_dry
+
+        run_setup.validate(cfg, dry_run=True)
+        resolve_precision(cfg, device=None)  # measuring for GPUs: no probe of this machine
+        run_setup.ensure_toy_assets(cfg)  # a toy model's config.json (nothing else is read)
+        return run_dry(cfg)
+    return build_trainer(cfg).train()
+
+
+def build_trainer(cfg: DictConfig):
+    """Every check and set-up step before the first training step, then the Trainer (not started)."""
+    from helios_train import run_setup
+    from helios_train.model.loading import check_model_dir
+    from helios_train.precision import resolve_precision
+    from helios_train.trainer import Trainer
+
     run_setup.validate(cfg)
     resolve_precision(cfg, run_setup.training_device(cfg))
     is_main = int(os.environ.get("RANK", 0)) == 0
     run_setup.ensure_toy_assets(cfg)  # file-locked: every rank may call it
     shards = run_setup.resolve_shards(cfg, run_setup.world_size())
-    from helios_train.model.loading import check_model_dir
-
     check_model_dir(cfg.model)
     run_dir, resume_from, config = run_setup.prepare_run_dir(cfg, is_main)
-    trainer = Trainer(cfg, run_dir, shards, resume_from, config)
-    return trainer.train()
+    return Trainer(cfg, run_dir, shards, resume_from, config)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

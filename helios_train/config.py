@@ -7,7 +7,9 @@ the key, before any model is built. Mechanism-specific configs live next to thei
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -25,6 +27,9 @@ from helios_train.task_dropout import TaskDropoutConfig
 from helios_train.throughput import PerfConfig
 from helios_train.timesteps import TimestepConfig
 from helios_train.validation import ValidationConfig
+
+# The Hydra config tree (`conf/`); HELIOS_CONF_DIR points elsewhere (an installed copy, a user's own tree).
+CONF_DIR = os.environ.get("HELIOS_CONF_DIR", str(Path(__file__).resolve().parent.parent / "conf"))
 
 
 @dataclass

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helios_train.model.fake_weights import same_mode_as
+
 
 @dataclass
 class GanConfig:
@@ -136,8 +138,12 @@ class Discriminator3DHead(nn.Module):
         self.linear = nn.Linear(width, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.linear.weight.dtype)  # features may be bf16; the heads stay fp32
-        return self.linear(self.pool(self.convs(x)).flatten(1)).squeeze(1)
+        # The heads compute in fp32 even inside the stage's bf16 autocast: their logits feed approximate
+        # R1 (100·MSE of two nearly equal logits), which bf16 rounding would dominate. (Also, oneDNN's
+        # bf16 conv3d weight-gradient kernel stalls for minutes on the small strided maps of a toy crop.)
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(self.linear.weight.dtype)
+            return self.linear(self.pool(self.convs(x)).flatten(1)).squeeze(1)
 
 
 class DiscriminatorHeads(nn.Module):
@@ -189,7 +195,8 @@ def attach_gan_heads(transformer: nn.Module, cfg: GanConfig) -> DiscriminatorHea
     if hasattr(model, "gan_heads"):
         raise ValueError("the transformer already has gan_heads")
     ref = next(model.parameters())
-    heads = DiscriminatorHeads.for_transformer(model, cfg).to(device=ref.device, dtype=torch.float32)
+    with same_mode_as(model):  # fake heads on a fake (dry-run) critic
+        heads = DiscriminatorHeads.for_transformer(model, cfg).to(device=ref.device, dtype=torch.float32)
     heads.requires_grad_(True)
     model.add_module("gan_heads", heads)
     return heads

@@ -45,7 +45,8 @@ HEIGHT, WIDTH = 64, 128
 def _train(out: Path, stage_dir: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from helios_train.__main__ import CONF_DIR, run
+    from helios_train.__main__ import run
+    from helios_train.config import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"output_root={out}", f"run_name={stage_dir}",

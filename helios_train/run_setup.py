@@ -32,7 +32,8 @@ class ConfigError(ValueError):
     pass
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, dry_run: bool = False) -> None:
+    """Config rules checked before any work. `dry_run`: paths that only real weights need are not checked."""
     check_stage_name(cfg.stage.name)
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
@@ -57,7 +58,7 @@ def validate(cfg: DictConfig) -> None:
                                   f"(8× VAE downsampling × 8 for the long memory patch and the pyramid)")
         if v.num_frames < 1:
             raise ConfigError(f"validation.num_frames={v.num_frames}: must be >= 1 (rounded up to 33-frame chunks)")
-    _validate_objective(cfg)
+    _validate_objective(cfg, dry_run)
     if cfg.data.min_chunks < 1:
         raise ConfigError(f"data.min_chunks={cfg.data.min_chunks}: a sample needs at least one 33-frame chunk")
     for key in ("latent_height", "latent_width"):
@@ -68,7 +69,7 @@ def validate(cfg: DictConfig) -> None:
                               f"(pixels a multiple of 64) for the long memory patch and the pyramid")
 
 
-def _validate_objective(cfg: DictConfig) -> None:
+def _validate_objective(cfg: DictConfig, dry_run: bool = False) -> None:
     """Stage, objective and data must agree: ODE regression reads ODE-pair shards, nothing else does."""
     ode_data = cfg.data.mode == "ode_pairs"
     if cfg.stage.name != "distilled":
@@ -92,7 +93,7 @@ def _validate_objective(cfg: DictConfig) -> None:
                           "give the idle GAN heads zero gradients, so AdamW always steps them (the official behaviour)")
     if cfg.data.secondary_section and cfg.data.mode != "latents":
         raise ConfigError(f"data.secondary_section=true needs data.mode=latents (got {cfg.data.mode})")
-    if cfg.stage.objective == "dmd":
+    if cfg.stage.objective == "dmd" and not dry_run:
         path = cfg.stage.dmd.real_score_path
         if not path:
             raise ConfigError("stage.dmd.real_score_path is empty: give the teacher/critic base (a Base export folder)")

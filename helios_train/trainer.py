@@ -40,9 +40,12 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def build_optimizer(params, optim_cfg, max_steps: int):
+def build_optimizer(params, optim_cfg, max_steps: int, foreach: bool | None = None):
+    # foreach None = torch's default (the multi-tensor kernels on CUDA); the dry run asks for them on
+    # its CPU fake tensors so that it measures the optimizer step a GPU runs.
     opt = torch.optim.AdamW(
-        params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay, eps=optim_cfg.eps
+        params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay, eps=optim_cfg.eps,
+        foreach=foreach,
     )
     sched = get_scheduler(
         optim_cfg.lr_scheduler, opt, num_warmup_steps=optim_cfg.warmup_steps, num_training_steps=max_steps
@@ -51,7 +54,8 @@ def build_optimizer(params, optim_cfg, max_steps: int):
 
 
 class Trainer:
-    def __init__(self, cfg, run_dir: Path, shards: list[str], resume_from: Path | None, plain_config: dict):
+    def __init__(self, cfg, run_dir: Path, shards: list[str], resume_from: Path | None, plain_config: dict,
+                 optimizer_foreach: bool | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
         tc = cfg.trainer
@@ -64,7 +68,7 @@ class Trainer:
         self.roles = {}
         for name, spec in self.stage.role_specs().items():
             params = [p for p in spec.module.parameters() if p.requires_grad]
-            opt, sched = build_optimizer(params, spec.optim, tc.max_steps)
+            opt, sched = build_optimizer(params, spec.optim, tc.max_steps, optimizer_foreach)
             self.roles[name] = b.prepare(name, spec.module, opt, sched, spec.optim.max_grad_norm,
                                          multi_forward=spec.multi_forward)
         self.stage.bind(self.roles)
@@ -89,6 +93,7 @@ class Trainer:
 
             self.validator = Validator(cfg, run_dir, self.tracker, b.device)
         self._window: dict[str, list[float]] = {}
+        self.on_phase = lambda name: None  # observer: called with each phase's role name (dry-run memory labels)
 
     def _attach_online_encoder(self) -> None:
         from helios_train.data.online_encoding import OnlineEncoder
@@ -253,14 +258,7 @@ class Trainer:
             self._maybe_validate()
             while self.step < tc.max_steps:
                 t0 = time.perf_counter()
-                batches = [self.stage.prepare_batch(x) for x in self._next_batches(it)]
-                logs: dict = {}
-                phases = self.stage.phases(self.step)
-                with self.throughput.measuring():
-                    for phase, name in enumerate(phases):
-                        logs.update(self._update_role(name, batches, phase))
-                self.throughput.after_step()
-                logs.update(self.stage.after_step(self.step, phases))
+                logs, batches = self.run_step(self._next_batches(it))
                 if tc.debug.step_sleep_s:
                     time.sleep(tc.debug.step_sleep_s)
                 self.step += 1
@@ -282,6 +280,21 @@ class Trainer:
                 signal.signal(sig, handler)
         self.close()
         return {"step": self.step, "stopped_by": self.stop_signal, **last}
+
+    def run_step(self, raw_batches: list[dict]) -> tuple[dict, list[dict]]:
+        """One training step at `self.step` on one batch per micro-batch: every phase of the stage (a role's
+        losses, backward, clipping and optimizer step each), then the stage's after-step hook (EMA)."""
+        batches = [self.stage.prepare_batch(x) for x in raw_batches]
+        logs: dict = {}
+        phases = self.stage.phases(self.step)
+        with self.throughput.measuring():
+            for phase, name in enumerate(phases):
+                self.on_phase(name)
+                logs.update(self._update_role(name, batches, phase))
+        self.throughput.after_step()
+        self.on_phase("after_step")
+        logs.update(self.stage.after_step(self.step, phases))
+        return logs, batches
 
     def _maybe_validate(self) -> None:
         """Rank 0 renders validation videos; the other ranks wait at the barrier (under ZeRO-3 they render

@@ -11,6 +11,8 @@ from __future__ import annotations
 from peft import LoraConfig as PeftLoraConfig
 from torch import nn
 
+from helios_train.model.fake_weights import same_mode_as
+
 MEMORY_PATCHES = ("patch_short", "patch_mid", "patch_long")
 MODES = ("full", "lora", "frozen")
 
@@ -38,23 +40,28 @@ def check_modes(trainables_cfg) -> None:
             raise ValueError(f"stage.trainables.{key}={value!r}: expected one of {MODES}")
 
 
+def _add_lora(transformer: nn.Module, trainables_cfg, adapter_name: str) -> None:
+    lora = trainables_cfg.lora
+    if lora.rank <= 0:
+        return
+    transformer.add_adapter(
+        PeftLoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha or lora.rank,
+            init_lora_weights=lora.init,
+            lora_dropout=lora.dropout,
+            target_modules=lora_targets(transformer, trainables_cfg),
+        ),
+        adapter_name=adapter_name,
+    )
+
+
 def apply_trainable_policy(transformer: nn.Module, trainables_cfg, adapter_name: str = "default") -> list[str]:
     """Freeze the base, add the LoRA adapter, unfreeze full-trained tensors. Returns trainable names."""
     check_modes(trainables_cfg)
     transformer.requires_grad_(False)
-    lora = trainables_cfg.lora
-    if lora.rank > 0:
-        targets = lora_targets(transformer, trainables_cfg)
-        transformer.add_adapter(
-            PeftLoraConfig(
-                r=lora.rank,
-                lora_alpha=lora.alpha or lora.rank,
-                init_lora_weights=lora.init,
-                lora_dropout=lora.dropout,
-                target_modules=targets,
-            ),
-            adapter_name=adapter_name,
-        )
+    with same_mode_as(transformer):  # adapters on a fake (dry-run) model are fake too
+        _add_lora(transformer, trainables_cfg, adapter_name)
     full = []
     if trainables_cfg.patch_embedding == "full":
         full.append("patch_embedding")

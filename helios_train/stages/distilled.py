@@ -32,8 +32,7 @@ from helios_train.gan import (approximate_r1, attach_gan_heads, critic_gan_logit
                               generator_gan_loss, input_gradient_loss, perturb, random_spatial_crop, unwrap)
 from helios_train.history import model_inputs, token_counts
 from helios_train.lockstep import max_over_ranks, pad_forwards, params_sharded
-from helios_train.model.loading import load_text_stack, load_transformer
-from helios_train.model.text_codec import encode_prompts
+from helios_train.model.loading import encode_text, load_transformer
 from helios_train.model.trainables import apply_trainable_policy
 from helios_train.ode_regression import ode_regression_loss
 from helios_train.rollout import calculate_mu, pyramid_rollout
@@ -83,9 +82,7 @@ class DistilledStage(BaseStage):
             # optimizer, DDP/DeepSpeed engine and checkpoint pick them up by name from step 0.
             attach_gan_heads(self.critic, cfg.stage.gan)
         self.critic.to(device)
-        tok, enc = load_text_stack(cfg.model, device)  # the negative prompt for the teacher's guidance
-        self.negative = encode_prompts(tok, enc, [NEGATIVE_PROMPT], cfg.model.text_max_length, device)
-        del tok, enc
+        self.negative = encode_text(cfg.model, [NEGATIVE_PROMPT], device)  # the teacher's guidance
 
     # -- EMA of the generator (spec §1.5) ------------------------------------------------------------
     def after_step(self, step: int, updated: list[str]) -> dict:

@@ -1,0 +1,124 @@
+"""The planner's activation model: peak transient bytes of each phase of a training step, from the
+token counts of its forwards and coefficients measured by the dry run (helios_train/dry_run.py).
+
+A phase (one role's losses, backward and optimizer step) runs transformer forwards *with* grad, whose
+graphs wait for the phase's backward, forwards *without* grad (DMD's teacher / critic scores), and —
+with the GAN — a critic forward backpropagated to its input only inside the loss (L_G). Per token and
+hidden unit (D), bf16 activations (fp32: ×2), L blocks:
+
+  saved        OUTSIDE_BLOCKS + SAVED_PER_BLOCK·L   per grad forward with gradient checkpointing (every
+               (off: OUTSIDE_BLOCKS + FULL_BLOCK·L)  recipe): each block keeps its bf16 input, plus the
+                                                    embedding / time / RoPE tensors outside the blocks
+  backward     BACKWARD                             the transient of backpropagating one forward (a block
+                                                    recomputed, the gradients flowing through it)
+  no-grad      NO_GRAD_BASE + NO_GRAD_PER_BLOCK·L   a forward's transient without grad
+
+The backward visits the graphs in reverse order of creation; the first one visited creates the role's
+.grad tensors (G, fp32; 0 under ZeRO, which reduces them into its partition as they arrive). Phase peak =
+  max( S_all + B(last)                               start of the backward
+       S(g_1..g_j) + B(g_j) + G   for each later g_j  the earlier graphs, after the first visited
+       S_all + S_in + B(in)                           the input-only backward inside the loss (GAN L_G)
+       S_all + N(largest no-grad forward) )           a score forward while the graphs wait
+with S(g) = saved·tokens·batch·D, B(g) = backward·tokens·batch·D, N = no-grad·tokens·batch·D.
+
+Coefficients: dry runs of the 14B geometry at 48×80 latents, bf16: stage_1_init at batch 2 and 1, 40 and
+4 blocks, checkpointing on and off; single forwards with and without grad at 4 and 8 blocks. The README's
+"Will it fit?" table compares this model with the dry run for every official recipe.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+OUTSIDE_BLOCKS = 12.2
+SAVED_PER_BLOCK = 2.0
+FULL_BLOCK = 113.2
+BACKWARD = 150.5
+NO_GRAD_BASE = 75.0
+NO_GRAD_PER_BLOCK = 1.1
+
+
+@dataclass
+class Phase:
+    """The forwards of one phase, as (tokens, batch) pairs in creation order, and its role's trainable count."""
+
+    grad: list[tuple[int, int]]
+    no_grad: list[tuple[int, int]] = field(default_factory=list)
+    input_only: list[tuple[int, int]] = field(default_factory=list)  # backpropagated to their input in the loss
+    trainable: int = 0
+
+
+def latent_hw(cfg) -> tuple[int, int]:
+    return cfg.data.latent_height or 48, cfg.data.latent_width or 80
+
+
+def _gan_crop_hw(cfg, model) -> tuple[int, int]:
+    """The GAN's spatial crop (helios_train/gan.py random_spatial_crop) of the full latent size."""
+    patch, frac = model.config.patch_size[1], float(cfg.stage.gan.crop_fraction)
+    return tuple(min(d, max(patch, int(frac * d) // patch * patch)) for d in latent_hw(cfg))
+
+
+def phases(cfg, model, trainable: dict[str, int]) -> dict[str, Phase]:
+    """The phases of one step of the configured stage (helios_train/stages/), with their forwards."""
+    from helios_train.history import token_counts
+    from helios_train.pyramid import level_token_counts
+
+    hist_cfg, b = cfg.stage.history, int(cfg.data.batch_size)
+    counts = token_counts(model, latent_hw(cfg), hist_cfg)
+    hist, full = counts["history"], counts["total"]
+    levels = level_token_counts(latent_hw(cfg), int(hist_cfg.latent_window_size),
+                                patch=tuple(model.config.patch_size))
+    name = cfg.stage.name
+    if name == "base":
+        return {"generator": Phase([(full, b)], trainable=trainable["generator"])}
+    if name == "mid":
+        ratios, execution = list(cfg.stage.pyramid.sample_ratios), cfg.stage.pyramid.execution
+        if execution == "packed":  # one forward over every segment, each with its own history copy
+            grad = [(sum(r * (hist + n) for n, r in zip(levels, ratios)), b)]
+        elif execution == "batch_levels":  # same-level segments stacked on the batch axis
+            grad = [(hist + n, b * r) for n, r in zip(levels, ratios) if r]
+        else:
+            grad = [(hist + n, b) for n, r in zip(levels, ratios) for _ in range(r)]
+        return {"generator": Phase(grad, trainable=trainable["generator"])}
+    if cfg.stage.objective == "ode":  # every (chunk, level) term's forward before one backward
+        grad = [(hist + n, b) for _ in range(int(cfg.stage.ode.num_chunks)) for n in levels]
+        return {"generator": Phase(grad, trainable=trainable["generator"])}
+    rollout = [(hist + n, b) for n in levels]  # one exit forward with grad per pyramid level
+    # The generator's teacher / critic scores run without grad while its rollout graph waits; the
+    # critic's sample rollout runs without grad before anything is saved (never the peak).
+    gen = Phase(rollout, no_grad=[(full, b)], trainable=trainable["generator"])
+    critic = Phase([(full, b)], trainable=trainable["critic"])
+    if cfg.stage.gan.enabled:
+        crop = token_counts(model, _gan_crop_hw(cfg, model), hist_cfg)["total"]
+        gen.input_only.append((crop, b))  # L_G through the critic: only ∂L_G/∂x, inside the generator's loss
+        critic.grad.append((crop, 3 * b))  # [fake, real, perturbed real] in one forward
+    return {"generator": gen, "critic": critic}
+
+
+def phase_peak(phase: Phase, model, checkpointing: bool, act_bytes: int = 2,
+               grads_transient: bool = True) -> dict[str, float]:
+    """Peak transient bytes of a phase: {"activations", "gradients"} at the peak (module docstring)."""
+    c = model.config
+    d, layers = c.num_attention_heads * c.attention_head_dim, c.num_layers
+    scale = d * act_bytes / 2
+    saved_coef = OUTSIDE_BLOCKS + (SAVED_PER_BLOCK if checkpointing else FULL_BLOCK) * layers
+
+    def saved(forwards):
+        return scale * saved_coef * sum(t * n for t, n in forwards)
+
+    def backward(forward):
+        return scale * BACKWARD * forward[0] * forward[1]
+
+    grads = 4.0 * phase.trainable if grads_transient else 0.0
+    all_saved = saved(phase.grad)
+    candidates = []  # (activations, gradients) at each candidate peak
+    alive = all_saved
+    for i, g in enumerate(reversed(phase.grad)):
+        candidates.append((alive + backward(g), 0.0 if i == 0 else grads))
+        alive -= saved([g])
+    for g in phase.input_only:
+        candidates.append((all_saved + saved([g]) + backward(g), 0.0))
+    if phase.no_grad:
+        largest = max(t * n for t, n in phase.no_grad)
+        candidates.append((all_saved + scale * (NO_GRAD_BASE + NO_GRAD_PER_BLOCK * layers) * largest, 0.0))
+    act, g = max(candidates, key=lambda x: x[0] + x[1])
+    return {"activations": act, "gradients": g}
