@@ -16,6 +16,11 @@ positions and the graph reaching the loss differs. Under ZeRO-3 the stage theref
   requires grad, so every rank backpropagates through the same forwards and modules;
 - pads fully no-grad rollouts (the critic's) to the longest rank with discarded forwards.
 
+Every count is exchanged before the forwards it governs: under ZeRO-3 the forwards gather parameters
+with collectives of their own, so a count exchanged after a rollout pairs with a gather of a rank
+still sampling and the job hangs (it did, with the helios_14b_shape model, whose parameters are above
+ZeRO-3's persistence threshold; the toy model's are all below it, so nothing was gathered there).
+
 Values and gradients are unchanged; only ranks with shorter rollouts pay extra compute. Under DDP
 and ZeRO-1/2 nothing is padded.
 """
@@ -41,10 +46,10 @@ def max_over_ranks(values: list[int], device: torch.device) -> list[int]:
     return [int(v) for v in t.tolist()]
 
 
-def pad_forwards(count: int, forward: Callable[[], object], device: torch.device) -> int:
-    """Run `forward()` without grad until this rank has run as many forwards as the busiest rank.
-    Collective. Returns the number of padding forwards."""
-    extra = max_over_ranks([count], device)[0] - count
+def pad_forwards(count: int, forward: Callable[[], object], target: int) -> int:
+    """Run `forward()` without grad from `count` up to `target` forwards (the busiest rank's count,
+    agreed with `max_over_ranks` before the forwards began). Returns the number of padding forwards."""
+    extra = target - count
     with torch.no_grad():
         for _ in range(extra):
             forward()

@@ -66,6 +66,15 @@ def renoise_coefficients(scheduler, k: int) -> tuple[float, float]:
     return alpha, alpha * (1 - signal) / gamma**0.5
 
 
+def rollout_forwards(scheduler, steps=(2, 2, 2), amplify_first_chunk: bool = False) -> int:
+    """Transformer forwards of a full (no exit step) rollout: the scheduler's timesteps per level."""
+    total = 0
+    for k in range(scheduler.config.stages):
+        scheduler.set_timesteps(steps[k], k, mu=calculate_mu(1024), is_amplify_first_chunk=amplify_first_chunk)
+        total += len(scheduler.timesteps)
+    return total
+
+
 def pyramid_rollout(velocity: VelocityFn, noise: torch.Tensor, scheduler, steps=(2, 2, 2),
                     amplify_first_chunk: bool = False, generator: Optional[torch.Generator] = None,
                     mu_from: str = "level", exit_steps: Optional[list[int]] = None,

@@ -108,3 +108,17 @@ def test_lockstep_pads_to_one_sequence_and_keeps_values_and_gradients(distilled_
     level = [(False, False)] * 3 + [(True, True)]
     assert calls == level + [(False, False)] * 2 + [(True, True)] + level  # the same on every rank
     assert backward_passes == 3
+
+
+@pytest.mark.parametrize("amplified", [False, True])
+def test_forward_count_is_known_before_the_rollout(amplified):
+    """ZeRO-3 lockstep agrees on the count before sampling (helios_train/lockstep.py): it must be the
+    number of forwards the rollout then runs (4 per level for the amplified first chunk, else 2)."""
+    from helios_train.rollout import pyramid_rollout, rollout_forwards
+    from helios_train.variants import make_scheduler
+
+    scheduler = make_scheduler("distilled")
+    planned = rollout_forwards(scheduler, (2, 2, 2), amplified)
+    result = pyramid_rollout(lambda x, t: torch.zeros_like(x), torch.randn(1, 4, 9, 16, 32), scheduler, (2, 2, 2),
+                             amplified, torch.Generator().manual_seed(0))
+    assert planned == result.nfe == (12 if amplified else 6)

@@ -23,7 +23,10 @@ class DDPBackend(Backend):
         backend = launcher_cfg.backend
         if backend == "auto":
             backend = "nccl" if self.device.type == "cuda" else "gloo"
-        if not dist.is_initialized():
+        # A process group that already exists (a caller running several trainings in one process) is
+        # reused and left alive at shutdown: whoever creates it destroys it.
+        self.owns_process_group = not dist.is_initialized()
+        if self.owns_process_group:
             dist.init_process_group(
                 backend=backend,
                 timeout=datetime.timedelta(minutes=30),  # official NCCL timeout: 1800 s
@@ -91,4 +94,5 @@ class DDPBackend(Backend):
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.barrier()
-            dist.destroy_process_group()
+            if self.owns_process_group:
+                dist.destroy_process_group()

@@ -138,6 +138,8 @@ class DeepSpeedBackend(Backend):
         backend = launcher_cfg.backend
         if backend == "auto":
             backend = "nccl" if self.device.type == "cuda" else "gloo"
+        # As under DDP: an existing process group is reused and left alive at shutdown.
+        self.owns_process_group = not torch.distributed.is_initialized()
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=30))
         self.trainer_cfg = trainer_cfg
         self.data_cfg = data_cfg
@@ -268,6 +270,7 @@ class DeepSpeedBackend(Backend):
         self.engines = []
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
-            # Through deepspeed.comm: it also drops DeepSpeed's cached groups, so a later backend in
-            # the same process (tests, notebooks) starts clean.
-            self.deepspeed.comm.destroy_process_group()
+            if self.owns_process_group:
+                # Through deepspeed.comm: it also drops DeepSpeed's cached groups, so a later backend in
+                # the same process (tests, notebooks) starts clean.
+                self.deepspeed.comm.destroy_process_group()

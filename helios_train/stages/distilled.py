@@ -35,7 +35,7 @@ from helios_train.lockstep import max_over_ranks, pad_forwards, params_sharded
 from helios_train.model.loading import encode_text, load_transformer
 from helios_train.model.trainables import apply_trainable_policy
 from helios_train.ode_regression import ode_regression_loss
-from helios_train.rollout import calculate_mu, pyramid_rollout
+from helios_train.rollout import calculate_mu, pyramid_rollout, rollout_forwards
 from helios_train.seeding import shared_generator
 from helios_train.stages import RoleSpec
 from helios_train.stages.base import BaseStage
@@ -148,13 +148,20 @@ class DistilledStage(BaseStage):
         noise = torch.randn(batch["target"].shape, generator=generator).to(self.device)
         model = self.roles["generator"].model if exit_steps is not None else self.roles["generator"].module
         velocity = self._velocity(model, x0, history, batch["prompt_embeds"])
-        # ZeRO-3: every rank must run the same forward/backward sequence (helios_train/lockstep.py).
+        amplified = self._amplified(x0, history)
+        # ZeRO-3: every rank must run the same forward/backward sequence (helios_train/lockstep.py). The
+        # counts are agreed BEFORE the first forward: the forwards' own parameter gathers are collectives,
+        # so a rank still sampling would pair its gather with the others' count exchange and hang.
         lockstep = max_over_ranks(exit_steps, self.device) if (self.sharded and exit_steps is not None) else None
-        result = pyramid_rollout(velocity, noise, self.scheduler, d.rollout_steps, self._amplified(x0, history),
-                                 generator, "level", exit_steps, lockstep=lockstep)
+        target = None
         if self.sharded and exit_steps is None:
+            planned = rollout_forwards(self.scheduler, d.rollout_steps, amplified)
+            target = max_over_ranks([planned], self.device)[0]
+        result = pyramid_rollout(velocity, noise, self.scheduler, d.rollout_steps, amplified,
+                                 generator, "level", exit_steps, lockstep=lockstep)
+        if target is not None:
             t0 = torch.zeros(noise.shape[0], dtype=torch.int64, device=self.device)
-            pad_forwards(result.nfe, lambda: velocity(result.x0, t0), self.device)
+            pad_forwards(result.nfe, lambda: velocity(result.x0, t0), target)
         return result
 
     def _exit_steps(self, step: int, amplified: bool) -> list[int]:

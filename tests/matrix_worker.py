@@ -1,0 +1,64 @@
+"""Runs several training configs one after the other in one (torchrun) process and records, per config,
+what the recipe matrix checks: the dtypes the roles really hold, gradient checkpointing, the losses (the
+trained weights are read from the checkpoints). Used by tests/test_recipe_matrix.py: one process start
+per backend instead of one per recipe.
+
+    torchrun --nproc_per_node=2 tests/matrix_worker.py OUT.json '[["experiment=stage_1_init", ...], ...]'
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def role_summary(trainer) -> dict:
+    """Per role: dtypes of the frozen (not fp32-kept) and trainable tensors, gradient checkpointing."""
+    from helios_train.model.loading import keeps_fp32
+
+    out = {}
+    for name, role in trainer.roles.items():
+        module = role.module
+        frozen = {str(p.dtype) for n, p in module.named_parameters() if not p.requires_grad and not keeps_fp32(module, n)}
+        trainable = {str(p.dtype) for p in role.params}
+        out[name] = {"frozen_dtypes": sorted(frozen), "trainable_dtypes": sorted(trainable),
+                     "checkpointing": bool(getattr(module, "is_gradient_checkpointing", False))}
+    return out
+
+
+def run_one(overrides: list[str]) -> dict:
+    from conftest import compose
+    from helios_train.__main__ import build_trainer
+    from helios_train.tracking import read_metrics
+
+    cfg = compose(overrides)
+    trainer = build_trainer(cfg)
+    result = trainer.train()
+    metrics = read_metrics(trainer.run_dir) if trainer.backend.is_main else []
+    losses = [v for m in metrics for k, v in m.items() if k.endswith("loss")]
+    return {"step": result["step"], "losses": losses, "finite": bool(losses) and all(map(math.isfinite, losses)),
+            "mixed_precision": str(cfg.trainer.mixed_precision), "roles": role_summary(trainer),
+            "run_dir": str(trainer.run_dir),
+            "ema": getattr(trainer.stage, "ema", None) is not None}
+
+
+def main() -> None:
+    import torch.distributed as dist
+
+    out, configs = Path(sys.argv[1]), json.loads(sys.argv[2])
+    # One process group for every run: the backends reuse a group they did not create and leave it
+    # alive (re-creating gloo groups in one process can meet the previous group's stale store keys).
+    dist.init_process_group("gloo")
+    results = [run_one(overrides) for overrides in configs]
+    if int(os.environ.get("RANK", 0)) == 0:
+        out.write_text(json.dumps(results, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
