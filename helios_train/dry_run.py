@@ -155,14 +155,14 @@ def _warm_up_optimizers(trainer) -> None:
 def measure(cfg) -> dict:
     """Build the stage on fake weights, run one step, return the measured components (bytes)."""
     from helios_train.model.fake_weights import FakeWeights, transformer_config
-    from helios_train.model.loading import use_fake_weights
+    from helios_train.model.loading import use_weights_source
     from helios_train.step_memory import StepMemory
     from helios_train.trainer import Trainer
 
     dcfg = dry_run_config(cfg)
     tcfg = transformer_config(dcfg.model)
     weights = FakeWeights()
-    with use_fake_weights(weights), tempfile.TemporaryDirectory() as tmp:
+    with use_weights_source(weights), tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(dcfg, Path(tmp), [], None, {}, optimizer_foreach=True)
         batch = synthetic_batch(dcfg, int(tcfg.get("in_channels", 16)), int(tcfg.get("text_dim", 4096)))
         trainer.step = measured_step(dcfg)

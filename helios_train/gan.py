@@ -25,6 +25,7 @@ the *last* ``original_context_length`` tokens of every block's output, on the gr
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -61,6 +62,10 @@ class GanConfig:
     # (about 25× larger at the official start 1000, β2 0.999). False = heads untouched until
     # start_step (single/DDP only: DeepSpeed always holds zeros).
     idle_head_updates: bool = True
+    # True: the heads compute in fp32 inside the stage's bf16 autocast (approximate R1 compares two nearly
+    # equal logits; bf16 rounding would dominate it). False = official: accelerate's bf16 autocast covers
+    # the heads' convolutions too (train_helios.py runs every forward under mixed_precision bf16).
+    fp32_heads: bool = True
 
 
 def gan_active(cfg: GanConfig, step: int) -> bool:
@@ -123,8 +128,9 @@ class Discriminator3DHead(nn.Module):
         ((1, 3, 3), (1, 1, 1)),
     )
 
-    def __init__(self, in_channels: int, width: int = 768, groups: int = 32):
+    def __init__(self, in_channels: int, width: int = 768, groups: int = 32, fp32: bool = True):
         super().__init__()
+        self.fp32 = fp32
         if width % groups:
             raise ValueError(f"GAN head_width={width} must be a multiple of groups={groups} (GroupNorm)")
         layers: list[nn.Module] = []
@@ -138,10 +144,14 @@ class Discriminator3DHead(nn.Module):
         self.linear = nn.Linear(width, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The heads compute in fp32 even inside the stage's bf16 autocast: their logits feed approximate
-        # R1 (100·MSE of two nearly equal logits), which bf16 rounding would dominate. (Also, oneDNN's
-        # bf16 conv3d weight-gradient kernel stalls for minutes on the small strided maps of a toy crop.)
-        with torch.autocast(x.device.type, enabled=False):
+        # `fp32` (stage.gan.fp32_heads): fp32 even inside the stage's bf16 autocast, for approximate R1
+        # (100·MSE of two nearly equal logits), which bf16 rounding would dominate. (On CPU, oneDNN's bf16
+        # conv3d weight-gradient kernel also stalls for minutes on the small strided maps of a toy crop.)
+        if not self.fp32:  # official: whatever autocast the caller runs under
+            return self.linear(self.pool(self.convs(x)).flatten(1)).squeeze(1)
+        kind = x.device.type
+        autocasting = kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind)  # (meta: planning only)
+        with torch.autocast(kind, enabled=False) if autocasting else contextlib.nullcontext():
             x = x.to(self.linear.weight.dtype)
             return self.linear(self.pool(self.convs(x)).flatten(1)).squeeze(1)
 
@@ -155,9 +165,9 @@ class DiscriminatorHeads(nn.Module):
     def __init__(self, num_layers: int, inner_dim: int, out_channels: int, cfg: GanConfig):
         super().__init__()
         self.block_indices = scaled_blocks(list(cfg.blocks), num_layers, cfg.reference_depth)
-        width, groups = int(cfg.head_width), int(cfg.groups)
-        self.block_heads = nn.ModuleList(Discriminator3DHead(inner_dim, width, groups) for _ in self.block_indices)
-        self.final_head = Discriminator3DHead(out_channels, width, groups)
+        width, groups, fp32 = int(cfg.head_width), int(cfg.groups), bool(cfg.fp32_heads)
+        self.block_heads = nn.ModuleList(Discriminator3DHead(inner_dim, width, groups, fp32) for _ in self.block_indices)
+        self.final_head = Discriminator3DHead(out_channels, width, groups, fp32)
 
     @classmethod
     def for_transformer(cls, transformer: nn.Module, cfg: GanConfig) -> "DiscriminatorHeads":

@@ -284,3 +284,15 @@ def test_heads_survive_peft_and_are_trainable():
     assert all(p.requires_grad for p in heads.parameters())
     with pytest.raises(ValueError):
         attach_gan_heads(critic, CFG)
+
+
+@pytest.mark.parametrize("fp32_heads,expected", [(True, torch.float32), (False, torch.bfloat16)])
+def test_heads_compute_in_fp32_inside_bf16_autocast_unless_official(fp32_heads, expected):
+    """stage.gan.fp32_heads: the heads' convolutions run in fp32 inside the stage's bf16 autocast (default),
+    or under that autocast as the official accelerate mixed precision does (false)."""
+    head = Discriminator3DHead(32, width=64, groups=8, fp32=fp32_heads)
+    seen = []
+    head.convs[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logit = head(torch.randn(2, 32, 9, 8, 8, dtype=torch.bfloat16))
+    assert seen == [expected] and logit.shape == (2,)

@@ -35,7 +35,7 @@ def shape_assets(toy_root, tmp_path_factory) -> dict:
 
     assets = ensure_toy_assets(toy_root, spec="helios_14b_shape")
     out = tmp_path_factory.mktemp("ode14b")
-    (out / "prompts.txt").write_text("a red circle moves left to right\na blue square falls\n")
+    (out / "prompts.txt").write_text("a red circle moves left to right\n")
     make_ode_pairs(assets.model_dir, out / "prompts.txt", out / "shards", num_chunks=3, height=64, width=128,
                    steps=(2, 2, 2), per_shard=1, dtype="bf16")
     return {"model": assets.model_dir, "ode": out / "shards"}

@@ -7,7 +7,7 @@ allocated, while every op of a training step still runs shape propagation — wh
 same way).
 
 How the real code paths are reused unchanged:
-- `helios_train.model.loading` asks the active source (`use_fake_weights`) for transformers and text
+- `helios_train.model.loading` asks the active source (`use_weights_source`) for transformers and text
   embeddings, so a stage builds its roles exactly as in training, only from this source;
 - modules added later to a fake model (PEFT LoRA layers, GAN heads) are created inside the mode of the
   model's own parameters (`same_mode_as`), so they are fake too;
@@ -92,3 +92,29 @@ class FakeWeights:
         text_dim = transformer_config(model_cfg).get("text_dim", 4096)
         with self.mode:
             return torch.zeros(count, int(model_cfg.text_max_length), int(text_dim))
+
+
+class RandomWeights(FakeWeights):
+    """Real random weights of the configured sizes, initialised on `device` (bench/gpu_check.py: no
+    checkpoint to download or read; the numbers do not matter, the kernels and memory do)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.built = []
+
+    def transformer(self, model_cfg):
+        from diffusers import HeliosTransformer3DModel
+
+        from helios_train.model.loading import cast_weights, torch_dtype
+
+        with torch.device(self.device):
+            model = HeliosTransformer3DModel.from_config(transformer_config(model_cfg))
+        cast_weights(model, torch_dtype(model_cfg.weight_dtype))
+        if model_cfg.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        self.built.append(model)
+        return model
+
+    def prompt_embeds(self, model_cfg, count: int) -> torch.Tensor:
+        text_dim = transformer_config(model_cfg).get("text_dim", 4096)
+        return torch.randn(count, int(model_cfg.text_max_length), int(text_dim), device=self.device)

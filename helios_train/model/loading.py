@@ -18,18 +18,19 @@ from helios_train.model.memory_patches import init_memory_patches, materialise_m
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# The weights source: None = the files under model.path; a FakeWeights (helios_train/model/fake_weights.py)
-# during a dry run, so the stages build their full-size roles through this module unchanged.
-_FAKE_WEIGHTS: contextvars.ContextVar = contextvars.ContextVar("helios_fake_weights", default=None)
+# The weights source: None = the files under model.path; FakeWeights (helios_train/model/fake_weights.py)
+# during a dry run, RandomWeights (same file) for the GPU check — so the stages build their full-size
+# roles through this module unchanged.
+_WEIGHTS_SOURCE: contextvars.ContextVar = contextvars.ContextVar("helios_fake_weights", default=None)
 
 
 @contextlib.contextmanager
-def use_fake_weights(source):
-    token = _FAKE_WEIGHTS.set(source)
+def use_weights_source(source):
+    token = _WEIGHTS_SOURCE.set(source)
     try:
         yield source
     finally:
-        _FAKE_WEIGHTS.reset(token)
+        _WEIGHTS_SOURCE.reset(token)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -71,9 +72,9 @@ def check_model_dir(model_cfg) -> None:
 def load_transformer(model_cfg, trainables_cfg=None, device="cpu"):
     from diffusers import HeliosTransformer3DModel
 
-    fake = _FAKE_WEIGHTS.get()
-    if fake is not None:
-        return fake.transformer(model_cfg)
+    source = _WEIGHTS_SOURCE.get()
+    if source is not None:
+        return source.transformer(model_cfg)
     if getattr(model_cfg, "transformer_overrides", None):
         raise ValueError(f"model.transformer_overrides={dict(model_cfg.transformer_overrides)} changes the architecture "
                          "of a model built from its config (dry_run=true, plan=true); a checkpoint's weights "
@@ -144,9 +145,9 @@ def load_text_stack(model_cfg, device="cpu"):
 def encode_text(model_cfg, prompts: list[str], device="cpu") -> torch.Tensor:
     """UMT5 embeddings [len(prompts), text_max_length, D] of fixed prompts (e.g. the negative prompt);
     the text encoder is loaded for this and freed."""
-    fake = _FAKE_WEIGHTS.get()
-    if fake is not None:
-        return fake.prompt_embeds(model_cfg, len(prompts))
+    source = _WEIGHTS_SOURCE.get()
+    if source is not None:
+        return source.prompt_embeds(model_cfg, len(prompts))
     from helios_train.model.text_codec import encode_prompts
 
     tok, enc = load_text_stack(model_cfg, device)
