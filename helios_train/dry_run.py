@@ -36,7 +36,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import logging
 import tempfile
 from pathlib import Path
 
@@ -46,7 +45,6 @@ from omegaconf import OmegaConf
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-log = logging.getLogger(__name__)
 GB = 1e9
 
 
