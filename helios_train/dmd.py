@@ -32,6 +32,9 @@ class DMDConfig:
     t_max: int = 980
     rollout_steps: list[int] = field(default_factory=lambda: [2, 2, 2])
     amplify_first_chunk: bool = True
+    # Official dmd_is_low_vram_mode: one frozen base on the GPU at a time, the other in pinned host memory
+    # (helios_train/low_vram.py). Not used under ZeRO-3, where every base is already partitioned 1/N per GPU.
+    low_vram: bool = False
 
 
 def beta_annealing(step: int, anneal_steps: int) -> tuple[float, float]:

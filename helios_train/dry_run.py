@@ -76,6 +76,8 @@ def dry_run_config(cfg):
     d.data.num_workers = 0
     if d.stage.name == "distilled" and d.stage.objective == "dmd" and not d.stage.dmd.real_score_path:
         d.stage.dmd.real_score_path = d.model.path  # the teacher has the generator's architecture
+    if cfg.launcher.name == "deepspeed" and int(cfg.launcher.zero_stage) == 3:
+        d.stage.dmd.low_vram = False  # as in the real run: ZeRO-3 already partitions the bases
     return d
 
 
@@ -171,23 +173,38 @@ def measure(cfg) -> dict:
         mem = StepMemory()
         mem.track_external(*modules, *[r.optimizer for r in trainer.roles.values()], *ema_tensors)
         trainer.on_phase = lambda name: setattr(mem, "label", name)
+        residency = getattr(trainer.stage, "residency", None)
+        if residency is not None:  # an onloaded base is parameters again, not activations
+            residency.on_onload = lambda name: mem.track_external(residency.modules[name])
+            onloaded_before = residency.total_onloaded_bytes
         reads = HostReadPlaceholders()
         with reads, mem:
             logs, _ = trainer.run_step([batch])
         trainer.close()
     roles, specs = {}, trainer.stage.role_specs()
     for name, role in trainer.roles.items():
+        # An offloaded base's parameters hold empty tensors: count its host copies (stage.dmd.low_vram)
+        frozen = residency.hosts[name] if residency is not None else \
+            [p for p in role.module.parameters() if not p.requires_grad]
         roles[name] = {
-            "frozen_params": sum(p.numel() for p in role.module.parameters() if not p.requires_grad),
+            "frozen_params": sum(p.numel() for p in frozen),
             "trainable_params": sum(p.numel() for p in role.params),
-            "frozen_bytes": _bytes(p for p in role.module.parameters() if not p.requires_grad),
+            "frozen_bytes": _bytes(frozen),
             "trainable_bytes": _bytes(role.params),
             "adamw_bytes": _bytes(t for st in role.optimizer.state.values() for t in st.values()
                                   if isinstance(t, torch.Tensor) and t.dim() > 0),
             "ddp_wrapped": not specs[name].multi_forward,  # False: the DDP backend reduces it itself
             "block_bytes": _bytes(role.module.blocks[0].parameters()) if hasattr(role.module, "blocks") else 0,
         }
-    return {"roles": roles, "phases": mem.phase_peaks, "ema_bytes": _bytes(ema_tensors),
+    low_vram = None
+    if residency is not None:
+        trainable = sum(r["trainable_bytes"] for r in roles.values())
+        # frozen bytes on the device at each phase's peak (the resident base, plus any offloaded weight a
+        # live graph still holds): the phase's measured parameter bytes minus the (always resident) trainables
+        low_vram = {"frozen_peak_bytes": max(snap["Parameter"] - trainable for snap in mem.phase_peaks.values()),
+                    "onloaded_bytes": residency.total_onloaded_bytes - onloaded_before,
+                    "host_bytes": sum(residency.bytes.values())}
+    return {"roles": roles, "phases": mem.phase_peaks, "ema_bytes": _bytes(ema_tensors), "low_vram": low_vram,
             "host_reads": reads.count, "step": trainer.step, "transformer_config": tcfg,
             "logs": sorted(logs)}
 
@@ -203,7 +220,8 @@ def phase_transients(measured: dict, grads_transient: bool) -> dict[str, float]:
     return out
 
 
-def measured_rows(measured: dict, backend: str, gpus: int, launcher_cfg=None) -> tuple[dict[str, float], float]:
+def measured_rows(measured: dict, backend: str, gpus: int, launcher_cfg=None,
+                  ema_sharded: bool = False) -> tuple[dict[str, float], float]:
     """The backend's sharding applied to the measured bytes (module docstring); returns (rows, CPU bytes)."""
     from helios_train.plan import REDUCE_BUCKET, ROWS, apply_offload
 
@@ -212,6 +230,8 @@ def measured_rows(measured: dict, backend: str, gpus: int, launcher_cfg=None) ->
     trainable = sum(r["trainable_bytes"] for r in roles)
     rows = dict.fromkeys(ROWS, 0.0)
     rows["frozen weights"] = sum(r["frozen_bytes"] for r in roles) / (gpus if z3 else 1)
+    if measured.get("low_vram") and not z3:  # stage.dmd.low_vram: what was on the device, measured
+        rows["frozen weights"] = measured["low_vram"]["frozen_peak_bytes"]
     rows["trainable params"] = trainable / (gpus if z3 else 1)
     rows["AdamW state"] = sum(r["adamw_bytes"] for r in roles) / (gpus if zero else 1)
     if zero:
@@ -221,7 +241,7 @@ def measured_rows(measured: dict, backend: str, gpus: int, launcher_cfg=None) ->
         rows["gradients"] = sum(r["trainable_bytes"] for r in roles if r["ddp_wrapped"])
     if z3:
         rows["zero3 gathered"] = 2 * max(r["block_bytes"] for r in roles)
-    rows["EMA"] = measured["ema_bytes"]
+    rows["EMA"] = measured["ema_bytes"] / (gpus if (z3 or ema_sharded) else 1)  # stage.ema.sharded: 1/N per rank
     rows["activations"] = max(phase_transients(measured, grads_transient=not zero).values())
     return apply_offload(rows, launcher_cfg, backend)
 
@@ -264,6 +284,11 @@ def report(cfg, measured: dict, planned: dict, rows: dict, cpu: float) -> str:
                  f"{cfg.plan_gpu_memory_gb:.0f} GB (no allowance for the CUDA context / fragmentation)")
     if cpu:
         lines.append(f"    {'(offloaded to CPU)':<20} {_gb(cpu)} per GPU process, in host memory")
+    lv = measured.get("low_vram")
+    if lv and planned["backend"] != "deepspeed_zero3":
+        lines.append(f"  stage.dmd.low_vram: one frozen base on the device at a time (measured peak {_gb(lv['frozen_peak_bytes'])} "
+                     f"GB); this step moved {lv['onloaded_bytes'] / GB:.1f} GB host→device; pinned host copies "
+                     f"{lv['host_bytes'] / GB:.1f} GB per GPU process")
     lines.append(f"  {measured['host_reads']} reads of a fake value answered 0 (no numbers are computed: shapes only)")
     return "\n".join(lines)
 
@@ -278,10 +303,12 @@ def run_dry(cfg) -> dict:
     measured = measure(cfg)
     measured["seconds"] = time.perf_counter() - t0
     planned = plan(cfg)
-    rows, cpu = measured_rows(measured, planned["backend"], cfg.plan_gpus, cfg.launcher)
+    rows, cpu = measured_rows(measured, planned["backend"], cfg.plan_gpus, cfg.launcher, cfg.stage.ema.sharded)
     print(report(cfg, measured, planned, rows, cpu))
     total = sum(rows.values())
+    lv = measured.get("low_vram") or {}
     return {"measured_per_gpu_gb": total / GB, "planned_per_gpu_gb": planned["total"] / GB,
+            "onloaded_gb": lv.get("onloaded_bytes", 0) / GB,
             "measured_activations_gb": rows["activations"] / GB,
             "planned_activations_gb": planned["rows"]["activations"] / GB,
             "fits": total / GB <= cfg.plan_gpu_memory_gb, "host_reads": measured["host_reads"],
@@ -298,7 +325,7 @@ def comparison_table(cfgs: list, labels: list[str], backends=("ddp", "deepspeed_
         measured = measure(cfg)
         for backend in backends:
             planned = plan(cfg, backend)
-            rows, _ = measured_rows(measured, backend, cfg.plan_gpus, cfg.launcher)
+            rows, _ = measured_rows(measured, backend, cfg.plan_gpus, cfg.launcher, cfg.stage.ema.sharded)
             total = sum(rows.values())
             lines.append(f"| {label} | {backend} | {planned['rows']['activations'] / GB:.1f} | "
                          f"{rows['activations'] / GB:.1f} | {planned['total'] / GB:.1f} | {total / GB:.1f} | "

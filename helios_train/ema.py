@@ -1,10 +1,16 @@
-"""EMA of the trainable tensors (spec §1.5): diffusers-style warmup decay, for the Distilled stage.
+"""EMA of the trainable tensors, for the Distilled stage (official `use_ema`, `EMAModel_Zero3_LoRA` in
+helios/utils/create_ema_zero3_lora.py): diffusers-style warmup decay.
 
 k = max(0, step − update_after_step − 1); the decay is 0 (a plain copy) while k ≤ 0 and
 min((1 + k) / (10 + k), max_decay) after, reaching 0.99 about 890 EMA steps after the start. Only
-trainable tensors are averaged (LoRA + extras; the frozen base is shared with the live model), so
-the EMA costs N_trainable fp32 per rank instead of a second 14B copy; `swap_into` puts the averaged
-tensors into the model for validation/export and restores the live ones afterwards.
+trainable tensors are averaged (LoRA + extras; the frozen base is shared with the live model), in fp32.
+
+Where the averaged tensors live (helios_train/ema_shards.py): with `stage.ema.sharded=true` (default) each
+rank keeps the EMA of 1/N of the trainables — under ZeRO-3 the slice of every parameter that rank's
+partition holds, otherwise whole tensors assigned to ranks by size — as the official EMA does in its own
+ZeRO-3 engine; `sharded=false` keeps a whole copy on every rank (not possible under ZeRO-3). Either way
+the checkpoint holds the whole EMA (`generator.ema.safetensors`, gathered by rank 0), resume gives each
+rank its slice again, and `python -m helios_train.export --ema` reads that file.
 """
 from __future__ import annotations
 
@@ -13,12 +19,15 @@ from dataclasses import dataclass
 
 import torch
 
+from helios_train.ema_shards import Layout, WholeOnEveryRank
+
 
 @dataclass
 class EMAConfig:
     enabled: bool = False
     decay: float = 0.99
     update_after_step: int = 250  # official ema_start_step: 250 (ODE) / 750 (DMD)
+    sharded: bool = True  # each rank keeps 1/N of the EMA (official: its own ZeRO-3 engine)
 
 
 def ema_decay(step: int, cfg: EMAConfig) -> float:
@@ -27,40 +36,50 @@ def ema_decay(step: int, cfg: EMAConfig) -> float:
 
 
 class EMA:
-    def __init__(self, module: torch.nn.Module, cfg: EMAConfig):
+    def __init__(self, module: torch.nn.Module, cfg: EMAConfig, layout: Layout | None = None):
         self.cfg = cfg
+        self.layout = layout or WholeOnEveryRank()
         self.names = [n for n, p in module.named_parameters() if p.requires_grad]
         params = dict(module.named_parameters())
-        self.shadow = {n: params[n].detach().float().clone() for n in self.names}
+        self.layout.assign({n: params[n] for n in self.names})
+        # this rank's share: name → fp32 copy of its local view (a whole tensor or a ZeRO-3 partition)
+        self.shadow = {n: self.layout.local(params[n]).detach().float().clone()
+                       for n in self.names if self.layout.owns(n)}
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module, step: int) -> float:
         d = ema_decay(step, self.cfg)
         params = dict(module.named_parameters())
-        for n in self.names:
+        for n, shadow in self.shadow.items():
             # ema ← ema − (1 − d)(ema − θ); d = 0 is a plain copy
-            self.shadow[n].sub_((1 - d) * (self.shadow[n] - params[n].detach().float()))
+            shadow.sub_((1 - d) * (shadow - self.layout.local(params[n]).float()))
         return d
 
     @contextlib.contextmanager
-    def swap_into(self, module: torch.nn.Module):
+    def swap_into(self, module: torch.nn.Module, renders: bool = True):
+        """The EMA weights in `module` inside the block, the live ones restored after. Every rank enters
+        (a sharded EMA is gathered for the ranks that render: `renders`)."""
         params = dict(module.named_parameters())
-        live = {n: params[n].detach().clone() for n in self.names}
+        full = self.layout.for_rendering(self.shadow, renders)  # name → tensor to write into this rank's view
+        live = {n: self.layout.local(params[n]).detach().clone() for n in full}
         with torch.no_grad():
-            for n in self.names:
-                params[n].copy_(self.shadow[n].to(params[n].dtype))
+            for n, value in full.items():
+                view = self.layout.local(params[n])
+                view.copy_(value.to(view.device, view.dtype))
         try:
             yield module
         finally:
             with torch.no_grad():
-                for n in self.names:
-                    params[n].copy_(live[n])
+                for n, value in live.items():
+                    self.layout.local(params[n]).copy_(value)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: t.clone() for n, t in self.shadow.items()}
+        """The whole EMA on the main rank ({} elsewhere for a sharded layout); collective when sharded."""
+        return self.layout.gather(self.shadow)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(self.names) - set(state)
         if missing:
             raise ValueError(f"EMA state lacks {sorted(missing)[:5]}")
-        self.shadow = {n: state[n].float().clone() for n in self.names}
+        self.shadow = {n: self.layout.local_from_whole(n, state[n]).float().clone().to(self.shadow[n].device)
+                       for n in self.shadow}

@@ -11,7 +11,8 @@ trained model's. A stage is a list of roles (`RolePlan`, `stage_roles`); `plan` 
 
 Per GPU, G GPUs, N_f frozen / N_t trainable parameters of a role, b = bytes of model.weight_dtype:
 
-  frozen weights     N_f·b per distinct base (teacher and critic share one)        /G under zero3
+  frozen weights     N_f·b per distinct base (teacher and critic share one)        /G under zero3;
+                     DMD with stage.dmd.low_vram (not zero3): the largest base only (one resident at a time)
   trainable params   N_t·4 (fp32, official cast_training_params)                    /G under zero3
   fp32 master        zero2/3 only: DeepSpeed's own fp32 partition, N_t·4/G
   gradients          the backend's gradient buffers: single 0; ddp N_t·4 (DDP's bucket copy, for the roles
@@ -21,7 +22,8 @@ Per GPU, G GPUs, N_f frozen / N_t trainable parameters of a role, b = bytes of m
   AdamW state        N_t·8 (exp_avg + exp_avg_sq, fp32)                             /G under zero2/3
   zero3 gathered     zero3 only: ~2 transformer blocks un-sharded at a time (current + prefetch),
                      2·(N_f·b + N_t·4)/L of the largest role
-  EMA                ours (helios_train/ema.py): trainables only, fp32, replicated: N_t(generator)·4
+  EMA                trainables only, fp32: N_t(generator)·4, /G with stage.ema.sharded or under zero3
+                     (helios_train/ema_shards.py)
   activations        the largest phase's peak transient (helios_train/activation_memory.py): activations,
                      temporaries and — single/ddp — the .grad tensors alive at that moment; coefficients
                      measured by the dry run (helios_train/dry_run.py)
@@ -150,7 +152,7 @@ def backend_of(cfg) -> str:
 
 
 def per_gpu(roles: list[RolePlan], backend: str, gpus: int, ema: RolePlan | None = None,
-            num_layers: int = 40) -> dict[str, float]:
+            num_layers: int = 40, low_vram: bool = False, ema_sharded: bool = False) -> dict[str, float]:
     """Bytes per GPU of the persistent rows (formulas in the module docstring; activations are 0 here)."""
     if backend not in ("single", *BACKENDS):
         raise ValueError(f"backend={backend!r}: expected one of {('single', *BACKENDS)}")
@@ -168,11 +170,13 @@ def per_gpu(roles: list[RolePlan], backend: str, gpus: int, ema: RolePlan | None
             out["reduce buckets"] += REDUCE_BUCKET * 4
         elif backend == "ddp" and r.ddp_wrapped:
             out["gradients"] += r.trainable * 4
+    if low_vram and not z3:  # stage.dmd.low_vram: one distinct base on the device at a time
+        out["frozen weights"] = max(r.frozen_total_bytes for r in roles if r.shares_base_with is None)
     if z3:
         largest = max(r.frozen_total_bytes + r.trainable * 4 for r in roles)
         out["zero3 gathered"] = 2 * largest / num_layers
     if ema is not None:
-        out["EMA"] = ema.trainable * 4
+        out["EMA"] = ema.trainable * 4 / (gpus if (z3 or ema_sharded) else 1)
     return out
 
 
@@ -207,7 +211,9 @@ def plan(cfg, backend: str | None = None) -> dict:
     transient = {name: phase_peak(ph, model, cfg.model.gradient_checkpointing, act_bytes(cfg),
                                   grads_transient=not backend.startswith("deepspeed"))
                  for name, ph in phases(cfg, model, trainable).items()}
-    rows = per_gpu(roles, backend, cfg.plan_gpus, ema, model.config.num_layers)
+    low_vram = cfg.stage.name == "distilled" and cfg.stage.objective == "dmd" and cfg.stage.dmd.low_vram
+    rows = per_gpu(roles, backend, cfg.plan_gpus, ema, model.config.num_layers, low_vram=low_vram,
+                   ema_sharded=cfg.stage.ema.sharded)
     rows["activations"] = max(t["activations"] + t["gradients"] for t in transient.values())
     rows, cpu = apply_offload(rows, cfg.launcher, backend)
     return {"backend": backend, "rows": rows, "phases": transient, "roles": roles, "ema": ema,

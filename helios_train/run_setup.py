@@ -84,10 +84,10 @@ def _validate_objective(cfg: DictConfig, dry_run: bool = False) -> None:
     if cfg.stage.objective == "ode" and cfg.stage.ode.num_chunks > cfg.data.min_chunks:
         raise ConfigError(f"stage.ode.num_chunks={cfg.stage.ode.num_chunks} > data.min_chunks={cfg.data.min_chunks}: "
                           "shorter samples could not supply that many chunks")
-    if cfg.stage.ema.enabled and params_sharded(cfg):
-        raise ConfigError("stage.ema.enabled=true with launcher.zero_stage=3: the generator EMA needs whole "
-                          "parameters and ZeRO-3 shards them; use launcher=deepspeed_zero2 (with "
-                          "launcher.offload_optimizer=true to fit 14B DMD) or stage.ema.enabled=false")
+    if cfg.stage.ema.enabled and not cfg.stage.ema.sharded and params_sharded(cfg):
+        raise ConfigError("stage.ema.sharded=false with launcher.zero_stage=3: ZeRO-3 partitions the generator's "
+                          "parameters, so each rank keeps the EMA of its partition; set stage.ema.sharded=true "
+                          "(the checkpoint still holds the whole EMA) or use launcher=deepspeed_zero2")
     if cfg.stage.gan.enabled and not cfg.stage.gan.idle_head_updates and cfg.launcher.name == "deepspeed":
         raise ConfigError("stage.gan.idle_head_updates=false needs launcher=single|ddp: DeepSpeed's ZeRO buffers "
                           "give the idle GAN heads zero gradients, so AdamW always steps them (the official behaviour)")

@@ -303,15 +303,16 @@ class Trainer:
 
         if not validation_due(self.cfg.validation, self.step, self.fresh_start):
             return
-        if self.validator is not None:
-            role = self.roles.get("generator") or next(iter(self.roles.values()))
-            ema = getattr(self.stage, "ema", None)
-            weights = ema.swap_into(role.module) if (ema is not None and self.cfg.validation.use_ema) \
-                else contextlib.nullcontext()
-            with weights:
+        role = self.roles.get("generator") or next(iter(self.roles.values()))
+        ema = getattr(self.stage, "ema", None)
+        # Every rank enters the EMA swap: a sharded EMA is gathered (a collective) for the ranks that render.
+        weights = ema.swap_into(role.module, renders=self.validator is not None) \
+            if (ema is not None and self.cfg.validation.use_ema) else contextlib.nullcontext()
+        with weights:
+            if self.validator is not None:
                 result = self.validator.run(self.step, role.module, write=self.backend.is_main)
-            if self.backend.is_main:
-                tqdm.write(f"[helios-train] step {self.step}: validation videos {result['videos']}")
+                if self.backend.is_main:
+                    tqdm.write(f"[helios-train] step {self.step}: validation videos {result['videos']}")
         self.backend.barrier()
 
     def _log_step(self, logs: dict, batches: list[dict], dt: float) -> dict:

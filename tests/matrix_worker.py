@@ -43,7 +43,8 @@ def run_one(overrides: list[str]) -> dict:
     return {"step": result["step"], "losses": losses, "finite": bool(losses) and all(map(math.isfinite, losses)),
             "mixed_precision": str(cfg.trainer.mixed_precision), "roles": role_summary(trainer),
             "run_dir": str(trainer.run_dir),
-            "ema": getattr(trainer.stage, "ema", None) is not None}
+            "ema": getattr(trainer.stage, "ema", None) is not None,
+            "onloaded_gb": sum(m.get("low_vram/onloaded_gb", 0.0) for m in metrics)}
 
 
 def main() -> None:

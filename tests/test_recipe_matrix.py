@@ -51,8 +51,6 @@ def recipe_overrides(recipe: str, toy_root: Path, assets: dict, out: Path, launc
         o += [f"data.shards={assets['ode']}/ode-*.tar", "data.latent_height=8", "data.latent_width=16"]
     if cfg.stage.name == "distilled" and cfg.stage.objective == "dmd":
         o += [f"stage.dmd.real_score_path={assets['model']}", f"stage.dmd.critic_lora_rank={scaled(cfg.stage.dmd.critic_lora_rank)}"]
-        if launcher == "deepspeed_zero3":
-            o += ["stage.ema.enabled=false"]  # the generator EMA is refused under ZeRO-3 (a sharded EMA is not built yet)
     if cfg.stage.gan.enabled:
         # The GAN from step 0 (the recipe's 1000 is past a 2-step run); head width 768 scaled, a multiple of 32.
         o += ["stage.gan.start_step=0", "stage.gan.head_width=64"]
@@ -77,6 +75,16 @@ def check_run(result: dict, overrides: list[str]) -> None:
             b = [k for k in f.keys() if "lora_B" in k and not k.startswith(("patch_short", "patch_mid", "patch_long"))]
             unchanged = [k for k in b if not f.get_tensor(k).abs().max() > 0]
         assert b and not unchanged, f"{name}: LoRA B still zero after 2 steps: {unchanged[:5]}"
+    if result["ema"]:  # the whole EMA (gathered from every rank's share when sharded), as export --ema reads it
+        with safe_open(str(ckpt / "generator.ema.safetensors"), "pt") as e, \
+                safe_open(str(ckpt / "generator.trainable.safetensors"), "pt") as t:
+            assert set(e.keys()) == set(t.keys())
+            assert all(e.get_slice(k).get_shape() == t.get_slice(k).get_shape() for k in t.keys())
+    if distilled and cfg.stage.objective == "dmd":
+        from helios_train.lockstep import params_sharded
+
+        # stage.dmd.low_vram (the recipes' default) really moved the bases — except under ZeRO-3, which shards them
+        assert (result["onloaded_gb"] > 0) == (cfg.stage.dmd.low_vram and not params_sharded(cfg))
 
 
 @pytest.mark.slow

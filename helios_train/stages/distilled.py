@@ -18,20 +18,29 @@ heads on the critic's noisy-token hidden states (blocks scaled from 5/15/25/35 o
 from `stage.gan.start_step` the critic adds L_D + approximate R1 on [fake, real, real + σ·N] and the
 generator adds L_G (only ∂L_G/∂x flows back, the critic keeps no graph).
 
-EMA of the generator's trainables (`stage.ema`, official decay 0.99 from step 750) is kept with the
-checkpoints (`generator.ema.safetensors`); `python -m helios_train.export --ema` exports it.
+EMA of the generator's trainables (`stage.ema`, official decay 0.99 from step 750; 1/N per rank with
+`stage.ema.sharded`, helios_train/ema_shards.py) is kept with the checkpoints (`generator.ema.safetensors`);
+`python -m helios_train.export --ema` exports it.
+
+Low VRAM (`stage.dmd.low_vram`, official dmd_is_low_vram_mode, helios_train/low_vram.py): the frozen base
+not in use is offloaded — generator for the rollouts and the generator backward, critic for the scores,
+L_G and the critic loss — so one 14B base is on the GPU at a time (not under ZeRO-3, which shards them).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 from omegaconf import OmegaConf
 
 from helios_train.dmd import critic_flow_loss, dmd_gradient, dmd_loss, sample_critic_t, sample_generator_t
 from helios_train.ema import EMA
+from helios_train.ema_shards import layout_for
 from helios_train.gan import (approximate_r1, attach_gan_heads, critic_gan_logits, discriminator_gan_loss, gan_active,
                               generator_gan_loss, input_gradient_loss, perturb, random_spatial_crop, unwrap)
 from helios_train.history import model_inputs, token_counts
 from helios_train.lockstep import max_over_ranks, pad_forwards, params_sharded
+from helios_train.low_vram import FrozenBaseResidency
 from helios_train.model.loading import encode_text, load_transformer
 from helios_train.model.trainables import apply_trainable_policy
 from helios_train.ode_regression import ode_regression_loss
@@ -62,7 +71,8 @@ class DistilledStage(BaseStage):
             raise ValueError(f"stage.objective={self.objective!r}: expected dmd | ode")
         self.scheduler = make_scheduler("distilled")
         self.sharded = params_sharded(cfg)  # ZeRO-3: every rank must run the same number of forwards
-        self.ema = EMA(self.transformer, cfg.stage.ema) if cfg.stage.ema.enabled else None
+        self.ema = None  # built in `bind`, once the backend has wrapped (ZeRO-3: partitioned) the generator
+        self.residency = None  # stage.dmd.low_vram: one frozen base on the device at a time
         if self.objective == "dmd":
             self._build_critic(cfg, device)
 
@@ -81,21 +91,49 @@ class DistilledStage(BaseStage):
             # before the optimizer: the heads are plain trainable modules of the critic, so its
             # optimizer, DDP/DeepSpeed engine and checkpoint pick them up by name from step 0.
             attach_gan_heads(self.critic, cfg.stage.gan)
-        self.critic.to(device)
+        if d.low_vram and self.sharded and int(os.environ.get("RANK", "0")) == 0:
+            print("[helios-train] stage.dmd.low_vram=true is not used under ZeRO-3: every base is already "
+                  "partitioned 1/N per GPU (set stage.dmd.low_vram=false to silence this)", flush=True)
+        if d.low_vram and not self.sharded:
+            # Registered while the critic is still on the CPU, so its frozen base never reaches the device
+            # at setup; the generator's (already there) is copied to pinned host memory once.
+            self.residency = FrozenBaseResidency({"generator": self.transformer, "critic": self.critic}, device)
+        self.critic.to(device)  # trainables and buffers (and, without low_vram, the frozen base)
+        if self.residency is not None:
+            self.residency.use("generator")
+            self.residency.take_onloaded_bytes()  # setup traffic is not a step's
         self.negative = encode_text(cfg.model, [NEGATIVE_PROMPT], device)  # the teacher's guidance
 
-    # -- EMA of the generator (spec §1.5) ------------------------------------------------------------
+    def bind(self, prepared: dict) -> None:
+        super().bind(prepared)
+        if self.cfg.stage.ema.enabled:
+            self.ema = EMA(self.transformer, self.cfg.stage.ema, layout_for(self.cfg, zero3=self.sharded))
+
+    def _use(self, role: str) -> None:
+        """stage.dmd.low_vram: make `role`'s frozen base the resident one (no-op otherwise)."""
+        if self.residency is not None:
+            self.residency.use(role)
+
+    # -- EMA of the generator (official use_ema, ema_start_step) --------------------------------------
     def after_step(self, step: int, updated: list[str]) -> dict:
+        # The generator's base is what comes next (the next rollout, validation, export), so it is made
+        # resident here: this costs no extra copy, since every step starts with a rollout.
+        self._use("generator")
+        logs = {}
+        if self.residency is not None:
+            logs["low_vram/onloaded_gb"] = self.residency.take_onloaded_bytes() / 1e9
         # Official: EMA steps on every step before its start, then only on generator-update steps.
-        if self.ema is None or ("generator" not in updated and step > self.cfg.stage.ema.update_after_step):
-            return {}
-        return {"ema_decay": self.ema.update(self.transformer, step + 1)}
+        if self.ema is not None and ("generator" in updated or step <= self.cfg.stage.ema.update_after_step):
+            logs["ema_decay"] = self.ema.update(self.transformer, step + 1)
+        return logs
 
     def save_extra(self, directory, is_main: bool) -> None:
-        if self.ema is not None and is_main:
-            from safetensors.torch import save_file
+        if self.ema is not None:
+            state = self.ema.state_dict()  # collective when the EMA is sharded: every rank calls it
+            if is_main:
+                from safetensors.torch import save_file
 
-            save_file(self.ema.state_dict(), str(directory / "generator.ema.safetensors"))
+                save_file(state, str(directory / "generator.ema.safetensors"))
 
     def load_extra(self, directory) -> None:
         if self.ema is not None:
@@ -212,7 +250,9 @@ class DistilledStage(BaseStage):
     def _generator_loss(self, batch, x0, history, step, generator, logs):
         amplified = self._amplified(x0, history)
         exits = self._exit_steps(step, amplified)
+        self._use("generator")
         x0_gen = self._rollout(batch, x0, history, generator, exits).x0
+        self._use("critic")  # teacher and critic scores (+ L_G): the generator's graph stays, its base goes
         b = x0_gen.shape[0]
         t, sigma = sample_generator_t(b, step, self.cfg.stage.dmd, self._mu(x0_gen), generator)
         t, s = t.to(self.device).float(), sigma.to(self.device).float().view(-1, 1, 1, 1, 1)
@@ -233,6 +273,7 @@ class DistilledStage(BaseStage):
         loss = dmd_loss(x0_gen, grad)
         if gan_active(self.cfg.stage.gan, step):
             loss = loss + self._gan_generator_loss(batch, x0_gen, x0, history, t, s, generator, logs)
+        self._use("generator")  # the backward recomputes the generator's checkpointed blocks
         return loss, logs
 
     # -- hierarchical GAN (spec §8.6–8.7; stage.gan, from stage.gan.start_step) ---------------------
@@ -262,7 +303,7 @@ class DistilledStage(BaseStage):
         x_gan, hist_c, x0_c = self._gan_crop([x_gan, history, x0], generator)
         call = self._gan_call(self.critic, x0_c, hist_c, batch["prompt_embeds"], t, 1)
         loss = input_gradient_loss(lambda z: generator_gan_loss(critic_gan_logits(self.critic, None, call, z), g), x_gan)
-        logs["gan/g_loss"] = float(loss)
+        logs["gan/g_loss"] = float(loss.detach())
         return loss
 
     def _gan_discriminator_loss(self, batch, x_t, x0, history, t, s, eps, generator, logs):
@@ -283,8 +324,10 @@ class DistilledStage(BaseStage):
         return d_loss + r1
 
     def _critic_loss(self, batch, x0, history, step, generator, logs):
+        self._use("generator")
         with torch.no_grad():
             x0_gen = self._rollout(batch, x0, history, generator, None).x0
+        self._use("critic")  # the critic's loss and backward
         b = x0_gen.shape[0]
         t, sigma = sample_critic_t(b, self.cfg.stage.dmd, self._mu(x0_gen), generator)
         t, s = t.to(self.device).float(), sigma.to(self.device).float().view(-1, 1, 1, 1, 1)
