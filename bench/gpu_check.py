@@ -14,6 +14,8 @@ flash-attn is installed; `model.compile_blocks` off/on), after 2 warm-up steps, 
   step time; tokens/s, noisy and history; achieved TFLOP/s (torch FlopCounterMode on a step) and MFU
   against the device's dense bf16 peak (detected from its name); peak allocated memory next to the
   planner's figure and the dry run's (the same step on fake tensors, helios_train/dry_run.py).
+Then the cost of the DMD stage's low-VRAM offload (stage.dmd.low_vram): the measured pinned host→device
+bandwidth and the seconds it adds to a 14B DMD step.
 Without CUDA it says so and exits 0.
 """
 from __future__ import annotations
@@ -121,6 +123,36 @@ def measure_variant(cfg, steps: int = 3, warmup: int = 2) -> dict:
             "tflops": flops / step_s / 1e12, "peak_gb": peak / GB}
 
 
+def offload_cost(device: str, gb_per_base: float, switches: int = 6) -> dict:
+    """stage.dmd.low_vram's cost on this machine: host→device onload bandwidth of FrozenBaseResidency (pinned
+    copies, helios_train/low_vram.py) on two bases of `gb_per_base` frozen bf16 tensors (256 MB each), and what
+    that adds to a 14B DMD step: a generator-update step moves 4 bases (28.68 GB each), a critic-only step 2,
+    so 2.4 bases per step on average at the official 5:1 ratio."""
+    from helios_train.low_vram import FrozenBaseResidency
+
+    per = int(min(gb_per_base, 0.256) * GB) // 2
+    count = max(1, int(gb_per_base * GB) // (per * 2))
+    bases = {}
+    for name in ("generator", "critic"):
+        m = torch.nn.Module()
+        for i in range(count):
+            m.register_parameter(f"w{i}", torch.nn.Parameter(torch.randn(per, dtype=torch.bfloat16), requires_grad=False))
+        bases[name] = m
+    r = FrozenBaseResidency(bases, torch.device(device))
+    r.use("generator")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    r.take_onloaded_bytes()
+    t = time.perf_counter()
+    for i in range(switches):
+        r.use("critic" if i % 2 == 0 else "generator")
+    sync()
+    seconds = time.perf_counter() - t
+    gbps = r.take_onloaded_bytes() / GB / seconds
+    return {"onload_gb_per_s": gbps, "dmd_step_added_s": 2.4 * 28.68 / gbps,
+            "generator_step_added_s": 4 * 28.68 / gbps}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--allow-cpu", action="store_true", help="run the toy geometry on the CPU (code-path check)")
@@ -179,8 +211,12 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(format_row(row), flush=True)
     print(table(rows))
+    cost = offload_cost(device, 4.0 if cuda else 0.01)
+    print(f"stage.dmd.low_vram: host→device onload {cost['onload_gb_per_s']:.1f} GB/s (pinned); adds "
+          f"{cost['dmd_step_added_s']:.2f} s to an average 14B DMD step (2.4 × 28.7 GB), "
+          f"{cost['generator_step_added_s']:.2f} s to a generator-update step (4 bases)")
     if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1))
+        Path(a.json).write_text(json.dumps({"rows": rows, "low_vram": cost}, indent=1))
     return 0
 
 

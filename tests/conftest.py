@@ -45,3 +45,13 @@ def train(toy_root: Path, out: Path, overrides: list[str]) -> dict:
     cfg = compose([f"toy_root={toy_root}", f"output_root={out}", "tracker.mode=offline", "validation.every=0",
                    *overrides])
     return run(cfg)
+
+
+@pytest.fixture(scope="session")
+def base_export(toy_root, tmp_path_factory) -> Path:
+    """A 2-step toy Base run exported: the DMD tests' generator and teacher/critic base."""
+    from helios_train.export import export
+
+    out = tmp_path_factory.mktemp("dmd_base")
+    train(toy_root, out, ["trainer.max_steps=2", "trainer.checkpoint_every=2", "data.num_workers=0", "run_name=b"])
+    return export(out / "b", out / "export")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,15 +10,6 @@ import torch
 
 from conftest import REPO, compose, train
 from helios_train.tracking import read_metrics
-
-
-@pytest.fixture(scope="module")
-def base_export(toy_root, tmp_path_factory) -> Path:
-    from helios_train.export import export
-
-    out = tmp_path_factory.mktemp("dmd_base")
-    train(toy_root, out, ["trainer.max_steps=2", "trainer.checkpoint_every=2", "data.num_workers=0", "run_name=b"])
-    return export(out / "b", out / "export")
 
 
 def dmd_overrides(toy_root, export):

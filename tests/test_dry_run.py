@@ -83,6 +83,11 @@ def test_recipe_dry_runs_at_14b_width_agree_with_the_planner(toy_root, capsys, r
     if recipe.startswith("stage_3"):
         assert "critic" in out and result["measured/EMA"] > 0  # both phases ran, EMA on
         assert result["measured/reduce buckets"] == pytest.approx(4.0)  # two ZeRO engines
+        # stage.dmd.low_vram (recipe default): one base resident (the generator's, plus the embedder weights its
+        # rollout graph holds while the critic scores: ~0.37 GB, depth-independent) and 4 bases moved in a
+        # generator-update step; the base is the 4-block one (1.66 B bf16 + fp32-kept modules = 3.38 GB)
+        assert 3.38 <= result["measured/frozen weights"] < 3.38 + 0.4
+        assert result["onloaded_gb"] == pytest.approx(4 * 3.38, rel=0.01) and "one frozen base" in out
 
 
 @pytest.mark.slow
@@ -92,6 +97,19 @@ def test_full_14b_base_dry_run_matches_the_planner(toy_root, capsys):
                                   SHARDS.format(root=toy_root), "launcher=ddp"], capsys)
     assert "class defaults (the 14B geometry)" in out
     assert 60 < result["measured_per_gpu_gb"] < 75  # frozen 28.6 GB + trainables, AdamW, DDP buckets, ~27 GB activations
+    assert result["measured_per_gpu_gb"] == pytest.approx(result["planned_per_gpu_gb"], rel=0.05)
+
+
+@pytest.mark.slow
+def test_full_14b_dmd_fits_8x80gb_under_zero2_with_low_vram(toy_root, capsys):
+    """The official stage_3_post as released (low VRAM, sharded EMA) on 8 × 80 GB under ZeRO-2, all 40 blocks:
+    the measured per-GPU total stays under 80 GB with a 1 GB CUDA-context and 5 % fragmentation allowance."""
+    result, out = _dry(toy_root, ["experiment=stage_3_post", "model=helios_14b", "data=webdataset",
+                                  SHARDS.format(root=toy_root), "launcher=deepspeed_zero2", "plan_gpus=8"], capsys)
+    assert 28 < result["measured/frozen weights"] < 29.5  # one 14B bf16 base, not two (57.4 GB)
+    assert result["measured/EMA"] == pytest.approx(5.0 / 8, rel=0.02)  # the r256 generator's EMA, 1/8 per GPU
+    assert result["onloaded_gb"] == pytest.approx(4 * 28.68, rel=0.01)  # a generator-update step moves 4 bases
+    assert result["measured_per_gpu_gb"] * 1.05 + 1 <= 80, out
     assert result["measured_per_gpu_gb"] == pytest.approx(result["planned_per_gpu_gb"], rel=0.05)
 
 
@@ -109,3 +127,11 @@ def test_sharding_rule_applied_to_measured_bytes():
     assert z2["gradients"] == z2["fp32 master"] == 0.25 * gb and z2["AdamW state"] == 0.5 * gb
     assert z2["activations"] == 4 * gb  # ZeRO reduces gradients away as they arrive
     assert z3["frozen weights"] == 1.25 * gb and z3["zero3 gathered"] == 1 * gb and z2["frozen weights"] == 10 * gb
+    # stage.dmd.low_vram: the frozen bytes measured on the device (not the sum of the bases), except under ZeRO-3
+    # (which partitions them and does not offload); stage.ema.sharded: 1/N of the EMA per GPU
+    measured.update(low_vram={"frozen_peak_bytes": 6 * gb}, ema_bytes=0.8 * gb)
+    z2, _ = measured_rows(measured, "deepspeed_zero2", 8, ema_sharded=True)
+    z3, _ = measured_rows(measured, "deepspeed_zero3", 8)
+    replicated, _ = measured_rows(measured, "ddp", 8, ema_sharded=False)
+    assert z2["frozen weights"] == 6 * gb and z3["frozen weights"] == 1.25 * gb
+    assert z2["EMA"] == z3["EMA"] == 0.1 * gb and replicated["EMA"] == 0.8 * gb

@@ -26,8 +26,11 @@ def test_cpu_code_path_measures_every_column(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--allow-cpu", "--json", str(out)],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    rows = json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    rows, cost = result["rows"], result["low_vram"]
     assert rows and "error" not in rows[0], rows
+    assert cost["onload_gb_per_s"] > 0 and cost["generator_step_added_s"] == pytest.approx(
+        cost["dmd_step_added_s"] * 4 / 2.4)  # stage.dmd.low_vram's copies, timed
     row = rows[0]
     assert row["geometry"] == "toy" and row["step_s"] > 0 and row["noisy_tok_s"] > row["history_tok_s"] > 0
     assert row["tflops"] > 0 and math.isnan(row["mfu"])  # no dense-bf16 peak for a CPU

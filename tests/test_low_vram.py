@@ -10,7 +10,7 @@ import torch
 
 from conftest import compose, train
 from helios_train.tracking import read_metrics
-from test_distilled_stage import GAN, base_export, dmd_overrides  # noqa: F401  (fixture)
+from test_distilled_stage import GAN, dmd_overrides
 
 
 def _lora_like(seed: int) -> torch.nn.Module:
@@ -47,7 +47,7 @@ def test_one_base_resident_values_round_trip_and_an_offloaded_base_cannot_run():
 
 
 @pytest.mark.slow
-def test_toy_dmd_gan_with_low_vram_equals_the_run_without_it(toy_root, base_export, tmp_path):  # noqa: F811
+def test_toy_dmd_gan_with_low_vram_equals_the_run_without_it(toy_root, base_export, tmp_path):
     """DMD + GAN (active from step 2) + EMA, 6 steps: the same losses, gradient norms, trained tensors and EMA
     bit for bit; a generator-update step moves 4 bases (critic in, generator back for the backward, critic for
     the critic phase, generator for the next step), a critic-only step 2."""
@@ -77,7 +77,7 @@ def test_toy_dmd_gan_with_low_vram_equals_the_run_without_it(toy_root, base_expo
     assert "low_vram/onloaded_gb" not in off[0]
 
 
-def test_gan_generator_loss_keeps_only_the_input_gradient(toy_root, base_export):  # noqa: F811
+def test_gan_generator_loss_keeps_only_the_input_gradient(toy_root, base_export):
     """Official is_gan_low_vram_mode: the critic's graph of L_G is differentiated at once and freed; what stays
     alive for the generator backward is one tensor the size of the GAN crop (∂L_G/∂x). Measured with autograd's
     saved-tensor hooks: everything the L_G computation saved, and what of it is still alive when it returns."""
