@@ -36,6 +36,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -161,6 +162,10 @@ def measure(cfg) -> dict:
 
     dcfg = dry_run_config(cfg)
     tcfg = transformer_config(dcfg.model)
+    if "deepspeed" in sys.modules:  # an earlier ZeRO-3 run in this process may have swapped F.linear for its own
+        from helios_train.backends.deepspeed import restore_torch_linear
+
+        restore_torch_linear()
     weights = FakeWeights()
     with use_weights_source(weights), tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(dcfg, Path(tmp), [], None, {}, optimizer_foreach=True)

@@ -79,6 +79,7 @@ def test_nonfinite_gradients_skip_the_update_and_keep_dtypes(one_process, stage,
     cast), also with ZeRO-3 and CPU offload."""
     from helios_train.backends.deepspeed import DeepSpeedBackend
 
+    torch_linear = torch.nn.functional.linear
     t0 = time.time()
     b = DeepSpeedBackend(launcher(stage, offload_optimizer=offload, offload_param=offload),
                          NS(device="cpu", mixed_precision="bf16", grad_accum_steps=1), NS(batch_size=1))
@@ -124,6 +125,9 @@ def test_nonfinite_gradients_skip_the_update_and_keep_dtypes(one_process, stage,
                           "1.weight": torch.float32, "1.bias": torch.float32}
     finally:
         b.shutdown()
+    # ZeRO-3 swaps F.linear process-wide for its own autograd function; shutdown puts torch's back (a later
+    # run in this process — e.g. a dry run measuring memory — would otherwise allocate differently)
+    assert torch.nn.functional.linear is torch_linear
 
 
 def torchrun(toy_root, out, *overrides) -> float:

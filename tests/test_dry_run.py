@@ -86,7 +86,7 @@ def test_recipe_dry_runs_at_14b_width_agree_with_the_planner(toy_root, capsys, r
         # stage.dmd.low_vram (recipe default): one base resident (the generator's, plus the embedder weights its
         # rollout graph holds while the critic scores: ~0.37 GB, depth-independent) and 4 bases moved in a
         # generator-update step; the base is the 4-block one (1.66 B bf16 + fp32-kept modules = 3.38 GB)
-        assert 3.38 <= result["measured/frozen weights"] < 3.38 + 0.4
+        assert 3.37 < result["measured/frozen weights"] < 3.38 + 0.4
         assert result["onloaded_gb"] == pytest.approx(4 * 3.38, rel=0.01) and "one frozen base" in out
 
 

@@ -102,6 +102,17 @@ def ds_config(launcher_cfg, trainer_cfg, data_cfg, world_size: int, max_grad_nor
     return cfg
 
 
+def restore_torch_linear() -> None:
+    """ZeRO-3 replaces `torch.nn.functional.linear` process-wide with its memory-efficient autograd function
+    and leaves it so ("This will persist unless manually reset", deepspeed/runtime/zero/partition_parameters.py).
+    Put torch's back, so a later run in the same process (tests, notebooks, the dry run) computes — and
+    allocates — as torch does."""
+    zero = importlib.import_module("deepspeed.runtime.zero.partition_parameters")
+    original = getattr(zero.InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
+    if original is not None and torch.nn.functional.linear is not original:
+        torch.nn.functional.linear = original
+
+
 def merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -268,6 +279,7 @@ class DeepSpeedBackend(Backend):
         for engine in self.engines:
             engine.destroy()  # ZeRO-3 aborts at interpreter exit otherwise
         self.engines = []
+        restore_torch_linear()
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
             if self.owns_process_group:
