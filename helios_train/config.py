@@ -146,6 +146,7 @@ class DebugConfig:
     """Fault injection for tests and drills — never needed for real runs."""
 
     nonfinite_loss_steps: list[int] = field(default_factory=list)  # make the loss NaN at these steps
+    nonfinite_roles: list[str] = field(default_factory=list)  # … of these roles only (empty: every role)
     step_sleep_s: float = 0.0  # slow each step down (kill/preemption drills need a run that lasts)
 
 

@@ -113,9 +113,9 @@ class Tracker:
             for k, v in values.items():
                 self.run.summary[k] = v
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int | None = None) -> None:
         if self.run is not None:
-            self.run.finish()
+            self.run.finish(exit_code=exit_code)
             self.run = None
 
 

@@ -75,7 +75,9 @@ class Trainer:
         if cfg.data.mode == "raw":
             self._attach_online_encoder()
         self.step = 0
-        self.consecutive_nonfinite = 0
+        # Per role: a finite critic phase must not hide a generator that keeps diverging (DMD), so each
+        # role's run of non-finite updates is counted on its own.
+        self.consecutive_nonfinite = dict.fromkeys(self.roles, 0)
         self.nonfinite_total = 0
         self.position = DataPosition()
         self.tracker = Tracker(cfg.tracker, run_dir, cfg.run_name, plain_config, enabled=b.is_main)
@@ -159,7 +161,9 @@ class Trainer:
         self.position = DataPosition(ckpt.read_json(path / f"data-rank{b.rank}.json"))
         self.step = state["step"]
         self.nonfinite_total = state["nonfinite_total"]
-        self.consecutive_nonfinite = state["consecutive_nonfinite"]
+        saved = state["consecutive_nonfinite"]  # an int in checkpoints written before the per-role count
+        self.consecutive_nonfinite = {r: (saved.get(r, 0) if isinstance(saved, dict) else int(saved))
+                                      for r in self.roles}
         self.stage.load_state_dict(state["stage"])
         self.throughput.flops_per_step = state.get("flops_per_step")
         if b.is_main:
@@ -194,7 +198,8 @@ class Trainer:
         for i, batch in enumerate(batches):
             with b.accumulation_context(role, is_last_micro=(i == accum - 1)):
                 loss, logs = self.stage.loss(name, batch, self.step, self.micro_generator(phase, i))
-                if self.step in self.cfg.trainer.debug.nonfinite_loss_steps:
+                debug = self.cfg.trainer.debug
+                if self.step in debug.nonfinite_loss_steps and (not debug.nonfinite_roles or name in debug.nonfinite_roles):
                     loss = loss * float("nan")  # fault drill (trainer.debug), exercises the guard below
                 b.backward(role, loss / accum)
             total += float(loss.detach()) / accum
@@ -208,19 +213,19 @@ class Trainer:
             keys = [k for batch in batches for k in batch.get("keys", [])]
             self._count_nonfinite(name, total, norm, keys)
         else:
-            self.consecutive_nonfinite = 0
+            self.consecutive_nonfinite[name] = 0
         return out
 
     def _count_nonfinite(self, role: str, loss: float, norm: float, keys: list[str]) -> None:
         self.nonfinite_total += 1
-        self.consecutive_nonfinite += 1
+        self.consecutive_nonfinite[role] += 1
         tqdm.write(f"[helios-train] step {self.step}: non-finite {role} loss={loss} grad_norm={norm}; "
                    f"update skipped (samples: {keys})")
         limit = self.cfg.trainer.max_consecutive_nonfinite
-        if self.consecutive_nonfinite >= limit:
+        if self.consecutive_nonfinite[role] >= limit:
             raise NonFiniteLossError(
-                f"{self.consecutive_nonfinite} consecutive non-finite steps (trainer.max_consecutive_nonfinite="
-                f"{limit}); last samples: {keys}"
+                f"{self.consecutive_nonfinite[role]} consecutive non-finite steps of role {role!r} "
+                f"(trainer.max_consecutive_nonfinite={limit}); last samples: {keys}"
             )
 
     # -- preemption -------------------------------------------------------------------------------
@@ -274,6 +279,11 @@ class Trainer:
                         tqdm.write(f"[helios-train] received {self.stop_signal or 'a stop signal on another rank'}: "
                                    f"checkpoint-{self.step} written, exiting; rerun the same command to resume")
                     break
+        except BaseException:
+            # The W&B run is closed as failed (a run left open in this process would swallow the next one's
+            # logs); the backend is not shut down here: its barrier could wait on ranks that did not fail.
+            self.tracker.finish(exit_code=1)
+            raise
         finally:
             bar.close()
             for sig, handler in previous_handlers.items():

@@ -261,3 +261,15 @@ def test_critic_reads_the_secondary_section(toy_root):
     view = critic_section(s)
     assert torch.equal(view["target"], s["secondary_target"]) and torch.equal(view["history"], s["secondary_history"])
     assert torch.equal(view["primary_target"], s["target"]) and not torch.equal(view["target"], s["target"])
+
+
+def test_a_diverging_generator_stops_the_run_while_the_critic_stays_finite(toy_root, base_export, tmp_path):
+    """The non-finite guard counts per role: a finite critic phase right after a NaN generator phase must not
+    reset the generator's count, or a diverged generator would never stop a DMD run."""
+    from helios_train.trainer import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite steps of role 'generator'"):
+        train(toy_root, tmp_path, dmd_overrides(toy_root, base_export)[1:] + [
+            "stage.dmd.update_ratio=1", "trainer.max_steps=6", "trainer.max_consecutive_nonfinite=3",
+            "trainer.debug.nonfinite_loss_steps=[0,1,2,3,4,5]", "trainer.debug.nonfinite_roles=[generator]",
+            "run_name=diverged"])
