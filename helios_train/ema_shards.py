@@ -12,6 +12,8 @@ the sharded layouts: every rank calls them.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -76,30 +78,30 @@ class OwnerSharded(Layout):
     def owns(self, name):
         return self.owner[name] == self.rank
 
-    def _flat_of(self, rank: int, shadow: dict | None, length: int, like: torch.Tensor) -> torch.Tensor:
-        flat = torch.zeros(length, dtype=torch.float32, device=like.device)
-        if shadow is not None:
-            offset = 0
-            for n in self.order:
-                if self.owner[n] == rank:
-                    k = shadow[n].numel()
-                    flat[offset:offset + k] = shadow[n].reshape(-1)
-                    offset += k
+    def _own_flat(self, shadow: dict, length: int, device) -> torch.Tensor:
+        """This rank's shadows, concatenated in parameter order, zero-padded to `length`."""
+        flat = torch.zeros(length, dtype=torch.float32, device=device)
+        offset = 0
+        for n in self.order:
+            if self.owner[n] == self.rank:
+                k = shadow[n].numel()
+                flat[offset:offset + k] = shadow[n].reshape(-1)
+                offset += k
         return flat
 
     def _whole(self, shadow: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         sizes = [0] * self.world
         for n in self.order:
-            sizes[self.owner[n]] += _numel(self.shapes[n])
+            sizes[self.owner[n]] += math.prod(self.shapes[n])
         like = next(iter(shadow.values())) if shadow else torch.zeros(0)
         if self.world > 1 and dist.get_backend() == "nccl":
             like = like if like.is_cuda else torch.zeros(0, device="cuda")
-        pieces = _gather_to_main(self._flat_of(self.rank, shadow, max(sizes), like), self.world)
+        pieces = _gather_to_main(self._own_flat(shadow, max(sizes), like.device), self.world)
         if pieces is None:
             return {}
         out, offsets = {}, [0] * self.world
         for n in self.order:
-            r, k = self.owner[n], _numel(self.shapes[n])
+            r, k = self.owner[n], math.prod(self.shapes[n])
             out[n] = pieces[r][offsets[r]:offsets[r] + k].view(self.shapes[n]).cpu().clone()
             offsets[r] += k
         return out
@@ -133,7 +135,7 @@ class Zero3Partitioned(Layout):
         out, offset = {}, 0
         for n in self.order:
             k = self.partition[n]
-            whole = torch.cat([p[offset:offset + k] for p in pieces])[:_numel(self.shapes[n])]
+            whole = torch.cat([p[offset:offset + k] for p in pieces])[:math.prod(self.shapes[n])]
             out[n] = whole.view(self.shapes[n]).cpu().clone()
             offset += k
         return out
@@ -146,13 +148,6 @@ class Zero3Partitioned(Layout):
         k = self.partition[name]
         piece = whole.reshape(-1)[self.rank * k:(self.rank + 1) * k]
         return torch.cat([piece, piece.new_zeros(k - piece.numel())]) if piece.numel() < k else piece
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def layout_for(cfg, zero3: bool) -> Layout:
