@@ -8,7 +8,9 @@ whose gradient w.r.t. x̂0 is grad / numel. Critic: flow matching on generator s
 Timesteps: generator u ~ Beta(1 + 3c, 1 + 0.5c), c = ½(1 + cos(π·min(step / anneal, 1))) — Beta(4, 1.5)
 biased to high noise at the start, uniform after `anneal` (500) steps; critic u ~ U(0.001, 1). Both
 are shifted with the linear dynamic shift of the full-resolution chunk (μ = 1.919 at 48×80), scaled to
-t = 1000·σ', rounded and clamped to [20, 980].
+t = 1000·σ', rounded and clamped to [20, 980]. σ(t) is then the nearest entry of the shifted 1000-entry
+table (helios_train/sigma_table.py), as the official `add_noise` / `convert_flow_pred_to_x0` look it up —
+not t / 1000.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+
+from helios_train.sigma_table import dmd_sigma, linear_shift
 
 
 @dataclass
@@ -43,10 +47,9 @@ def beta_annealing(step: int, anneal_steps: int) -> tuple[float, float]:
 
 
 def shifted_timesteps(u: torch.Tensor, mu: float, t_min: int, t_max: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """u in (0, 1] → (t integer-valued float in [t_min, t_max], σ = t / 1000) with the linear shift s = μ."""
-    shifted = mu * u / (1 + (mu - 1) * u)
-    t = (shifted * 1000).round().clamp(t_min, t_max)
-    return t, t / 1000
+    """u in (0, 1] → (t integer-valued float in [t_min, t_max], σ(t) from the μ-shifted table)."""
+    t = (linear_shift(u, mu) * 1000).round().clamp(t_min, t_max)
+    return t, dmd_sigma(t, mu)
 
 
 def sample_generator_t(batch: int, step: int, cfg: DMDConfig, mu: float, generator: torch.Generator):

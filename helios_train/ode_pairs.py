@@ -28,6 +28,7 @@ import torch
 from diffusers import HeliosDMDScheduler, HeliosScheduler
 
 from helios_train.rollout import calculate_mu
+from helios_train.sigma_table import level_sigma
 
 # calculate_mu is linear in the token count: mu = m·seq + b
 _MU_SLOPE = calculate_mu(1) - calculate_mu(0)
@@ -122,12 +123,10 @@ def recording_scheduler(student_steps=(2, 2, 2), amplify_first_chunk: bool = Tru
                                                                           mu_from)
 
 
-def sigma_of(timesteps: torch.Tensor, level: int, scheduler=None) -> torch.Tensor:
-    """σ on the shifted level-local table for a recorded timestep (inverse of t = t_min + σ·(t_max − t_min))."""
-    scheduler = scheduler or HeliosDMDScheduler(**PYRAMID)
-    stage_t = scheduler.timesteps_per_stage[level]
-    lo, hi = float(stage_t.min()), float(stage_t.max())
-    return (timesteps.double() - lo) / (hi - lo)
+def sigma_of(timesteps: torch.Tensor, level: int, mu: float, scheduler=None) -> torch.Tensor:
+    """σ of recorded timesteps as the official `_ode_regression_loss` takes it: the nearest entry of level
+    `level`'s table shifted by μ of the level's resolution (helios_train/sigma_table.py)."""
+    return level_sigma(timesteps, scheduler or HeliosDMDScheduler(**PYRAMID), level, mu)
 
 
 class skip_pixel_decode:

@@ -5,12 +5,13 @@ chunk and pyramid level k one random recorded state x_t (at its stored t) is fed
 with the teacher's own history (its final clean latents of the previous chunks, no corruption, no
 task dropout; anchor x0 = first latent of chunk 0, zero for chunk 0). The student's x̂ = x_t − σ_k·v
 is regressed onto the level's end state (the stage-local "x0", not the final video for k < 2):
-0.5·MSE per term, mean over terms, × `weight` (80). σ_k is the shifted level-local σ of t, i.e. the
-inverse of the scheduler's t = t_min + σ·(t_max − t_min). The student runs without guidance: the
-teacher's CFG is baked into its targets.
+0.5·MSE per term, mean over terms, × `weight` (80). σ_k is the nearest entry of level k's table
+shifted by μ of the level's resolution, as official `_ode_regression_loss` looks it up through
+`convert_flow_pred_to_x0` (helios/utils/utils_helios_post.py; helios_train/sigma_table.py). The
+student runs without guidance: the teacher's CFG is baked into its targets.
 
-The timestep fed to the model is truncated to an integer, as diffusers' pyramid pipeline does at
-inference (and as the teacher saw it when the pair was recorded).
+The student gets the recorded float timestep, as the official loss feeds it (the teacher saw it
+truncated to int64 while the pair was recorded, helios/pipelines/pipeline_helios_ode.py).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 
 from helios_train.history import HistoryConfig, assemble_history_sample
 from helios_train.ode_pairs import sigma_of
+from helios_train.rollout import calculate_mu
 
 # velocity(model_input x_t, t [B], x0, history) -> v  (prompt embeddings bound by the caller)
 Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -66,8 +68,10 @@ def ode_regression_loss(velocity: Velocity, batch: dict, cfg: OdeConfig, history
         latents = batch[f"ode_c{c}_s{k}_latents"].to(device)  # [B, n+1, C, 9, h, w]
         t = batch[f"ode_c{c}_s{k}_timesteps"][:, j].to(device)
         x_t, end = latents[:, j], latents[:, -1]
-        sigma = sigma_of(t, k, scheduler).float().view(-1, 1, 1, 1, 1)
-        v = velocity(x_t, t.to(torch.int64), None if x0 is None else x0.to(device), history.to(device))
+        mu = calculate_mu(x_t.shape[-3] * x_t.shape[-2] * x_t.shape[-1] // 4)  # the level's own resolution
+        sigma = sigma_of(t, k, mu, scheduler).float().to(x_t.device).view(-1, 1, 1, 1, 1)
+        # the recorded float timestep, as the official loss feeds it (not truncated to int64)
+        v = velocity(x_t, t.float(), None if x0 is None else x0.to(device), history.to(device))
         x_hat = x_t - sigma * v.float()
         losses.append(0.5 * torch.mean((x_hat - end) ** 2))
     loss = cfg.weight * torch.stack(losses).mean()

@@ -15,6 +15,12 @@ helios_train/pyramid.py's float64 block noise; under no_grad it reproduces the p
   computes μ before the ×2 upsample (spec inference_data §4.4 discrepancy).
 - training: `exit_steps[k]` picks the step whose x̂0 ends level k; earlier steps run without grad,
   the exit step with grad, later steps are skipped.
+- `sampler="training"` (default) is the official training rollout (helios/utils/utils_helios_post.py,
+  the stage-2 loop of the generator rollout): the model gets the float timestep (998.53: int64 ones
+  times the float t) and σ of t and of the next t are the nearest entries of the level's μ-shifted
+  1000-entry table (`convert_flow_pred_to_x0` / `add_noise`, helios_train/sigma_table.py).
+  `sampler="pipeline"` is diffusers' HeliosPyramidPipeline: int64 timesteps (998) and the
+  scheduler's exact σ — what inference runs (tests/test_rollout.py checks both).
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from helios_train.pyramid import block_noise
+from helios_train.sigma_table import level_table, nearest_sigma
 
 # transformer_fn(latents [B,C,9,h,w], timestep [B]) -> velocity [B,C,9,h,w]; history/prompt are bound in.
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -78,7 +85,7 @@ def rollout_forwards(scheduler, steps=(2, 2, 2), amplify_first_chunk: bool = Fal
 def pyramid_rollout(velocity: VelocityFn, noise: torch.Tensor, scheduler, steps=(2, 2, 2),
                     amplify_first_chunk: bool = False, generator: Optional[torch.Generator] = None,
                     mu_from: str = "level", exit_steps: Optional[list[int]] = None,
-                    integer_timesteps: bool = True, patch=(1, 2, 2),
+                    sampler: str = "training", patch=(1, 2, 2),
                     lockstep: Optional[list[int]] = None) -> RolloutResult:
     """Run the x0 pyramid sampler on one chunk. `generator` draws the block noise between levels.
 
@@ -89,6 +96,8 @@ def pyramid_rollout(velocity: VelocityFn, noise: torch.Tensor, scheduler, steps=
     of forwards and backward passes. Values and gradients are unchanged."""
     if mu_from not in ("level", "previous"):
         raise ValueError(f"mu_from={mu_from!r}: expected level | previous")
+    if sampler not in ("training", "pipeline"):
+        raise ValueError(f"sampler={sampler!r}: expected training | pipeline")
     n_stages = scheduler.config.stages
     latents = initial_latents(noise.float(), n_stages)
     start = latents
@@ -104,17 +113,22 @@ def pyramid_rollout(velocity: VelocityFn, noise: torch.Tensor, scheduler, steps=
         tokens = latents.shape[2] * latents.shape[3] * latents.shape[4] // (patch[0] * patch[1] * patch[2])
         mu = calculate_mu(tokens if mu_from == "level" else prev_tokens)
         scheduler.set_timesteps(steps[k], k, device=latents.device, mu=mu, is_amplify_first_chunk=amplify_first_chunk)
-        timesteps, sigmas = scheduler.timesteps, scheduler.sigmas.double()
+        timesteps = scheduler.timesteps
+        if sampler == "training":
+            sigmas = nearest_sigma(timesteps.cpu(), *level_table(scheduler, k, mu)).tolist()
+            model_t = timesteps.float()
+        else:
+            sigmas = scheduler.sigmas.double().tolist()
+            model_t = timesteps.to(torch.int64)
         last = len(timesteps) - 1 if exit_steps is None else exit_steps[k]
         if lockstep is not None:
             with torch.no_grad():
                 for _ in range(lockstep[k] - last):  # discarded: only the forward count matters
-                    velocity(latents, timesteps[0].expand(latents.shape[0]).to(torch.int64))
+                    velocity(latents, model_t[0].expand(latents.shape[0]))
         for i in range(last + 1):
             grad = contextlib.nullcontext() if (exit_steps is None or i == last) else torch.no_grad()
             with grad:
-                t = timesteps[i].expand(latents.shape[0])
-                t = t.to(torch.int64) if integer_timesteps else t.float()
+                t = model_t[i].expand(latents.shape[0])
                 if lockstep is not None and i == last and not latents.requires_grad:
                     latents = latents.detach().requires_grad_()  # same backward modules on every rank
                 v = velocity(latents, t)

@@ -1,6 +1,7 @@
 """DMD losses: gradient direction, normaliser, timestep annealing (spec §8.6, §8.7)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -47,7 +48,7 @@ def test_timestep_annealing_beta_to_uniform_and_clamp():
     t1, s1 = sample_generator_t(4000, 600, cfg, 1.0, g)  # uniform, no shift
     assert t0.float().mean() > 700  # Beta(4, 1.5) mean 0.727, shifted up by μ = 1.919
     assert abs(t1.float().mean().item() - 500) < 15 and t1.min() >= 20 and t1.max() <= 980
-    torch.testing.assert_close(s1, t1 / 1000)
+    torch.testing.assert_close(s1, t1 / 1000)  # μ = 1: the table is linspace(1, 0.001), σ(t) = t / 1000 exactly
     t, _ = shifted_timesteps(torch.tensor([0.5], dtype=torch.float64), 1.919, 20, 980)
     assert t.item() == round(1000 * 1.919 * 0.5 / (1 + 0.919 * 0.5))
     tc, _ = sample_critic_t(4000, cfg, 1.0, g)
@@ -58,3 +59,28 @@ def test_critic_loss_is_flow_matching_on_generator_samples():
     noise, x0 = torch.randn(1, 4, 9, 4, 4), torch.randn(1, 4, 9, 4, 4)
     assert critic_flow_loss(noise - x0, noise, x0).item() == 0.0
     assert critic_flow_loss(torch.zeros_like(x0), noise, x0).item() == pytest.approx(((noise - x0) ** 2).mean().item())
+
+
+def official_table_sigma(t: np.ndarray, mu: float) -> np.ndarray:
+    """The official lookup, written out from helios/utils/utils_helios_post.py (`_generator_loss` builds the
+    table, `add_noise` / `convert_flow_pred_to_x0` take argmin |timesteps − t|), in numpy."""
+    sigmas = np.linspace(1.0, 1.0 / 1000, 1000)
+    sigmas = mu * sigmas / (1 + (mu - 1) * sigmas)
+    timesteps = sigmas * 1000
+    return sigmas[np.abs(timesteps[None, :] - t[:, None]).argmin(axis=1)]
+
+
+@pytest.mark.parametrize("mu", [1.919, 1.3])
+def test_sigma_of_every_integer_timestep_is_the_official_table_entry(mu):
+    """σ(t) for t in 20..980 is the nearest entry of the μ-shifted 1000-entry table, not t / 1000 (they differ
+    by up to ~1e-3, which moved x0 by 6e-4 on the same inputs)."""
+    t = np.arange(20, 981, dtype=np.float64)
+    u = torch.tensor(t / 1000 / (mu - (mu - 1) * t / 1000))  # the u that the shift maps onto t / 1000
+    got_t, got_sigma = shifted_timesteps(u, mu, 20, 980)
+    np.testing.assert_array_equal(got_t.numpy(), t)
+    expected = official_table_sigma(t, mu)
+    np.testing.assert_allclose(got_sigma.numpy(), expected, rtol=0, atol=1e-12)
+    assert np.abs(expected - t / 1000).max() > 4e-4  # the check can tell the table from t / 1000
+    _, s = sample_critic_t(64, DMDConfig(), mu, torch.Generator().manual_seed(0))
+    tc, _ = sample_critic_t(64, DMDConfig(), mu, torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(s.numpy(), official_table_sigma(tc.numpy(), mu), rtol=0, atol=1e-12)

@@ -43,9 +43,32 @@ def test_teacher_schedule_passes_through_the_student_timesteps():
     # The pipeline's own μ (previous level's tokens) gives other timesteps for levels 1-2 (inference_data §4.4).
     previous = drive(recording_scheduler(mu_from="previous"), chunks=1)
     assert previous[0][1]["timesteps"][1] != pytest.approx(CHUNK0[1][1], abs=0.5)
-    # σ on the level-local table: t = t_min + σ·(t_max − t_min) inverted (spec §8.4 σ_local values)
-    assert sigma_of(torch.tensor([998.53, 833.96]), 0).tolist() == pytest.approx([0.998, 0.354], abs=1e-3)
-    assert sigma_of(torch.tensor([385.41, 253.99]), 2).tolist() == pytest.approx([0.9995, 0.657], abs=1e-3)
+    # σ on the level-local table (the σ_local values of the distilled sampler's timesteps at 384×640)
+    mu0, mu2 = calculate_mu(9 * 12 * 20 // 4), calculate_mu(9 * 48 * 80 // 4)
+    assert sigma_of(torch.tensor([998.53, 833.96]), 0, mu0).tolist() == pytest.approx([0.998, 0.354], abs=1e-3)
+    assert sigma_of(torch.tensor([385.41, 253.99]), 2, mu2).tolist() == pytest.approx([0.9995, 0.657], abs=1e-3)
+
+
+def test_ode_sigma_is_the_nearest_entry_of_the_levels_shifted_table():
+    """Official `_ode_regression_loss`: σ = the level's sigmas_per_stage shifted by μ of x_t's resolution, at
+    argmin |t_min + σ·(t_max − t_min) − t| (convert_flow_pred_to_x0) — not the exact inverse of t."""
+    from diffusers import HeliosDMDScheduler
+
+    from helios_train.ode_pairs import PYRAMID
+
+    sch = HeliosDMDScheduler(**PYRAMID)
+    for k, hw in enumerate([(12, 20), (24, 40), (48, 80)]):
+        mu = calculate_mu(9 * hw[0] * hw[1] // 4)
+        stage_t = sch.timesteps_per_stage[k].double().numpy()
+        table = sch.sigmas_per_stage[k].double().numpy()
+        table = mu * table / (1 + (mu - 1) * table)  # official apply_schedule_shift, linear
+        table_t = stage_t.min() + table * (stage_t.max() - stage_t.min())
+        t = np.linspace(stage_t.min() + 0.3, stage_t.max() - 0.3, 97)
+        expected = table[np.abs(table_t[None] - t[:, None]).argmin(1)]
+        got = sigma_of(torch.tensor(t), k, mu, sch).numpy()
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+        exact = (t - stage_t.min()) / (stage_t.max() - stage_t.min())
+        assert np.abs(got - exact).max() > 1e-5  # the old exact inverse would fail this test
 
 
 def test_teacher_still_ends_where_the_unrecorded_teacher_ends():
@@ -132,20 +155,22 @@ def test_ode_loss_is_zero_for_the_exact_velocity_and_uses_the_teacher_history():
                 for j in range(lat.shape[1] - 1):
                     if torch.equal(lat[:, j], x_t):
                         c, k = int(key.split("_")[1][1:]), int(key.split("_")[2][1:])
-                        seen.append((c, k, int(t[0])))
+                        seen.append((c, k, t.dtype))
+                        torch.testing.assert_close(t, batch[f"ode_c{c}_s{k}_timesteps"][:, j].float(), rtol=0, atol=0)
                         if c == 0:
                             assert not x0.any() and not history.any()
                         else:  # the newest history frames are the previous chunk's clean latents
                             assert torch.equal(history[:, :, -9:], batch["ode_clean"][:, c - 1])
                             assert torch.equal(x0, batch["ode_clean"][:, 0, :, :1])
-                        sigma = sigma_of(batch[f"ode_c{c}_s{k}_timesteps"][:, j], k).float().view(-1, 1, 1, 1, 1)
+                        mu = calculate_mu(x_t.shape[-3] * x_t.shape[-2] * x_t.shape[-1] // 4)
+                        sigma = sigma_of(batch[f"ode_c{c}_s{k}_timesteps"][:, j], k, mu).float().view(-1, 1, 1, 1, 1)
                         return (x_t - lat[:, -1]) / sigma
         raise AssertionError("input is not a stored teacher state")
 
     loss, logs = ode_regression_loss(oracle, batch, OdeConfig(), hcfg, torch.Generator().manual_seed(1))
     assert float(loss) == pytest.approx(0.0, abs=1e-10)
     assert len(seen) == 9 and len({c for c, _, _ in seen}) == 3  # 3 random chunks × 3 levels
-    assert all(isinstance(t, int) for _, _, t in seen)
+    assert all(dtype == torch.float32 for _, _, dtype in seen)  # the recorded float t, as official (not int64)
     # a velocity that is off by δ gives 0.5·mean((σδ)²)·80, i.e. the regression target really is the level end
     loss_zero_v, _ = ode_regression_loss(lambda x, t, a, b: torch.zeros_like(x), batch, OdeConfig(), hcfg,
                                          torch.Generator().manual_seed(1))

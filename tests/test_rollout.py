@@ -42,23 +42,44 @@ def test_rollout_matches_pipeline_first_chunk(distilled_pipe, steps, amplify):
         g = torch.Generator().manual_seed(7)
         noise = torch.randn(1, 4, 9, 8, 16, generator=g)
         out = pyramid_rollout(velocity_fn(pipe.transformer, embeds), noise, pipe.scheduler, steps,
-                              amplify_first_chunk=amplify, generator=g, mu_from="previous")
+                              amplify_first_chunk=amplify, generator=g, mu_from="previous", sampler="pipeline")
     assert out.nfe == sum(steps) * (2 if amplify else 1)
     torch.testing.assert_close(out.x0, ref.float(), rtol=1e-4, atol=1e-4)
 
 
-def test_distilled_timesteps_with_level_mu_match_spec(distilled_pipe):
-    """mu from each level's own resolution (training side): 998.5/834.0, 742.8/547.2, 385.4/254.0 at 48×80."""
-    seen = []
+def test_training_sampler_feeds_the_official_float_timesteps_and_table_sigmas(distilled_pipe):
+    """The official training rollout (utils_helios_post.py) feeds int64 ones × the float t (998.53, not 998)
+    and takes σ of t and of the next t from the level's μ-shifted table (convert_flow_pred_to_x0 / add_noise).
+    μ from each level's own resolution: 998.5/834.0, 742.8/547.2, 385.4/254.0 at 48×80."""
+    from helios_train.rollout import calculate_mu
+    from helios_train.sigma_table import level_table, nearest_sigma
+
+    seen, xs = [], []
 
     def fn(x, t):
-        seen.append(float(t[0]))
-        return torch.zeros_like(x)
+        seen.append(t.clone())
+        xs.append(x.detach().double().clone())
+        return torch.ones_like(x)  # v = 1: x̂0 = x_t − σ(t), so each step reveals the σ it used
 
-    pyramid_rollout(fn, torch.zeros(1, 16, 9, 48, 80), distilled_pipe.scheduler, [2, 2, 2],
-                    generator=torch.Generator().manual_seed(0), integer_timesteps=False)
+    noise = torch.zeros(1, 16, 9, 48, 80)
+    out = pyramid_rollout(fn, noise, distilled_pipe.scheduler, [2, 2, 2], generator=torch.Generator().manual_seed(0))
+    assert all(t.dtype == torch.float32 for t in seen)
     expected = [998.53, 833.96, 742.82, 547.19, 385.41, 253.99]
-    assert seen == pytest.approx(expected, abs=0.02)
+    assert [float(t[0]) for t in seen] == pytest.approx(expected, abs=0.02)
+    # σ actually used at the first step of each level, from x̂0 = x_t − σ·1 and the level's second input
+    # x_1 = (1 − σ_1)·x̂0 + σ_1·start (start = x_0 of the level)
+    for k in range(3):
+        h, w = 12 * 2**k, 20 * 2**k
+        table = level_table(distilled_pipe.scheduler, k, calculate_mu(9 * h * w // 4))
+        s0, s1 = nearest_sigma(torch.stack([seen[2 * k][0], seen[2 * k + 1][0]]).double(), *table).tolist()
+        start, x1 = xs[2 * k], xs[2 * k + 1]
+        torch.testing.assert_close(x1, (1 - s1) * (start - s0) + s1 * start, rtol=0, atol=1e-5)
+    # the pipeline sampler (diffusers, inference) truncates to int64 and uses the scheduler's exact σ
+    ints = []
+    pyramid_rollout(lambda x, t: ints.append(t.clone()) or torch.ones_like(x), noise, distilled_pipe.scheduler,
+                    [2, 2, 2], generator=torch.Generator().manual_seed(0), sampler="pipeline")
+    assert [t.dtype for t in ints] == [torch.int64] * 6 and int(ints[0][0]) == 998
+    assert out.x0.shape == noise.shape
 
 
 def test_exit_step_gradient_flows_only_through_exit_step(distilled_pipe):
