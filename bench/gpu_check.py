@@ -95,7 +95,7 @@ def measure_variant(cfg, steps: int = 3, warmup: int = 2) -> dict:
     device = torch.device(cfg.trainer.device)
     dcfg = D.dry_run_config(cfg)
     dcfg.trainer.device = cfg.trainer.device
-    dcfg.trainer.perf.count_flops = True  # FlopCounterMode on the first (warm-up) step
+    dcfg.trainer.perf.count_flops = True  # FlopCounterMode on each kind of step's first occurrence (warm-up)
     tcfg = transformer_config(dcfg.model)
     with use_weights_source(RandomWeights(device)), tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(dcfg, Path(tmp), [], None, {})
@@ -107,20 +107,23 @@ def measure_variant(cfg, steps: int = 3, warmup: int = 2) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         sync()
-        starts = [time.perf_counter()]
+        trainer.throughput.cfg.count_flops = False  # no counting inside the timed steps
+        starts, counted = [time.perf_counter()], []
         for _ in range(steps):
             trainer.run_step([batch])
             trainer.step += 1
             sync()
             starts.append(time.perf_counter())
+            counted.append(trainer.throughput.step_flops)  # None: a kind of step the warm-up did not count
         step_s = (starts[-1] - starts[0]) / steps
+        known = [(f, b - a) for f, a, b in zip(counted, starts, starts[1:]) if f is not None]
         tokens = trainer.stage.tokens_per_sample(trainer.stage.prepare_batch(batch))
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else float("nan")
-        flops = trainer.throughput.flops_per_step or float("nan")
         trainer.close()
     b = int(cfg.data.batch_size)
+    tflops = sum(f for f, _ in known) / sum(dt for _, dt in known) / 1e12 if known else float("nan")
     return {"step_s": step_s, "noisy_tok_s": tokens["noisy"] * b / step_s, "history_tok_s": tokens["history"] * b / step_s,
-            "tflops": flops / step_s / 1e12, "peak_gb": peak / GB}
+            "tflops": tflops, "peak_gb": peak / GB}
 
 
 def offload_cost(device: str, gb_per_base: float, switches: int = 6) -> dict:

@@ -20,7 +20,6 @@ from helios_train.dmd import DMDConfig
 from helios_train.ema import EMAConfig
 from helios_train.gan import GanConfig
 from helios_train.ode_regression import OdeConfig
-from helios_train.guidance import GuidanceConfig
 from helios_train.history import HistoryConfig
 from helios_train.pyramid import PyramidConfig
 from helios_train.task_dropout import TaskDropoutConfig
@@ -82,11 +81,8 @@ class ModelConfig:
 
 @dataclass
 class ToyDataConfig:
-    num_videos: int = 24
-    videos_per_shard: int = 3
-    height: int = 64
-    width: int = 128
-    frame_choices: list[int] = field(default_factory=lambda: [99, 121, 132, 165])
+    # The toy videos' size and count are fixed by data_prep/toy_videos.py (the assets are cached per
+    # toy_root, so a per-run size would silently reuse another size's clips); only the seed is a knob.
     seed: int = 0
 
 
@@ -120,7 +116,6 @@ class StageConfig:
     task_dropout: TaskDropoutConfig = field(default_factory=TaskDropoutConfig)
     trainables: TrainablesConfig = field(default_factory=TrainablesConfig)
     pyramid: PyramidConfig = field(default_factory=PyramidConfig)
-    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     # Distilled only: which objective trains the generator — "ode" (official stage_3_ode: regression
     # onto Mid-teacher ODE pairs, data.mode=ode_pairs) or "dmd" (stage_3_post: DMD vs teacher/critic).
     objective: str = "dmd"
@@ -174,6 +169,8 @@ class LauncherConfig:
     name: str = "single"  # single | ddp | deepspeed
     backend: str = "auto"  # process-group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     find_unused_parameters: bool = False
+    # ddp: gradient bucket size (MB) of DDP's reducer and of our bucketed reduce for multi-forward roles
+    bucket_cap_mb: float = 25.0
     zero_stage: int = 2  # deepspeed: ZeRO stage (2 or 3); also what `plan=true` assumes
     offload_optimizer: bool = False  # deepspeed (ZeRO-2/3): optimizer state in CPU memory
     offload_param: bool = False  # deepspeed (ZeRO-3 only): parameters in CPU memory

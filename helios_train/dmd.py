@@ -30,6 +30,11 @@ class DMDConfig:
     critic_betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
     critic_weight_decay: float = 1.0e-3
     update_ratio: int = 5  # dfake_gen_update_ratio: the generator updates on steps % 5 == 0
+    # The generator's LR schedule: "own_updates" lays it over the generator's ceil(max_steps / update_ratio)
+    # updates (warm-up likewise in training steps), so it ends at the run's end; "official" (train_helios.py)
+    # steps a max_steps-long schedule once per generator update: it covers 1/update_ratio of it and its
+    # warm-up lasts update_ratio× longer (invisible with the recipes' constant schedule).
+    generator_schedule: str = "own_updates"
     real_guidance_scale: float = 3.0  # teacher: cond + 3·(cond − neg) = classic CFG 4.0
     anneal_steps: int = 500
     t_min: int = 20

@@ -18,13 +18,23 @@ from helios_train.lockstep import params_sharded
 from helios_train.stages import check_stage_name
 from helios_train.tracking import redact
 
-# Sections whose change makes old checkpoints meaningless for this run (compared on resume).
+# What a resume must not change (compared with the run's saved config.yaml): the stage and model
+# sections (old checkpoints would be meaningless), and every key that decides which sample is read next
+# and which random draws it gets — the saved data positions and the (seed, step, micro-batch) keys of the
+# draws would silently point elsewhere. The world size is checked when the checkpoint loads.
 COMPAT_SECTIONS = ("stage", "model")
+COMPAT_KEYS = (
+    "data.mode", "data.shards", "data.batch_size", "data.num_workers", "data.shuffle_buffer", "data.seed",
+    "data.min_chunks", "data.secondary_section",
+    "trainer.seed", "trainer.seed_per_rank", "trainer.grad_accum_steps",
+    "launcher.name", "launcher.zero_stage",
+)
 CHOICES = {
     "data.mode": ("latents", "raw", "ode_pairs"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "launcher.name": ("single", "ddp", "deepspeed"),
     "tracker.mode": ("online", "offline", "disabled"),
+    "stage.dmd.generator_schedule": ("own_updates", "official"),
 }
 
 
@@ -146,11 +156,28 @@ def check_compatible(run_dir: Path, config: dict) -> None:
     lines = []
     for section in COMPAT_SECTIONS:
         lines.extend(_diff({section: saved.get(section, {})}, {section: config.get(section, {})}))
+    for key in COMPAT_KEYS:
+        a, b = _select(saved, key), _select(config, key)
+        if a != b:
+            lines.append(f"  {key}: {a!r} -> {b!r}")
     if lines:
         raise ConfigError(
-            f"run {run_dir} was started with a different model/stage config; resuming would mix two "
-            "experiments. Changed keys:\n" + "\n".join(lines) + "\nUse a new run_name, or restore these values."
+            f"run {run_dir} was started with a different config; resuming would mix two experiments or "
+            "read other samples with other random draws than its checkpoints recorded. Changed keys:\n"
+            + "\n".join(lines) + "\nUse a new run_name, or restore these values."
         )
+    o = config.get("trainer", {}).get("optim", {})
+    if _select(saved, "trainer.max_steps") != _select(config, "trainer.max_steps") and o.get("lr_scheduler") != "constant":
+        print(f"[helios-train] note: trainer.max_steps {_select(saved, 'trainer.max_steps')} -> "
+              f"{_select(config, 'trainer.max_steps')} changes the {o.get('lr_scheduler')} LR schedule from here on")
+
+
+def _select(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return "<absent>"
+        tree = tree[part]
+    return tree
 
 
 def resolve_resume(cfg: DictConfig, run_dir: Path) -> Optional[Path]:

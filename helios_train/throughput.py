@@ -1,8 +1,15 @@
 """Hardware-efficiency metrics: tokens/s (noisy vs history), achieved TFLOP/s, MFU, peak memory.
 
-FLOPs per step come from torch's own FlopCounterMode run once on a real step (shapes are fixed per
-run, so one count serves every later step) — not from a hand formula that drifts from the model.
-MFU = achieved FLOP/s ÷ (`trainer.perf.peak_tflops` × world size); the default 989 TFLOP/s is the
+FLOPs come from torch's own FlopCounterMode run on real steps — not from a hand formula that drifts
+from the model. Steps of one run do not all cost the same: a DMD step runs the generator and the
+critic or the critic alone, the GAN adds its terms from its start step, the generator's rollout
+exits at a random step per level and the first chunk of a video gets twice the sampler steps. So
+each step has a *work key* (the stage's `work_key(step)`, known before the step: phases, GAN, exit
+steps) and a *variant* (the stage's `work_variant()`, known after it: e.g. which rollouts were the
+amplified first-chunk sampler). The first step of every key is counted; a step whose key was counted
+but whose variant was not arms its key, and the next step with that key is counted too. A step whose
+(key, variant) has no count yet logs no TFLOP/s or MFU rather than a wrong one.
+MFU = achieved FLOP/s ÷ `trainer.perf.peak_tflops` (per device); the default 989 TFLOP/s is the
 H100 SXM dense bf16 peak. On CPU the number is still computed and logged (against the same peak it
 is tiny, which is the honest answer).
 """
@@ -26,29 +33,50 @@ class Throughput:
         self.cfg = cfg
         self.device = device
         self.world_size = world_size
-        self.flops_per_step: float | None = None
+        self.flops: dict[str, float] = {}  # "key|variant" → FLOPs of one such step on this rank
+        self.armed: set[str] = set()  # keys whose last step had an uncounted variant
+        self.step_flops: float | None = None  # of the step just finished (None: not known)
         self._counter: FlopCounterMode | None = None
 
-    def measuring(self):
-        """Context for the step whose FLOPs are counted: the run's first step (a resumed run takes the count
-        from its checkpoint, so counting never perturbs a step an uninterrupted run did not count)."""
-        if not self.cfg.count_flops or self.flops_per_step is not None:
+    def _seen(self, key: str) -> bool:
+        return any(k.split("|", 1)[0] == key for k in self.flops)
+
+    def measuring(self, key: str = ""):
+        """Context for one step's phases: a FlopCounterMode when this step's key needs a count. Counts are
+        kept in the checkpoint, so a resumed run counts exactly the steps the uninterrupted run counted
+        (the counter's dispatch changes kernel choices at the 1e-9 level)."""
+        if not self.cfg.count_flops or (self._seen(key) and key not in self.armed):
             return contextlib.nullcontext()
         self._counter = FlopCounterMode(display=False)
         return self._counter
 
-    def after_step(self) -> None:
+    def after_step(self, key: str = "", variant: str = "") -> None:
+        full = f"{key}|{variant}"
         if self._counter is not None:
-            self.flops_per_step = float(self._counter.get_total_flops())
+            self.flops[full] = float(self._counter.get_total_flops())
+            self.armed.discard(key)
             self._counter = None
+        elif self.cfg.count_flops and full not in self.flops:
+            self.armed.add(key)
+        self.step_flops = self.flops.get(full)
+
+    def state_dict(self) -> dict:
+        return {"flops": dict(self.flops), "armed": sorted(self.armed)}
+
+    def load_state_dict(self, state: dict | None, legacy_flops_per_step: float | None = None) -> None:
+        if state is not None:
+            self.flops, self.armed = dict(state["flops"]), set(state["armed"])
+        elif legacy_flops_per_step is not None:  # checkpoints written before work keys: one count for every step
+            self.flops, self.armed = {"|": float(legacy_flops_per_step)}, set()
 
     def metrics(self, step_time: float, tokens: dict[str, int], samples: int) -> dict[str, float]:
         """`tokens`: per-sample counts by kind; `samples`: samples this rank processed in the step."""
         out = {}
         for kind, n in tokens.items():
             out[f"perf/tokens_per_s_{kind}"] = n * samples * self.world_size / max(step_time, 1e-9)
-        if self.flops_per_step is not None:
-            tflops = self.flops_per_step / max(step_time, 1e-9) / 1e12  # this rank
+        if self.step_flops is not None:
+            tflops = self.step_flops / max(step_time, 1e-9) / 1e12  # this rank
+            out["perf/step_tflop"] = self.step_flops / 1e12
             out["perf/tflops_per_device"] = tflops
             out["perf/mfu"] = tflops / self.cfg.peak_tflops
         if self.device.type == "cuda":

@@ -1,9 +1,10 @@
 """The one training loop every stage runs: data, roles, accumulation, clipping, logging, checkpoints.
 
 A stage (helios_train/stages/) gives roles and a loss; the backend (helios_train/backends/) owns
-process groups, wrapping and optimizer stepping. Everything random in a step comes from one
-`torch.Generator` per rank whose state is checkpointed, and the data position is checkpointed per
-worker, so a resumed run reproduces an uninterrupted one exactly (tests/test_resume.py).
+process groups, wrapping and optimizer stepping. Every random draw of a step comes from a generator
+keyed by (seed, step, phase, global micro-batch) (`micro_generator`), the data position is
+checkpointed per worker, so a resumed run reproduces an uninterrupted one exactly
+(tests/test_train_toy.py, tests/test_faults.py).
 """
 from __future__ import annotations
 
@@ -40,7 +41,10 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def build_optimizer(params, optim_cfg, max_steps: int, foreach: bool | None = None):
+def build_optimizer(params, optim_cfg, max_steps: int, foreach: bool | None = None, update_every: int = 1):
+    """AdamW and its LR schedule. The scheduler steps once per optimizer update; a role that updates once
+    every `update_every` training steps gets a schedule of ceil(max_steps / update_every) updates with a
+    warm-up of ceil(warmup_steps / update_every) updates, i.e. both measured in training steps."""
     # foreach None = torch's default (the multi-tensor kernels on CUDA); the dry run asks for them on
     # its CPU fake tensors so that it measures the optimizer step a GPU runs.
     opt = torch.optim.AdamW(
@@ -48,7 +52,8 @@ def build_optimizer(params, optim_cfg, max_steps: int, foreach: bool | None = No
         foreach=foreach,
     )
     sched = get_scheduler(
-        optim_cfg.lr_scheduler, opt, num_warmup_steps=optim_cfg.warmup_steps, num_training_steps=max_steps
+        optim_cfg.lr_scheduler, opt, num_warmup_steps=-(-optim_cfg.warmup_steps // update_every),
+        num_training_steps=-(-max_steps // update_every),
     )
     return opt, sched
 
@@ -68,7 +73,7 @@ class Trainer:
         self.roles = {}
         for name, spec in self.stage.role_specs().items():
             params = [p for p in spec.module.parameters() if p.requires_grad]
-            opt, sched = build_optimizer(params, spec.optim, tc.max_steps, optimizer_foreach)
+            opt, sched = build_optimizer(params, spec.optim, tc.max_steps, optimizer_foreach, spec.update_every)
             self.roles[name] = b.prepare(name, spec.module, opt, sched, spec.optim.max_grad_norm,
                                          multi_forward=spec.multi_forward)
         self.stage.bind(self.roles)
@@ -130,10 +135,10 @@ class Trainer:
                 "consecutive_nonfinite": self.consecutive_nonfinite,
                 "world_size": b.world_size,
                 "stage": self.stage.state_dict(),
-                # A resumed run reuses the count instead of counting its first step again: the
-                # FlopCounterMode dispatch changes kernel choices (1e-9 differences), which would make
-                # the resumed step differ from the uninterrupted run's.
-                "flops_per_step": self.throughput.flops_per_step,
+                # A resumed run reuses the counts instead of counting again: the FlopCounterMode dispatch
+                # changes kernel choices (1e-9 differences), which would make a resumed step differ from
+                # the uninterrupted run's (helios_train/throughput.py).
+                "flops": self.throughput.state_dict(),
             }
             ckpt.write_json(state, tmp / "trainer_state.json")
         b.barrier()
@@ -165,7 +170,7 @@ class Trainer:
         self.consecutive_nonfinite = {r: (saved.get(r, 0) if isinstance(saved, dict) else int(saved))
                                       for r in self.roles}
         self.stage.load_state_dict(state["stage"])
-        self.throughput.flops_per_step = state.get("flops_per_step")
+        self.throughput.load_state_dict(state.get("flops"), state.get("flops_per_step"))
         if b.is_main:
             tqdm.write(f"[helios-train] resumed from {path} at step {self.step}")
 
@@ -297,11 +302,12 @@ class Trainer:
         batches = [self.stage.prepare_batch(x) for x in raw_batches]
         logs: dict = {}
         phases = self.stage.phases(self.step)
-        with self.throughput.measuring():
+        work = self.stage.work_key(self.step)
+        with self.throughput.measuring(work):
             for phase, name in enumerate(phases):
                 self.on_phase(name)
                 logs.update(self._update_role(name, batches, phase))
-        self.throughput.after_step()
+        self.throughput.after_step(work, self.stage.work_variant())
         self.on_phase("after_step")
         logs.update(self.stage.after_step(self.step, phases))
         return logs, batches
@@ -331,11 +337,14 @@ class Trainer:
         logs.update({"step_time_s": dt, "samples_per_s": local_samples * b.world_size / max(dt, 1e-9)})
         logs.update(self.throughput.metrics(dt, self.stage.tokens_per_sample(batches[0]), local_samples))
         skips = self.position.skip_counts()
-        logs.update({f"data/skipped_{k}": b.all_sum_int(skips.get(k, 0)) for k in SKIP_REASONS})
-        logs["data/samples_read"] = b.all_sum_int(self.position.samples_read())
+        # One collective for every rank-summed count and rank-averaged value (every rank has the same keys).
+        means = [k for k in logs if k.endswith(RANK_MEAN_SUFFIXES)]
+        counts = [f"data/skipped_{k}" for k in SKIP_REASONS] + ["data/samples_read"]
+        totals = b.all_sum([skips.get(k, 0) for k in SKIP_REASONS] + [self.position.samples_read()]
+                           + [float(logs[k]) for k in means])
+        logs.update({k: int(v) for k, v in zip(counts, totals)})
+        logs.update({k: v / b.world_size for k, v in zip(means, totals[len(counts):])})
         logs["nonfinite_skipped_total"] = self.nonfinite_total
-        logs = {k: (float(b.all_mean(torch.tensor(float(v)))) if k.endswith(RANK_MEAN_SUFFIXES) else v)
-                for k, v in logs.items()}
         for k, v in logs.items():
             if k.startswith(WINDOW_PREFIXES):
                 self._window.setdefault(k, []).append(float(v))

@@ -200,3 +200,39 @@ def test_text_and_stats_tools(toy_root, tmp_path):
     np.testing.assert_allclose(stats["mean"], ref.mean(1), rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(stats["std"], ref.std(1), rtol=1e-5)
     assert stats["samples"] == 24
+
+
+def test_resume_inside_a_damaged_shard_does_not_count_its_bad_member_twice(toy_root, tmp_path):
+    """A truncated shard read through a shuffle buffer: its unreadable tail is met (and counted) while earlier
+    samples still wait in the buffer. A resume from a checkpoint taken after that replays the shard up to the
+    saved sample; the replayed error must not be counted again (the totals equal the uninterrupted read's)."""
+    good = list(wds.WebDataset(str(toy_root / "latents/latent-000000.tar"), shardshuffle=False, empty_check=False))
+    path = tmp_path / "tail.tar"
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(7):
+            g = good[i % len(good)]
+            sink.write({**{k: v for k, v in g.items() if not k.startswith("__")}, "__key__": f"s{i}"})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 2 * len(good[0]["latents.npy"]) // 3 - 1024])  # cut inside the last member
+    cfg = compose([f"toy_root={toy_root}", "data.batch_size=1", "data.shuffle_buffer=4",
+                   "data.max_skip_fraction=0.9"]).data
+
+    def read(positions=None, n=None):
+        out = []
+        for batch in HistoryShardDataset([str(path)], cfg, HistoryConfig(), positions=positions):
+            pos = batch["_position"]
+            if pos["epoch"] >= 1 or (n is not None and len(out) == n):
+                break
+            out.append((batch["keys"], pos))
+        return out
+
+    straight = read()
+    counted_at = next(i for i, (_, pos) in enumerate(straight) if pos["skipped"].get("unreadable_member"))
+    assert counted_at < len(straight) - 1  # the error is counted before the last samples leave the buffer
+    saved = json.loads(json.dumps(straight[counted_at][1]))
+    saved.pop("worker")
+    resumed = read(positions={0: saved})
+    assert [k for k, _ in resumed] == [k for k, _ in straight[counted_at + 1:]]
+    assert resumed[-1][1]["skipped"] == straight[-1][1]["skipped"]  # (webdataset reports one cut member twice)
+    assert resumed[-1][1]["read"] == straight[-1][1]["read"]
+    assert straight[-1][1]["skipped"]["unreadable_member"] >= 1

@@ -90,3 +90,22 @@ def test_simulated_two_node_launch_through_launch_script(toy_root, tmp_path):
     # both ranks wrote their data position (world size 2)
     assert {p.name for p in (tmp_path / "twonode/checkpoint-3").glob("data-rank*.json")} == {"data-rank0.json",
                                                                                               "data-rank1.json"}
+
+
+def test_gradient_buckets_keep_order_respect_the_cap_and_split_dtypes():
+    """The bucketed reduce of multi-forward roles (DMD generator): every gradient in exactly one bucket, in
+    order within its dtype, no bucket over the cap unless it holds one tensor larger than the cap."""
+    import torch
+
+    from helios_train.backends.ddp import gradient_buckets
+
+    grads = [torch.zeros(n, dtype=d) for n, d in [(10, torch.float32), (20, torch.float32), (300, torch.float32),
+                                                  (5, torch.bfloat16), (15, torch.float32), (40, torch.bfloat16)]]
+    buckets = gradient_buckets(grads, cap_bytes=128)
+    assert sorted(id(g) for b in buckets for g in b) == sorted(id(g) for g in grads)
+    for b in buckets:
+        assert len({g.dtype for g in b}) == 1
+        assert sum(g.numel() * g.element_size() for g in b) <= 128 or len(b) == 1
+    fp32 = [g for b in buckets for g in b if g.dtype == torch.float32]
+    assert [g.numel() for g in fp32] == [10, 20, 300, 15]
+    assert len(buckets) == 4  # [10, 20] | [300] | [15] and the two bf16 gradients [5, 40] (90 bytes)

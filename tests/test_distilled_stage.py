@@ -273,3 +273,77 @@ def test_a_diverging_generator_stops_the_run_while_the_critic_stays_finite(toy_r
             "stage.dmd.update_ratio=1", "trainer.max_steps=6", "trainer.max_consecutive_nonfinite=3",
             "trainer.debug.nonfinite_loss_steps=[0,1,2,3,4,5]", "trainer.debug.nonfinite_roles=[generator]",
             "run_name=diverged"])
+
+
+def test_flops_are_counted_per_kind_of_step_and_match_each_steps_own_count(toy_root, base_export, tmp_path,
+                                                                           monkeypatch):
+    """DMD steps differ in work: generator + critic or critic alone, with or without the GAN, the rollout's exit
+    steps, the amplified first-chunk sampler. Every step that logs TFLOP/s must log the FLOPs of that very step,
+    here checked against a FlopCounterMode wrapped around each phase of every step (the old single step-0 count
+    was off on every critic-only and GAN step)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from helios_train.trainer import Trainer
+
+    truth: dict[int, float] = {}
+    update_role = Trainer._update_role
+
+    def counted(self, name, batches, phase=0):
+        with FlopCounterMode(display=False) as counter:
+            out = update_role(self, name, batches, phase)
+        truth[self.step + 1] = truth.get(self.step + 1, 0) + counter.get_total_flops()  # logged 1-indexed
+        return out
+
+    monkeypatch.setattr(Trainer, "_update_role", counted)
+    train(toy_root, tmp_path, dmd_overrides(toy_root, base_export)[1:] + GAN[:1] + [
+        "stage.gan.start_step=3", "stage.gan.head_width=32", "stage.gan.groups=8", "stage.dmd.update_ratio=2",
+        "trainer.max_steps=6", "trainer.log_every=1", "run_name=flops"])
+    rows = {m["step"]: m for m in read_metrics(tmp_path / "flops") if "critic/loss" in m}
+    logged = {s: m["perf/step_tflop"] * 1e12 for s, m in rows.items() if "perf/step_tflop" in m}
+    for step, flops in logged.items():
+        assert flops == pytest.approx(truth[step], rel=1e-9), step
+    critic_only = [s for s in rows if "generator/loss" not in rows[s]]
+    with_gan = [s for s in rows if rows[s]["critic/gan/active"] == 1.0]
+    assert set(critic_only) & set(logged) and set(with_gan) & set(logged) and set(critic_only) & set(with_gan)
+    assert len({truth[s] for s in rows}) >= 3  # the steps really differ in work
+    assert logged[max(logged)] == pytest.approx(truth[max(logged)], rel=1e-9)
+
+
+def test_generator_lr_schedule_spans_its_own_updates(toy_root, base_export, tmp_path):
+    """The generator updates once per update_ratio steps: its schedule is laid out over those updates, so a
+    linear decay reaches its final LR (0) at the run's last generator update, as the critic's does at the last
+    step. stage.dmd.generator_schedule=official keeps the official max_steps-long schedule."""
+    from helios_train.stages.distilled import DistilledStage
+
+    train(toy_root, tmp_path, dmd_overrides(toy_root, base_export)[1:] + [
+        "stage.dmd.update_ratio=3", "trainer.max_steps=6", "trainer.log_every=1", "trainer.optim.lr_scheduler=linear",
+        "run_name=sched"])
+    rows = read_metrics(tmp_path / "sched")
+    gen = [m["generator/lr"] for m in rows if "generator/lr" in m]  # the LR after each update
+    critic = [m["critic/lr"] for m in rows if "critic/lr" in m]
+    assert gen == pytest.approx([0.5e-4, 0.0]) and len(critic) == 6 and critic[-1] == 0.0
+    official = DistilledStage(compose(dmd_overrides(toy_root, base_export) + ["stage.dmd.generator_schedule=official",
+                                                                             "stage.dmd.update_ratio=3"]),
+                              torch.device("cpu"))
+    assert official.role_specs()["generator"].update_every == 1
+
+
+def test_first_chunk_sampler_is_one_decision_per_batch_after_conditioning(toy_root, base_export):
+    """Official rule: the amplified sampler only when every history tensor of the batch (anchor included) is zero
+    after task dropout and corruption — a batch mixing a T2V sample with a V2V one is not amplified."""
+    from helios_train.stages.distilled import DistilledStage
+
+    stage = DistilledStage(compose(dmd_overrides(toy_root, base_export)), torch.device("cpu"))
+    zeros_x0, zeros_h = torch.zeros(2, 4, 1, 8, 16), torch.zeros(2, 4, 19, 8, 16)
+    assert stage._amplified(zeros_x0, zeros_h)
+    mixed = zeros_h.clone()
+    mixed[1, :, -9:] = torch.randn(4, 9, 8, 16)  # sample 1 keeps a video history
+    assert not stage._amplified(zeros_x0, mixed)
+    anchored = zeros_x0.clone()
+    anchored[0] = 1.0  # an I2V anchor
+    assert not stage._amplified(anchored, zeros_h)
+    balanced = zeros_h.clone()
+    balanced[0, 0, -1, 0, :2] = torch.tensor([1.0, -1.0])  # nonzero, sums to 0
+    assert not stage._amplified(zeros_x0, balanced)
+    stage.cfg.stage.dmd.amplify_first_chunk = False
+    assert not stage._amplified(zeros_x0, zeros_h)

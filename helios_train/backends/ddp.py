@@ -10,9 +10,25 @@ import datetime
 
 import torch
 import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
 from helios_train.backends.base import Backend, PreparedRole
+
+
+def gradient_buckets(grads: list[torch.Tensor], cap_bytes: int) -> list[list[torch.Tensor]]:
+    """Consecutive gradients grouped by (dtype, device) into buckets of at most `cap_bytes` (a larger
+    tensor gets a bucket of its own)."""
+    buckets, current = [], {}  # (dtype, device) → (the open bucket, its bytes)
+    for g in grads:
+        key, nbytes = (g.dtype, g.device), g.numel() * g.element_size()
+        items, size = current.get(key, ([], 0))
+        if items and size + nbytes > cap_bytes:
+            buckets.append(items)
+            items, size = [], 0
+        items.append(g)
+        current[key] = (items, size + nbytes)
+    return buckets + [items for items, _ in current.values()]
 
 
 class DDPBackend(Backend):
@@ -46,6 +62,7 @@ class DDPBackend(Backend):
             module,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             find_unused_parameters=self.launcher_cfg.find_unused_parameters,
+            bucket_cap_mb=self.launcher_cfg.bucket_cap_mb,
         )
         return role
 
@@ -64,14 +81,22 @@ class DDPBackend(Backend):
         # grad None, so AdamW skips it exactly as in a single process (no weight decay, no moments).
         touched = torch.tensor([p.grad is not None for p in role.params], dtype=torch.int32, device=self.device)
         dist.all_reduce(touched, op=dist.ReduceOp.MAX)
+        grads = []
         for p, any_rank in zip(role.params, touched.tolist()):
             if not any_rank:
                 p.grad = None
                 continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad.div_(self.world_size)
+            grads.append(p.grad)
+        # Bucketed like DDP's own reducer (launcher.bucket_cap_mb): a 14B LoRA r256 generator has ~2,000
+        # trainable tensors, one collective each would be latency-bound.
+        for bucket in gradient_buckets(grads, int(self.launcher_cfg.bucket_cap_mb * 2**20)):
+            flat = _flatten_dense_tensors(bucket)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat.div_(self.world_size)
+            for g, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                g.copy_(reduced)
 
     def barrier(self) -> None:
         dist.barrier()

@@ -109,12 +109,17 @@ class HistoryShardDataset(IterableDataset):
                 shard_idx = mine[pos["shard_cursor"]]
                 shard = self.shards[shard_idx]
                 skip = pos["in_shard"]
+                producing = [0]  # index of the sample the shard iterator is producing
 
                 def on_error(exn: Exception, shard=shard) -> None:
-                    pos["read"] += 1
-                    self._count_skip(pos, "unreadable_member", shard, f"{shard}: {exn}")
+                    # A replayed member (while producing a sample before `skip`) was counted before the
+                    # checkpoint; counting it again would inflate the skip totals on every resume.
+                    if producing[0] >= skip:
+                        pos["read"] += 1
+                        self._count_skip(pos, "unreadable_member", shard, f"{shard}: {exn}")
 
                 for i, raw in enumerate(self._shuffled(shard_idx, pos["epoch"], on_error)):
+                    producing[0] = i + 1
                     if i < skip:
                         continue  # replaying the part of this shard consumed before a resume
                     pos["in_shard"] = i + 1

@@ -24,6 +24,9 @@ class RoleSpec:
     # True when one loss calls the module several times with grad (the DMD generator's rollout):
     # DDP's per-parameter hooks cannot handle that, so the DDP backend averages its gradients itself.
     multi_forward: bool = False
+    # One optimizer update per this many training steps (the DMD generator: stage.dmd.update_ratio). The
+    # role's LR schedule (length and warm-up) is laid out over its own updates, so it ends where the run ends.
+    update_every: int = 1
 
 
 class Stage:
@@ -51,6 +54,15 @@ class Stage:
 
     def loss(self, role: str, batch: dict, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
+
+    def work_key(self, step: int) -> str:
+        """Called once at the start of each step: what decides the step's FLOPs and is known before it runs
+        (helios_train/throughput.py counts each key once). One kind of step by default."""
+        return ""
+
+    def work_variant(self) -> str:
+        """After the step: the data-dependent choices it made that change its FLOPs ("" = none)."""
+        return ""
 
     def tokens_per_sample(self, batch: dict) -> dict[str, int]:
         """Token counts of one sample by kind ("noisy", "history"), for throughput metrics."""

@@ -73,6 +73,7 @@ class DistilledStage(BaseStage):
         self.sharded = params_sharded(cfg)  # ZeRO-3: every rank must run the same number of forwards
         self.ema = None  # built in `bind`, once the backend has wrapped (ZeRO-3: partitioned) the generator
         self.residency = None  # stage.dmd.low_vram: one frozen base on the device at a time
+        self._rollout_kinds: list[str] = []  # this step's rollouts: "a" amplified first-chunk sampler, "n" normal
         if self.objective == "dmd":
             self._build_critic(cfg, device)
 
@@ -160,6 +161,8 @@ class DistilledStage(BaseStage):
         generator = RoleSpec(self.transformer, o, multi_forward=True)  # several forwards per loss
         if self.objective == "ode":
             return {"generator": generator}
+        if d.generator_schedule == "own_updates":  # else "official": one schedule step per update, max_steps long
+            generator.update_every = d.update_ratio
         # With the GAN the critic loss runs two forwards with grad (denoising, then the GAN batch).
         critic = RoleSpec(self.critic, critic_optim, multi_forward=self.cfg.stage.gan.enabled)
         return {"generator": generator, "critic": critic}
@@ -168,6 +171,19 @@ class DistilledStage(BaseStage):
         if self.objective == "ode":
             return ["generator"]
         return ["generator", "critic"] if step % self.cfg.stage.dmd.update_ratio == 0 else ["critic"]
+
+    def work_key(self, step: int) -> str:
+        self._rollout_kinds = []
+        if self.objective == "ode":
+            return ""
+        phases = self.phases(step)
+        key = "+".join(phases) + f" gan={int(gan_active(self.cfg.stage.gan, step))}"
+        if "generator" in phases:  # the generator's rollout stops at its exit step of each level
+            key += " u=" + ",".join(f"{u:.6f}" for u in self._exit_draws(step))
+        return key
+
+    def work_variant(self) -> str:
+        return "".join(self._rollout_kinds)
 
     # -- model calls -----------------------------------------------------------------------------
     def _velocity(self, model, x0, history, embeds):
@@ -178,7 +194,10 @@ class DistilledStage(BaseStage):
         return fn
 
     def _amplified(self, x0, history) -> bool:
-        """The first chunk of a video (no history, no anchor) gets the amplified sampler (spec §8.4)."""
+        """The amplified first-chunk sampler (4 steps per level) when the whole batch has no history and no
+        anchor after task dropout and corruption — the official rule (utils_helios_post.py, the generator
+        rollout: `is_amplify_first_chunk` and every history tensor, the x0 prefix included, sums to 0), one
+        decision per batch. Ours tests |·| sums, so a nonzero history summing to exactly 0 is not mistaken."""
         return self.cfg.stage.dmd.amplify_first_chunk and bool((x0.abs().sum() == 0) and (history.abs().sum() == 0))
 
     def _rollout(self, batch, x0, history, generator, exit_steps):
@@ -187,6 +206,7 @@ class DistilledStage(BaseStage):
         model = self.roles["generator"].model if exit_steps is not None else self.roles["generator"].module
         velocity = self._velocity(model, x0, history, batch["prompt_embeds"])
         amplified = self._amplified(x0, history)
+        self._rollout_kinds.append("a" if amplified else "n")
         # ZeRO-3: every rank must run the same forward/backward sequence (helios_train/lockstep.py). The
         # counts are agreed BEFORE the first forward: the forwards' own parameter gathers are collectives,
         # so a rank still sampling would pair its gather with the others' count exchange and hang.
@@ -209,9 +229,12 @@ class DistilledStage(BaseStage):
         same for every accumulated micro-batch — 2 ranks × 1 micro-batch still train exactly like
         1 rank × 2 — and a rank with the amplified first-chunk sampler (twice the steps per level)
         maps the same uniform draw onto its longer level."""
-        u = torch.rand(len(self.cfg.stage.dmd.rollout_steps),
-                       generator=shared_generator(self.cfg.trainer.seed, step, "dmd-exit-steps"))
-        return [int(u_k * n * (2 if amplified else 1)) for u_k, n in zip(u.tolist(), self.cfg.stage.dmd.rollout_steps)]
+        u = self._exit_draws(step)
+        return [int(u_k * n * (2 if amplified else 1)) for u_k, n in zip(u, self.cfg.stage.dmd.rollout_steps)]
+
+    def _exit_draws(self, step: int) -> list[float]:
+        return torch.rand(len(self.cfg.stage.dmd.rollout_steps),
+                          generator=shared_generator(self.cfg.trainer.seed, step, "dmd-exit-steps")).tolist()
 
     def _mu(self, target) -> float:
         t, h, w = target.shape[-3:]
