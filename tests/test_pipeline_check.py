@@ -27,8 +27,8 @@ def test_toy_pipeline_whole_recipe(toy_root, tmp_path):
     assert len(manifest["config_hash"]) == 16
     # Distillation moves the one-jump-per-level student towards the teacher's samples (held-out seeds).
     dist = json.loads((tmp_path / "distance_to_teacher.json").read_text())
-    for schedule in ("[1,1,1]", "[2,2,2]"):
-        assert dist[schedule]["after ODE"] < dist[schedule]["before (Mid weights)"], dist
+    for schedule in ("[1,1,1]", "[2,2,2]"):  # main() raised DistillationCheckFailed otherwise (ratio 0.8)
+        assert dist[schedule]["after ODE"] <= 0.8 * dist[schedule]["before (Mid weights)"], dist
 
     # Restart at the DMD stage from the ODE manifest (teacher/critic from the Base manifest).
     again = main(["--out", str(tmp_path / "again"), "--toy-root", str(toy_root), "--steps", "2",
@@ -36,3 +36,18 @@ def test_toy_pipeline_whole_recipe(toy_root, tmp_path):
                   "--from-manifest", str(tmp_path / "ode/manifest.json"),
                   "--base-manifest", str(tmp_path / "base/manifest.json")])
     assert [m["stage"] for m in again] == ["distilled"] and again[0]["started_from"] == ode["export"]
+
+
+def test_distillation_check_fails_when_the_ode_phase_did_not_bring_the_student_closer():
+    """The pass/fail rule of the pipeline check (the command exits with status 1 when it lists a failure)."""
+    from helios_train.pipeline_check import distillation_failures
+
+    good = {"[1,1,1]": {"before (Mid weights)": 0.17, "after ODE": 0.05},
+            "[2,2,2]": {"before (Mid weights)": 0.12, "after ODE": 0.06},
+            "[2,2,2] amplified": {"before (Mid weights)": 0.07, "after ODE": 0.11}}  # reported, not judged
+    assert distillation_failures(good, 0.8) == []
+    bad = {**good, "[2,2,2]": {"before (Mid weights)": 0.12, "after ODE": 0.11}}
+    assert distillation_failures(bad, 0.8) == ["[2,2,2]: after ODE 0.1100 > 0.8 x before 0.1200"]
+    assert distillation_failures(bad, 0.95) == []
+    nan = {**good, "[1,1,1]": {"before (Mid weights)": 0.17, "after ODE": float("nan")}}
+    assert distillation_failures(nan, 0.8) == ["[1,1,1]: after ODE nan > 0.8 x before 0.1700"]

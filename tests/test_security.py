@@ -90,3 +90,26 @@ def test_redact_hides_credential_keys():
 
     out = redact({"tracker": {"api_key": "x", "project": "p"}, "hub": {"HF_TOKEN": "y"}, "lr": 1})
     assert out == {"tracker": {"api_key": "<redacted>", "project": "p"}, "hub": {"HF_TOKEN": "<redacted>"}, "lr": 1}
+
+
+def test_deepspeed_checkpoint_files_load_weights_only(tmp_path):
+    """DeepSpeed's own engine unpickles its ZeRO files (weights_only=False); ours loads them weights-only with its
+    two classes allow-listed: a ZeRO-like optimizer file loads, a planted payload is refused without running."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from helios_train.backends.weights_only_checkpoint import WeightsOnlyCheckpointEngine
+
+    engine = WeightsOnlyCheckpointEngine()
+    state = {"optimizer_state_dict": {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients,
+                                      "fp32_flat_groups": [torch.ones(3)]}, "ds_version": "0.19"}
+    torch.save(state, tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    loaded = engine.load(str(tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    assert loaded["optimizer_state_dict"]["zero_stage"] is ZeroStageEnum.gradients
+    assert torch.equal(loaded["optimizer_state_dict"]["fp32_flat_groups"][0], torch.ones(3))
+    marker = tmp_path / "pwned"
+    Payload.marker = str(marker)
+    torch.save({"optimizer_state_dict": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        engine.load(str(tmp_path / "evil.pt"))
+    assert not marker.exists()

@@ -175,6 +175,9 @@ class DeepSpeedBackend(Backend):
         else:
             kwargs.update(optimizer=optimizer, lr_scheduler=scheduler)
         engine, ds_opt, _, ds_sched = self.deepspeed.initialize(**kwargs)
+        from helios_train.backends.weights_only_checkpoint import use_weights_only_loading
+
+        use_weights_only_loading(engine)  # resume never unpickles code (weights_only_checkpoint.py)
         self.engines.append(engine)
         return PreparedRole(name, module, engine, ds_opt, ds_sched or scheduler, max_grad_norm, params)
 
