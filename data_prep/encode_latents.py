@@ -6,8 +6,9 @@
 Input samples: `mp4` + `json` with a caption (see data_prep/toy_videos.py). One output shard per input
 shard (`raw-000007.tar` → `latent-000007.tar`), written to `.tar.tmp` and renamed, so a re-run skips
 finished shards and never trusts a half-written one. Members per sample (no pickles anywhere):
-`latents.npy` float32 [S, C, 9, h, w] (normalised, each 33-frame chunk encoded independently — spec
-inference_data §1.3), `prompt_embed.npy` float32 [L, D] (zero rows after the prompt, §1.8),
+`latents.npy` float32 [S, C, 9, h, w] (normalised, each 33-frame chunk encoded independently — official
+tools/offload_data/get_short-latents.py), `prompt_embed.npy` float32 [L, D] (zero rows after the prompt,
+official `HeliosPipeline._get_t5_prompt_embeds`),
 `first_frame.png` (frame 0, RGB) and `json` {caption, num_frames, fps, height, width, num_chunks,
 latent_shape}. Videos shorter than `min_frames` are skipped and counted.
 """
@@ -59,7 +60,8 @@ def _decode(raw: dict, chunk_frames: int, min_frames: int) -> tuple[str, dict, t
     n = len(reader)
     if n < max(min_frames, chunk_frames):
         raise BadSample("too_short", f"{key}: {n} frames < {max(min_frames, chunk_frames)}")
-    # Only whole chunks are encoded (trailing frames are dropped, §1.3): do not decode the rest.
+    # Only whole chunks are encoded (trailing frames are dropped, official get_short-latents.py): do not
+    # decode the rest.
     frames = read_frames(reader, key, list(range(n // chunk_frames * chunk_frames)))
     meta.update(num_frames=n, fps=float(meta.get("fps") or reader.get_avg_fps()),
                 height=int(frames.shape[1]), width=int(frames.shape[2]))

@@ -1,4 +1,4 @@
-"""Text prompts → prompt-embedding shards (spec inference_data §1.5), for text-only data.
+"""Text prompts → prompt-embedding shards (official tools/offload_data/get_text-embedding.py), for text-only data.
 
     python -m data_prep.encode_text --prompts prompts.txt --out text/ --model /weights/helios [--per-shard 1000]
 

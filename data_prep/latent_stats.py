@@ -1,4 +1,4 @@
-"""Per-channel mean / std of latent shards (spec inference_data §1.7), streamed (sum, sum²).
+"""Per-channel mean / std of latent shards (official tools/others/get_mean_std_size9.py), streamed (sum, sum²).
 
     python -m data_prep.latent_stats --shards 'latents/latent-{000000..000099}.tar' [--max-samples 500000]
 

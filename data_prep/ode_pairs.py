@@ -1,4 +1,5 @@
-"""ODE pairs for the Distilled stage's ODE-regression phase (spec §8.1, inference_data §1.6).
+"""ODE pairs for the Distilled stage's ODE-regression phase (official tools/offload_data/get_ode-pairs.py,
+helios/pipelines/pipeline_helios_ode.py).
 
     python -m data_prep.ode_pairs --teacher exports/mid --prompts prompts.txt --out data/ode \\
         [--num-chunks 5 --height 384 --width 640 --guidance 5.0 --steps 20 20 20 --student-steps 2 2 2 \\

@@ -82,7 +82,8 @@ def build_toy_checkpoint(out_dir, seed: int = 0, spec: str = "toy") -> Path:
                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                   decoder_start_token_id=tokenizer.pad_token_id)
             UMT5EncoderModel(text_cfg).save_pretrained(tmp / "text_encoder")
-        # Base sampling (spec inference_data §3.3/§3.4/§4.3): HeliosPipeline calls
+        # Base sampling (official HeliosPipeline.__call__ / HeliosScheduler.set_timesteps in
+        # helios/diffusers_version/): HeliosPipeline calls
         # set_timesteps(N, sigmas=linspace(0.999, 0, N+1)[:-1], mu=calculate_shift(L)) without a stage
         # index, which only the single-stage path accepts (stages=1); UniPC; the pipeline's mu is
         # only used with use_dynamic_shifting=True, and Base validation/inference shift exponentially.

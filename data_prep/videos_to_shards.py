@@ -4,10 +4,10 @@
 
 Captions: a JSON list like the official `toy_filter.json` (`path`, `cut` [start, end), `crop`
 [x0, x1, y0, y1], `fps`, `cap` list — only `cap[0]` is used), or CSV / JSONL rows with `path` and
-`caption`. Spec inference_data §1.2: clips shorter than `--min-frames` (121) are dropped; the
-nearest resolution bucket of the (cropped) clip must be the target size (`--height 384 --width 640`,
-the official single-resolution setting); the clip is centre-cropped to the target aspect and
-resized (bilinear, antialiased), then re-encoded as h264 at its fps. Videos are assigned to shards
+`caption`. As in the official helios/dataset/dataloader_mp4_dist.py: clips shorter than `--min-frames`
+(121) are dropped; the nearest resolution bucket of the (cropped) clip must be the target size
+(`--height 384 --width 640`, the official single-resolution setting); the clip is centre-cropped to the
+target aspect and resized (bilinear, antialiased), then re-encoded as h264 at its fps. Videos are assigned to shards
 in sorted order, `--per-shard` each, so a re-run skips the shards already written.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-# Official "640" bucket family (h, w), spec inference_data §1.2.
+# Official "640" bucket family (h, w), helios/dataset/dataloader_mp4_dist.py.
 BUCKETS = [(768, 320), (768, 384), (640, 384), (768, 512), (576, 448), (512, 512), (448, 576), (512, 768),
            (384, 640), (384, 768), (320, 768)]
 

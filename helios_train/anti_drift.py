@@ -1,4 +1,4 @@
-"""Easy Anti-Drifting: degrade the history so the model learns to tolerate its own drift (spec §5.1–5.3, §5.5).
+"""Easy Anti-Drifting: degrade the history so the model learns to tolerate its own drift.
 
 Read from the official helios/utils/utils_helios_base.py (`corrupt_history_latents`,
 `add_saturation_to_history_latents`, `corrupt_model_input`, `downsample_corrupt`,
@@ -46,8 +46,8 @@ class AntiDriftConfig:
     saturation_min: float = 0.3  # saturation_ratio_min: s ~ U(min, 0.999) or U(1.001, max), 50/50
     saturation_max: float = 1.7  # saturation_ratio_max
     saturation_clean_prob: float = 0.1  # saturation_ratio_clean_prob: P(a segment part is left as is)
-    # True reproduces the official stages 1–2, where saturation is never called (spec §5.3, §12.2),
-    # whatever `saturation` says. The official stage-3 rollout does run it.
+    # True reproduces the official stages 1–2, where saturation is never called (official
+    # prepare_stage{1,2}_noise_input), whatever `saturation` says. The official stage-3 rollout does run it.
     official_saturation_noop: bool = False
     corrupt_model_input: bool = False  # corrupt_model_input: degrade the clean target too (off everywhere)
     # For corrupt_model_input only (official *_model_input keys; note the official order differs
@@ -77,7 +77,7 @@ class Segment(NamedTuple):
 
 
 def history_segments(history_sizes: Sequence[int] = (16, 2, 1), window: int = 9) -> list[Segment]:
-    """Segmentation of the (1 + Σsizes)-frame [x0 | history] tensor (spec §5.1), oldest first.
+    """Segmentation of the (1 + Σsizes)-frame [x0 | history] tensor (official `corrupt_history_latents`), oldest first.
 
     "begin" = the x0 prefix, "tail" = the oldest Σsizes mod window frames, then window-sized
     windows aligned to the generation chunks. Ratio per part, as in the official code: begin →
@@ -134,7 +134,7 @@ def _noise(x: torch.Tensor, ratio: float, frame_independent: bool, generator: to
 
 
 def _blur(x: torch.Tensor, r: float) -> torch.Tensor:
-    """Bilinear (antialiased) down-sample of H, W by r, then back up: a mild blur (spec §5.2)."""
+    """Bilinear (antialiased) down-sample of H, W by r, then back up: a mild blur (official `downsample_corrupt`)."""
     b, c, t, h, w = x.shape
     size = (max(1, int(round(h * r))), max(1, int(round(w * r))))
     y = x.float().reshape(b, c * t, h, w)  # every (c, t) plane is resized on its own
@@ -167,7 +167,7 @@ def corrupt_history(
     history_sizes: Sequence[int] = (16, 2, 1),
     latent_window_size: int = 9,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Noise or blur the x0 anchor and the history, segment by segment (spec §5.1, §5.2).
+    """Noise or blur the x0 anchor and the history, segment by segment (official `corrupt_history_latents`).
 
     Returns new tensors (inputs untouched) and ``applied`` = fraction of samples left clean /
     noised / blurred. All-zero segments (padding, dropped frames) are skipped and stay zero.
@@ -214,7 +214,8 @@ def add_saturation(
     history_sizes: Sequence[int] = (16, 2, 1),
     latent_window_size: int = 9,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Colour drift (spec §5.3): per segment part except the x0 anchor, x ← (x − μ)·s + μ.
+    """Colour drift (official `add_saturation_to_history_latents`): per segment part except the x0 anchor,
+    x ← (x − μ)·s + μ.
 
     μ is the mean over latent channels at each (t, h, w), so the channel mean is kept. Each part:
     with p = saturation_clean_prob unchanged, else s ~ U(min, 0.999) or U(1.001, max) (50/50). The
@@ -250,7 +251,8 @@ def add_saturation(
 
 
 def corrupt_target(target: torch.Tensor, cfg: AntiDriftConfig, generator: torch.Generator) -> torch.Tensor:
-    """``corrupt_model_input`` (spec §5.5): noise or blur the clean chunk before it is noised.
+    """``corrupt_model_input`` (official, helios/utils/utils_helios_base.py): noise or blur the clean chunk
+    before it is noised.
 
     Official order: mode first; blur always applies; noise has its own clean draw. No zero test.
     The flow target stays ε − clean: the caller keeps the clean chunk for it.

@@ -1,11 +1,12 @@
-"""Hierarchical GAN discriminator of the Distilled-stage critic (spec §8.6–8.7, §11 `3_post_gan`).
+"""Hierarchical GAN discriminator of the Distilled-stage critic (official `stage_3_post_gan_version.yaml`,
+`Discriminator3DHead` in helios/modules/transformer_helios.py, `_critic_loss` / `_generator_loss`).
 
 The critic (real-score base + critic LoRA) doubles as the discriminator's feature extractor: in
 "gan mode" small 3D conv heads read the hidden states of the *noisy* tokens after a few transformer
 blocks (official: blocks 5, 15, 25, 35 of 40) plus the model's final output, and each head gives one
 logit. Only the heads and the critic LoRA learn from the discriminator loss.
 
-Sign convention (the official one, spec §8.7): **logit = "fakeness"**.
+Sign convention (the official one, `cal_gan_loss` in helios/utils/utils_helios_post.py): **logit = "fakeness"**.
 - discriminator: L_D = d_weight · [mean softplus(−logit_fake) + mean softplus(logit_real)]
   → minimising pushes logit_fake → +∞ and logit_real → −∞;
 - generator:     L_G = g_weight · mean softplus(logit_fake)
@@ -54,7 +55,7 @@ class GanConfig:
     groups: int = 32  # GroupNorm groups in every head layer; head_width must be a multiple
     # The critic's "real" sample: False = the critic section's own target (consistent with the history
     # it is scored with); True = official pairing, the generator (primary) section's target with the
-    # critic (secondary) section's history (spec §8.7, §12.8).
+    # critic (secondary) section's history (official `_critic_loss`, helios/utils/utils_helios_post.py).
     real_from_primary: bool = False
     # Before start_step the heads get no gradient. True = official: they sit in the critic's optimizer
     # from step 0 with zero gradients (DeepSpeed's flat buffers), so AdamW applies weight decay and
@@ -113,7 +114,7 @@ class _SafeConv3d(nn.Conv3d):
 
 
 class Discriminator3DHead(nn.Module):
-    """[B, C, T, H, W] → one logit per sample [B] (spec §8.7 layer list).
+    """[B, C, T, H, W] → one logit per sample [B] (layers of official `Discriminator3DHead`).
 
     Conv k3 (→ width) → Conv k4 s2 → Conv k4 s2 → Conv k3 s(2,1,1) → Conv k3 s(2,1,1) → Conv k(1,3,3),
     each + GroupNorm + SiLU; global average pool; Linear(width → 1).

@@ -1,4 +1,5 @@
-"""Unified History Injection: the Base-stage sample ↔ ``HeliosTransformer3DModel`` inputs (spec §2–§4).
+"""Unified History Injection: the Base-stage sample ↔ ``HeliosTransformer3DModel`` inputs (official
+``prepare_stage1_latent``, ``prepare_stage1_clean_input_from_latents``, helios/modules/transformer_helios.py).
 
 Layout of one training sample (history_sizes [16, 2, 1], window 9):
 
@@ -6,8 +7,9 @@ Layout of one training sample (history_sizes [16, 2, 1], window 9):
     term         x0     long (16)  mid (2)   short-1×    noisy chunk (9)
     model input  short  long       mid       short       hidden_states
 
-The indices are the same for every chunk of a video ("relative RoPE", spec §3.3): absolute time is
-never exposed. ``history`` in the batch is oldest → newest = long | mid | short-1×.
+The indices are the same for every chunk of a video ("relative RoPE", official
+``prepare_stage1_clean_input_from_latents``): absolute time is never exposed. ``history`` in the batch
+is oldest → newest = long | mid | short-1×.
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ def _sizes(cfg: HistoryConfig) -> tuple[int, int, int]:
 
 
 def frame_indices(cfg: HistoryConfig, batch: int, device=None) -> dict[str, torch.Tensor]:
-    """The four RoPE frame-index tensors, keyed by the model's argument names (spec §3.3).
+    """The four RoPE frame-index tensors, keyed by the model's argument names (official
+    ``prepare_stage1_clean_input_from_latents``).
 
     arange(1 + Σsizes + window) split [1, long, mid, short-1×, window]: for the defaults the noisy
     chunk is 20..28, short = {0, 19} (anchor + newest frame), mid = {17, 18}, long = 1..16.
@@ -85,7 +88,8 @@ def model_inputs(
     """Keyword arguments of ``HeliosTransformer3DModel.forward`` for one Base-stage micro-batch.
 
     ``timestep`` is the noisy chunk's t = 1000·σ per sample [B]; the model itself gives every
-    history token t = 0 (``zero_history_timestep``, spec §3.5). Add ``return_dict`` yourself.
+    history token t = 0 (``zero_history_timestep``, official ``HeliosTransformer3DModel.forward``). Add
+    ``return_dict`` yourself.
     """
     if noisy.shape[2] != cfg.latent_window_size:
         raise ValueError(f"noisy chunk has {noisy.shape[2]} frames, latent_window_size is {cfg.latent_window_size}")
@@ -102,7 +106,7 @@ def model_inputs(
 
 
 def _replicate_pad(x: torch.Tensor, kernel: tuple[int, int, int]) -> torch.Tensor:
-    # The model replicate-pads mid/long inputs to multiples of the kernel before the conv (spec §3.1).
+    # The model replicate-pads mid/long inputs to multiples of the kernel before the conv (official pad_for_3d_conv).
     pads = [(k - d % k) % k for d, k in zip(x.shape[2:], kernel)]
     return torch.nn.functional.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]), mode="replicate")
 
@@ -122,7 +126,8 @@ def _run_patch(conv: torch.nn.Conv3d, frames: int, latent_hw: tuple[int, int], p
 
 
 def token_counts(transformer, latent_hw: tuple[int, int], cfg: HistoryConfig) -> dict[str, int]:
-    """Sequence lengths of one sample, from the real model's patch layers (spec §4 table).
+    """Sequence lengths of one sample, from the real model's patch layers (official
+    ``HeliosTransformer3DModel.process_input_hidden_states``).
 
     At 48×80 latents with the defaults: short 1920, mid 240, long 240 (history 2400), noisy 8640.
     """
@@ -143,7 +148,7 @@ def assemble_history_sample(
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """One video's chunks [S, C, window, h, w] → (x0 [C,1,h,w], history [C,Σsizes,h,w], target [C,window,h,w]).
 
-    Follows the official loader (``prepare_stage1_latent``, spec §2 "Training sampling"): chunks
+    Follows the official loader (``prepare_stage1_latent`` in helios/dataset/dataloader_history_latents_dist.py): chunks
     concatenated in time with Σsizes zero frames prepended; target = chunk c; history = the Σsizes
     frames before it (zero-padded for early chunks); x0 = first latent of chunk 0, zeroed when c = 0
     (that sample is exactly T2V). x0 is None when keep_x0 is off, as in the official code.

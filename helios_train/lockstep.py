@@ -7,8 +7,8 @@ grad forwards and backward passes, or the collectives pair up wrongly and the jo
 the toy: a step where one rank draws a first chunk hangs in its backward).
 
 The DMD rollout is data-dependent: a rank whose sample is a first chunk (no history) runs the
-amplified sampler, twice the steps per level (spec §8.4), so the shared exit steps land on different
-positions and the graph reaching the loss differs. Under ZeRO-3 the stage therefore
+amplified sampler, twice the steps per level (official `is_amplify_first_chunk`), so the shared exit
+steps land on different positions and the graph reaching the loss differs. Under ZeRO-3 the stage therefore
 
 - takes, per level, the largest exit step over ranks and pads with discarded no-grad forwards
   (`pyramid_rollout(lockstep=...)`), so every rank runs "n no-grad forwards, then the exit forward";

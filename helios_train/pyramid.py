@@ -1,26 +1,29 @@
-"""Pyramid Unified Predictor Corrector (PUPC) level construction (spec helios_training.md §7, §8.4).
+"""Pyramid Unified Predictor Corrector (PUPC) level construction (official helios/scheduler/scheduling_helios.py,
+helios/utils/utils_helios_base.py, helios/utils/utils_helios_post.py).
 
-Pure tensor math shared by the Mid stage (training sample construction, §7.2) and the distilled
-few-step sampler (stage-start points and upsample + re-noise, §7.3 / §8.4). Level/stage index k runs
-from the lowest resolution (k = 0, 1/4 size) to full resolution (k = num_stages - 1).
+Pure tensor math shared by the Mid stage (training sample construction, official
+``prepare_stage2_clean_input``) and the distilled few-step sampler (stage-start points and upsample +
+re-noise, official ``HeliosPipeline.stage2_sample`` / ``inference_with_trajectory_stage2``). Level/stage
+index k runs from the lowest resolution (k = 0, 1/4 size) to full resolution (k = num_stages - 1).
 
 Two ways to obtain the per-stage tables (``PyramidConfig.table_source``):
 
-* ``"training"`` re-derives them from the closed forms of training §7.1 / inference_data §3.2 in
-  float64 (global grid, ``int(r * 1000)`` index truncation, renoise-corrected start sigma, flow-length
-  timestep split). Needs nothing from diffusers.
+* ``"training"`` re-derives them from the closed forms of the official ``HeliosScheduler.init_sigmas`` /
+  ``init_sigmas_for_each_stage`` in float64 (global grid, ``int(r * 1000)`` index truncation,
+  renoise-corrected start sigma, flow-length timestep split). Needs nothing from diffusers.
 * ``"diffusers"`` reads ``HeliosScheduler``'s own attributes (``ori_start_sigmas``, ``start_sigmas``,
   ``end_sigmas``, ``timestep_ratios``, ``timesteps_per_stage``, ``sigmas_per_stage``); only the
   nominal end timestep ``t_min`` is re-derived, because the library does not keep it.
 
-Where the two spec sections "differ": training §7.1 quotes each stage's global range by its nominal
-endpoints (t_max, t_min) = 999 -> 743.256 | 743.256 -> 385.614 | 385.614 -> 0.999, while
-inference_data §3.2 quotes the first/last entries of the 1000-entry table
+Two ways to quote a stage's global range (both from ``init_sigmas_for_each_stage``): its nominal
+endpoints (t_max, t_min) = 999 -> 743.256 | 743.256 -> 385.614 | 385.614 -> 0.999, or the first/last
+entries of the 1000-entry table
 ``linspace(t_max, t_min, 1001)[:-1]``: 999 -> 743.51 | 743.26 -> 385.97 | 385.61 -> 1.38. The tables
 themselves are identical in both constructions (tests check <= 1e-9); the [:-1] drop means t_min is
 never sampled inside its own stage. Which of the two a sigma -> t mapping uses *does* matter: the
-official ODE-pair / distilled timesteps (training §8.1, inference_data §3.6, e.g. 833.96) come from
-the table extremes, so :meth:`PyramidSchedule.timestep_for_sigma` uses those, not (t_max, t_min).
+official ODE-pair / distilled timesteps (``selected_target_timesteps`` in tools/offload_data/get_ode-pairs.py,
+e.g. 833.96) come from the table extremes, so :meth:`PyramidSchedule.timestep_for_sigma` uses those, not
+(t_max, t_min).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 NUM_TRAIN_TIMESTEPS = 1000
-LOCAL_SIGMA_MAX = 0.999  # stage-local sigma table starts at 0.999 regardless of shift (§7.1)
+LOCAL_SIGMA_MAX = 0.999  # stage-local sigma table starts at 0.999 regardless of shift (init_sigmas_for_each_stage)
 CHOLESKY_JITTER = 1e-8  # same jitter diffusers adds; Sigma is singular (blocks sum to 0)
 
 
@@ -41,9 +44,9 @@ class PyramidConfig:
     stage_range: list[float] = field(default_factory=lambda: [0.0, 1 / 3, 2 / 3, 1.0])
     gamma: float = 1 / 3
     shift: float = 1.0
-    # draws per level per sample (§7.2): [1, 2, 1] in 2-init, [1, 1, 1] in 2-post
+    # draws per level per sample (official stage2_sample_ratios): [1, 2, 1] in 2-init, [1, 1, 1] in 2-post
     sample_ratios: list[int] = field(default_factory=lambda: [1, 1, 1])
-    table_source: str = "training"  # "training" (closed form, §7.1) or "diffusers" (HeliosScheduler)
+    table_source: str = "training"  # "training" (closed form, see module doc) or "diffusers" (HeliosScheduler)
     # Mid-stage execution, all the same maths (helios_train/stages/mid.py):
     # "separate" = one stock diffusers forward per segment; "batch_levels" = one stock forward per
     # level, same-level segments (the two mid draws of [1, 2, 1]) stacked on the batch axis;
@@ -69,20 +72,21 @@ class PyramidLevel:
     start_sigma: float  # renoise-corrected start sigma (0.999 / 0.7998 / 0.5004)
     end_sigma: float  # 0.6663 / 0.3337 / 0
     timestep_ratio: tuple[float, float]
-    t_max: float  # nominal global timestep range (training §7.1)
+    t_max: float  # nominal global timestep range (official init_sigmas_for_each_stage)
     t_min: float
     sigmas: torch.Tensor
     timesteps: torch.Tensor
 
 
 def _global_grid(shift: float) -> torch.Tensor:
-    """Global flow sigma grid (inference_data §3.1): 1000 values 0.999 -> 0.000999 for shift 1."""
+    """Global flow sigma grid (official ``HeliosScheduler.init_sigmas``): 1000 values 0.999 -> 0.000999 for shift 1."""
     s = 1.0 - torch.linspace(1.0, 1.0 / NUM_TRAIN_TIMESTEPS, NUM_TRAIN_TIMESTEPS + 1, dtype=torch.float64)
     return torch.flip(shift * s / (1 + (shift - 1) * s), dims=[0])[:-1]
 
 
 def _corrected_start(orig_sigma: float, gamma: float) -> float:
-    """Start sigma after the upsample+renoise jump (§7.1): 1 - a / (sqrt(1 + 1/gamma)(1 - a) + a)."""
+    """Start sigma after the upsample+renoise jump (official ``init_sigmas_for_each_stage``):
+    1 - a / (sqrt(1 + 1/gamma)(1 - a) + a)."""
     a = 1.0 - orig_sigma
     return 1.0 - a / (math.sqrt(1 + 1 / gamma) * (1 - a) + a)
 
@@ -150,10 +154,10 @@ class PyramidSchedule:
         return self.config.gamma
 
     def renoise_coefficients(self, k: int) -> tuple[float, float]:
-        """(alpha, beta) for entering stage k > 0 (§7.3): a = 1 - orig start sigma_k,
-        alpha = 1/(sqrt(1+1/gamma)(1-a) + a), beta = alpha(1-a)/sqrt(gamma). alpha*a equals the
+        """(alpha, beta) for entering stage k > 0 (official ``HeliosPipeline.stage2_sample``): a = 1 - orig
+        start sigma_k, alpha = 1/(sqrt(1+1/gamma)(1-a) + a), beta = alpha(1-a)/sqrt(gamma). alpha*a equals the
         corrected start's signal coefficient 1 - start_sigma_k, so inference lands on the training
-        start point of §7.2."""
+        start point of ``prepare_stage2_clean_input``."""
         if not 0 < k < self.num_stages:
             raise ValueError(f"renoise only exists for stages 1..{self.num_stages - 1}, got {k}")
         a = 1.0 - self.levels[k].orig_start_sigma
@@ -162,7 +166,8 @@ class PyramidSchedule:
         return alpha, alpha * (1 - a) / math.sqrt(g)
 
     def timestep_for_sigma(self, k: int, sigma: torch.Tensor | float) -> torch.Tensor:
-        """Global timestep of a (possibly dynamically shifted) stage-local sigma (§6, §8.4):
+        """Global timestep of a (possibly dynamically shifted) stage-local sigma (official dynamic-shift
+        branch of ``HeliosScheduler.set_timesteps``, helios/diffusers_version/scheduling_helios_diffusers.py):
         t = min + sigma * (max - min) over the stage's *table* (not the nominal t_min; see module doc)."""
         tab = self.levels[k].timesteps
         lo, hi = tab.min(), tab.max()
@@ -179,7 +184,8 @@ def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
 
 
 def downsample_clean(x: torch.Tensor) -> torch.Tensor:
-    """Bilinear x1/2, no antialias (§7.2). At exactly half size this is the mean of each 2x2 block."""
+    """Bilinear x1/2, no antialias (official ``prepare_stage2_clean_input``). At exactly half size this is the
+    mean of each 2x2 block."""
     h, w = x.shape[-2:]
     if h % 2 or w % 2:
         raise ValueError(f"spatial size must be even, got {h}x{w}")
@@ -199,14 +205,15 @@ def _pyramid(x: torch.Tensor, n: int, scale: float) -> list[torch.Tensor]:
 
 
 def clean_pyramid(clean: torch.Tensor, num_stages: int = 3) -> list[torch.Tensor]:
-    """[lowest, ..., full] clean latents (§7.2)."""
+    """[lowest, ..., full] clean latents (official ``prepare_stage2_clean_input``)."""
     return _pyramid(clean, num_stages, 1.0)
 
 
 def noise_pyramid(eps: torch.Tensor, num_stages: int = 3) -> list[torch.Tensor]:
-    """[lowest, ..., full] noise (§7.2, inference §3.7): each level is the bilinear x1/2 of the level
-    above times 2. A 2x2 mean of i.i.d. unit noise has variance 1/4, so x2 restores unit variance;
-    the levels stay correlated (the same eps seen at different resolutions)."""
+    """[lowest, ..., full] noise (official ``prepare_stage2_clean_input``, ``HeliosPipeline.stage2_sample``):
+    each level is the bilinear x1/2 of the level above times 2. A 2x2 mean of i.i.d. unit noise has
+    variance 1/4, so x2 restores unit variance; the levels stay correlated (the same eps seen at
+    different resolutions)."""
     return _pyramid(eps, num_stages, 2.0)
 
 
@@ -229,7 +236,7 @@ class LevelSample:
 
 
 def build_levels(clean: torch.Tensor, eps: torch.Tensor, schedule: PyramidSchedule) -> list[LevelPoints]:
-    """Start/end points per level, exactly as training §7.2 (`prepare_stage2_clean_input`):
+    """Start/end points per level, exactly as the official `prepare_stage2_clean_input`:
     start_0 = eps_0; start_k = startσ_k·eps_k + (1-startσ_k)·nearest_up2(clean_{k-1});
     end_k = endσ_k·eps_k + (1-endσ_k)·clean_k; the last end is the clean latent itself."""
     n = schedule.num_stages
@@ -253,8 +260,9 @@ def build_levels(clean: torch.Tensor, eps: torch.Tensor, schedule: PyramidSchedu
 def sample_level_inputs(levels: list[LevelPoints], schedule: PyramidSchedule, level: int,
                         generator: torch.Generator | None = None, batch: int | None = None,
                         index: torch.Tensor | None = None) -> LevelSample:
-    """One draw for ``level`` (§7.2, weighting_scheme none): idx = floor(u·1000), u ~ U(0,1) per
-    sample; σ = local σ[idx], t = stage timesteps[idx]; x = σ·start + (1-σ)·end; v = start - end.
+    """One draw for ``level`` (official ``prepare_stage2_clean_input``, weighting_scheme none):
+    idx = floor(u·1000), u ~ U(0,1) per sample; σ = local σ[idx], t = stage timesteps[idx];
+    x = σ·start + (1-σ)·end; v = start - end.
     ``index`` overrides the draw (deterministic tests / replay)."""
     pts, lv = levels[level], schedule.levels[level]
     b = pts.start.shape[0] if batch is None else batch
@@ -282,9 +290,9 @@ def sample_all_levels(levels: list[LevelPoints], schedule: PyramidSchedule,
 # ----------------------------------------------------------------------------- renoise (inference / rollout)
 def block_noise(shape, gamma: float = 1 / 3, generator: torch.Generator | None = None,
                 dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-    """i.i.d. 2x2 spatial blocks ~ N(0, Σ), Σ = (1+γ)I - γ11ᵀ (§7.3): unit variance, in-block
-    correlation -γ; for γ = 1/3 every block sums to 0 (1ᵀΣ1 = 4 - 12γ = 0), i.e. pure high-frequency
-    noise. Σ is singular, so its fp32 Cholesky (diffusers' pipeline) loses the 1e-8 jitter and fails
+    """i.i.d. 2x2 spatial blocks ~ N(0, Σ), Σ = (1+γ)I - γ11ᵀ (official ``HeliosPipeline.sample_block_noise``):
+    unit variance, in-block correlation -γ; for γ = 1/3 every block sums to 0 (1ᵀΣ1 = 4 - 12γ = 0), i.e.
+    pure high-frequency noise. Σ is singular, so its fp32 Cholesky (diffusers' pipeline) loses the 1e-8 jitter and fails
     with an eigenvalue of about -1e-7 (ENV_NOTES); we factor in float64. z is drawn as fp32 [blocks, 4]
     like the pipeline, so a shared generator gives the same stream and block layout."""
     b, c, t, h, w = shape
@@ -303,7 +311,8 @@ def block_noise(shape, gamma: float = 1 / 3, generator: torch.Generator | None =
 
 def upsample_renoise(x: torch.Tensor, k: int, schedule: PyramidSchedule,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """Enter stage k from stage k-1's output (§7.3): nearest x2, then α·x + β·block_noise."""
+    """Enter stage k from stage k-1's output (official ``HeliosPipeline.stage2_sample``): nearest x2, then
+    α·x + β·block_noise."""
     alpha, beta = schedule.renoise_coefficients(k)
     up = nearest_up2(x)
     noise = block_noise(up.shape, schedule.gamma, generator, dtype=up.dtype, device=up.device)
@@ -312,8 +321,8 @@ def upsample_renoise(x: torch.Tensor, k: int, schedule: PyramidSchedule,
 
 def level_token_counts(latent_hw: tuple[int, int], num_frames: int, patch=(1, 2, 2),
                        num_stages: int = 3) -> list[int]:
-    """Noisy-token count per level, low -> full (§7.2 token budget): 9x48x80, patch (1,2,2) ->
-    [540, 2160, 8640]."""
+    """Noisy-token count per level, low -> full (levels of official ``prepare_stage2_clean_input``):
+    9x48x80, patch (1,2,2) -> [540, 2160, 8640]."""
     h, w = latent_hw
     pt, ph, pw = patch
     out = []

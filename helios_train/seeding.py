@@ -20,6 +20,7 @@ def micro_batch_key(seed: int, step: int, phase: int, index: int) -> int:
 
 def shared_generator(seed: int, step: int, purpose: str) -> torch.Generator:
     """A generator every rank and every micro-batch of `step` shares, for draws the recipe makes once per
-    step (e.g. the DMD rollout's exit steps, spec §8.4). `purpose` keeps unrelated shared draws apart."""
+    step (e.g. the DMD rollout's exit steps, official `generate_and_sync_flag`). `purpose` keeps unrelated
+    shared draws apart."""
     key = (micro_batch_key(seed, step, 0, 0) * 31 + zlib.crc32(purpose.encode())) % _MOD
     return torch.Generator(device="cpu").manual_seed(key)

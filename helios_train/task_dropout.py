@@ -1,4 +1,4 @@
-"""Random task dropout: one model trained on T2V, I2V and V2V contexts (spec §5.4).
+"""Random task dropout: one model trained on T2V, I2V and V2V contexts.
 
 The official code (helios/utils/utils_helios_base.py, ``prepare_stage1_clean_input_from_latents``)
 draws sequentially and **once per call**, i.e. one task for the whole micro-batch:
@@ -26,11 +26,11 @@ TASKS = ("t2v", "i2v", "v2v", "none")
 
 @dataclass
 class TaskDropoutConfig:
-    """Official keys ``is_random_drop`` / ``random_drop_{t2v,i2v,v2v}_ratio`` (spec §5.4, §11)."""
+    """Official keys ``is_random_drop`` / ``random_drop_{t2v,i2v,v2v}_ratio`` (official stage yamls)."""
 
     enabled: bool = True  # official is_random_drop (on in stages 1, 2 and 3-post)
     t2v_ratio: float = 0.4  # P(T2V) — drawn first
-    i2v_ratio: float = 0.0  # P(I2V | not T2V); the issue-#38 correction uses 0.1 (spec §5.6)
+    i2v_ratio: float = 0.0  # P(I2V | not T2V); the issue-#38 correction uses 0.1 (official correct.yaml)
     v2v_ratio: float = 0.4  # P(V2V | neither); stage-3 post uses 0.5
     # V2V drops tail + k·window oldest frames, k uniform over these (official: randint(0, Σ//window)).
     v2v_k_choices: list[int] = field(default_factory=lambda: [0, 1, 2])

@@ -1,4 +1,5 @@
-"""Training timesteps for the flow-matching stages 1–2 (spec §6, §9).
+"""Training timesteps for the flow-matching stages 1–2 (official ``prepare_stage1_noise_input``,
+helios/utils/utils_helios_base.py; ``calculate_shift`` / ``apply_schedule_shift``, helios/utils/utils_base.py).
 
 Rectified flow: x_t = (1 − σ)·x0 + σ·ε, the model predicts v = ε − x0 and sees t = 1000·σ.
 σ is read from the 1000-entry table of diffusers' ``FlowMatchEulerDiscreteScheduler(shift=1)``
@@ -30,15 +31,15 @@ _EXP_MAX = 7.0
 
 @dataclass
 class TimestepConfig:
-    """Timestep sampling of the flow-matching loss (official ``training_config`` keys, spec §9, §11)."""
+    """Timestep sampling of the flow-matching loss (official ``training_config`` keys of the stage yamls)."""
 
     # "logit_normal": u = sigmoid(N(logit_mean, logit_std)) (stage 1); "uniform"/"none": u ~ U(0, 1)
-    # (stage 2 uses "none"; the loss weight is 1 for all three, spec §9).
+    # (stage 2 uses "none"; the loss weight is 1 for all three, official _flow_loss).
     weighting_scheme: str = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
     num_train_timesteps: int = 1000
-    # Off in stages 1–2 (spec §6); when on, σ' = s·σ / (1 + (s − 1)·σ) with s from μ(seq_len).
+    # Off in stages 1–2 (official stage_1/2 yamls); when on, σ' = s·σ / (1 + (s − 1)·σ), s from μ(seq_len).
     use_dynamic_shifting: bool = False
     # "linear": s = μ; "exponential": s = exp(min(μ, ln 7)). NOTE: the official stage-1 path
     # (`prepare_stage1_noise_input`) always shifts linearly, ignoring this key; set "linear" to match.
@@ -50,7 +51,8 @@ class TimestepConfig:
 
 
 def compute_mu(seq_len: int, cfg: TimestepConfig) -> float:
-    """μ = base_shift + (L − base_seq_len)·(max_shift − base_shift)/(max_seq_len − base_seq_len) (spec §6)."""
+    """μ = base_shift + (L − base_seq_len)·(max_shift − base_shift)/(max_seq_len − base_seq_len)
+    (official calculate_shift)."""
     slope = (cfg.max_shift - cfg.base_shift) / (cfg.max_seq_len - cfg.base_seq_len)
     return cfg.base_shift + (seq_len - cfg.base_seq_len) * slope
 
@@ -68,7 +70,8 @@ Number = Union[float, torch.Tensor]
 
 
 def time_shift(sigma: Number, mu: float, time_shift_type: str = "linear") -> Number:
-    """σ' = s·σ / (1 + (s − 1)·σ): keeps 0 and 1 fixed, s > 1 pushes σ toward more noise (spec §6)."""
+    """σ' = s·σ / (1 + (s − 1)·σ): keeps 0 and 1 fixed, s > 1 pushes σ toward more noise (official
+    apply_schedule_shift)."""
     s = shift_factor(mu, time_shift_type)
     return s * sigma / (1 + (s - 1) * sigma)
 
@@ -93,7 +96,8 @@ def _flow_table(num_train_timesteps: int) -> torch.Tensor:
 def sample_training_sigmas(
     batch: int, cfg: TimestepConfig, generator: torch.Generator, seq_len: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One (σ, t) per sample for stages 1–2 (spec §9); both float32 [B] on ``generator.device``.
+    """One (σ, t) per sample for stages 1–2 (official ``prepare_stage1_noise_input``); both float32 [B] on
+    ``generator.device``.
 
     Same timestep for every frame of the chunk; history tokens are at t = 0 inside the model.
     ``seq_len`` (see ``seq_len_for``) is needed only when ``cfg.use_dynamic_shifting``.
@@ -138,5 +142,5 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> tor
 
 
 def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """v = ε − x0 = d x_t / dσ: the regression target (spec §9)."""
+    """v = ε − x0 = d x_t / dσ: the regression target (official ``prepare_stage1_noise_input``)."""
     return noise - x0

@@ -32,7 +32,7 @@ class ValidationConfig:
     height: int = 384
     width: int = 640
     seed: int = 42
-    steps: Optional[int] = None  # None = the variant's default (spec §1.11)
+    steps: Optional[int] = None  # None = the variant's default (helios_train/variants.py)
     pyramid_steps: Optional[list[int]] = None
     guidance: Optional[float] = None
     use_ema: bool = False  # render with the EMA weights when the stage keeps an EMA (official: false)

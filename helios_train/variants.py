@@ -1,7 +1,8 @@
 """The three Helios variants as diffusers sees them: pipeline class, scheduler, default sampler settings.
 
-One table (spec §1.11, inference_data §4.6, §7) shared by export, inference and in-loop validation,
-so a checkpoint is always sampled the way its stage was meant to be:
+One table (official: the stage yamls' `validation_config`, infer_helios.py, scripts/inference/*.sh and the
+README's diffusers usage) shared by export, inference and in-loop validation, so a checkpoint is always
+sampled the way its stage was meant to be:
 
 | variant   | pipeline              | scheduler                        | steps          | guidance            |
 |-----------|-----------------------|----------------------------------|----------------|---------------------|
@@ -14,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 VARIANTS = ("base", "mid", "distilled")
-# Wan's default English negative prompt (spec inference_data §1.8): unconditional branch of CFG and
-# the teacher's negative branch in DMD.
+# Wan's default English negative prompt (official `negative_prompt`, infer_helios.py /
+# helios/utils/train_config.py): unconditional branch of CFG and the teacher's negative branch in DMD.
 NEGATIVE_PROMPT = (
     "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
     "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
@@ -57,7 +58,8 @@ def pipeline_class(variant: str):
 
 def make_scheduler(variant: str):
     """Scheduler configured for the variant: dynamic shift on (exponential for base/mid, linear for
-    distilled — spec §6), pyramid stages [0, 1/3, 2/3, 1] with γ = 1/3 for mid/distilled."""
+    distilled — official `validation_config.time_shift_type`), pyramid stages [0, 1/3, 2/3, 1] with γ = 1/3
+    for mid/distilled."""
     from diffusers import HeliosDMDScheduler, HeliosScheduler
 
     check_variant(variant)

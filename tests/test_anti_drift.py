@@ -1,4 +1,5 @@
-"""Tests for helios_train.anti_drift (spec helios_training.md §5.1–5.3, §5.5).
+"""Tests for helios_train.anti_drift (official helios/utils/utils_helios_base.py: `corrupt_history_latents`,
+`downsample_corrupt`, `add_saturation_to_history_latents`, `corrupt_model_input`).
 
 Statistical checks state their tolerance; each bound is ≥ 4.5 standard deviations of the estimate.
 """

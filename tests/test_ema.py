@@ -1,4 +1,5 @@
-"""EMA warmup schedule and update rule (spec §1.5)."""
+"""EMA warmup schedule and update rule (official helios/utils/create_ema_zero3.py: `EMAModel_Zero3.get_decay`,
+`step`)."""
 from __future__ import annotations
 
 import pytest

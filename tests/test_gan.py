@@ -1,4 +1,5 @@
-"""Tests for helios_train.gan: the critic's hierarchical GAN heads (spec §8.6–8.7)."""
+"""Tests for helios_train.gan: the critic's hierarchical GAN heads (official `Discriminator3DHead`,
+helios/modules/transformer_helios.py; GAN losses: `_critic_loss`, `_generator_loss` in utils_helios_post.py)."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,4 +1,5 @@
-"""Tests for helios_train.history (spec helios_training.md §2–§4)."""
+"""Tests for helios_train.history (official helios/dataset/dataloader_history_latents_dist.py:prepare_stage1_latent,
+helios/utils/utils_helios_base.py:prepare_stage1_clean_input_from_latents, helios/modules/transformer_helios.py)."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -84,8 +84,9 @@ def test_every_segment_sees_the_same_conditioned_history(toy_root):
 
 
 def test_mid_token_budget_from_real_patch_layers():
-    """Per sample at 48×80 (spec §7.2): levels 540 / 2160 / 8640 noisy tokens from the 14B model's own
-    patch_embedding, 2400 history tokens from its memory patches; 2-init = 23100, 2-post = 18540."""
+    """Per sample at 48×80 (official `prepare_stage2_clean_input`, helios/utils/utils_helios_base.py): levels
+    540 / 2160 / 8640 noisy tokens from the 14B model's own patch_embedding, 2400 history tokens from its
+    memory patches; 2-init = 23100, 2-post = 18540."""
     from diffusers import HeliosTransformer3DModel
 
     from helios_train.history import HistoryConfig, _run_patch, token_counts
@@ -185,7 +186,8 @@ def test_unknown_execution_is_refused(toy_root):
     ("stage_2_correct", dict(lr=3e-5, warmup=500, ratios=[1, 1, 1], seed=46, patch="lora", memory="lora")),
 ])
 def test_stage_2_recipes_pin_the_official_values(name, expect):
-    """Spec §11 / §1.4 / §1.6 for stage 2; `correct` = post + the issue-#38 anti-drift changes."""
+    """Official `stage_2_init.yaml` / `stage_2_post.yaml` values; `correct` = post + the issue-#38 anti-drift
+    changes."""
     cfg = compose([f"experiment={name}", "model=helios_14b"])
     st, tr = cfg.stage, cfg.trainer
     assert st.name == "mid" and list(st.pyramid.sample_ratios) == expect["ratios"]

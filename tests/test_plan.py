@@ -1,5 +1,5 @@
 """Memory planner: counts from the meta-device model equal the real instantiated model's; the 14B
-LoRA counts match the spec; the per-GPU arithmetic follows the documented formulas."""
+LoRA counts at the official `lora_rank`s are as expected; the per-GPU arithmetic follows the documented formulas."""
 from __future__ import annotations
 
 import pytest
@@ -55,7 +55,8 @@ def test_gan_heads_priced_as_the_stage_builds_them(toy_root):
 
 
 def test_14b_lora_counts_match_spec():
-    """Spec §1.4: ≈ 0.62 B LoRA parameters at r128 and ≈ 1.25 B at r256 (+ ~24 M memory patches)."""
+    """`lora_rank` 128 (official stage_1_*.yaml) / 256 (stage_2_*, stage_3_*): ≈ 0.62 B LoRA parameters at r128
+    and ≈ 1.25 B at r256 (+ ~24 M memory patches)."""
     from helios_train.plan import count_role
 
     cfg = compose(["experiment=stage_1_init", "model=helios_14b", "model.path=/nonexistent"])

@@ -1,4 +1,5 @@
-"""Tests for helios_train.pyramid (spec helios_training.md §7, §8.4; helios_inference_data.md §3)."""
+"""Tests for helios_train.pyramid (official helios/scheduler/scheduling_helios.py, `prepare_stage2_clean_input` in
+helios/utils/utils_helios_base.py, `inference_with_trajectory_stage2` in helios/utils/utils_helios_post.py)."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,7 +32,7 @@ def test_level_token_counts():
 def test_stage_sigmas(sched):
     lv = sched.levels
     assert [l.orig_start_sigma for l in lv] == pytest.approx([0.999, 0.666333, 0.333666], abs=1e-9)
-    # corrected start sigma: 1 - a/(2 - a) for gamma = 1/3 (§7.1)
+    # corrected start sigma: 1 - a/(2 - a) for gamma = 1/3 (official `HeliosScheduler.init_sigmas_for_each_stage`)
     assert [l.start_sigma for l in lv] == pytest.approx([0.999, 0.7997597, 0.5003742], abs=1e-6)
     assert [round(l.start_sigma, 4) for l in lv] == [0.999, 0.7998, 0.5004]
     assert [l.end_sigma for l in lv] == pytest.approx([0.666333, 0.333666, 0.0], abs=1e-9)
@@ -42,9 +43,10 @@ def test_stage_sigmas(sched):
 
 
 def test_table_numbers_both_variants(sched):
-    """Training §7.1 quotes the nominal ranges 999->743.3 | 743.3->385.6 | 385.6->~1 (t_max, t_min);
-    inference_data §3.2 quotes the table's first/last entries [999->743.51], [743.26->385.97],
-    [385.61->1.38] of linspace(t_max, t_min, 1001)[:-1]. Both are pinned for both sources."""
+    """Official `HeliosScheduler.init_sigmas_for_each_stage` (helios/scheduler/scheduling_helios.py): the nominal
+    ranges 999->743.3 | 743.3->385.6 | 385.6->~1 (t_max, t_min), and the table's first/last entries
+    [999->743.51], [743.26->385.97], [385.61->1.38] of linspace(t_max, t_min, 1001)[:-1]. Both are pinned for
+    both sources."""
     lv = sched.levels
     assert [(l.t_max, l.t_min) for l in lv] == [
         pytest.approx((999.0, 743.256), abs=1e-6), pytest.approx((743.256, 385.614), abs=1e-6),
@@ -68,8 +70,8 @@ def test_training_and_diffusers_tables_identical():
 
 
 def test_timestep_for_sigma_uses_table_extremes(sched):
-    """Distilled [2,2,2] timesteps (training §8.4 / inference §3.6): local sigmas {0.999, 0.5},
-    linear dynamic shift with mu of each level's own resolution (L = 540 / 2160 / 8640)."""
+    """Distilled [2,2,2] timesteps (official `selected_target_timesteps`, tools/offload_data/get_ode-pairs.py):
+    local sigmas {0.999, 0.5}, linear dynamic shift with mu of each level's own resolution (L = 540 / 2160 / 8640)."""
     expected = [(998.53, 833.96), (742.82, 547.19), (385.41, 253.99)]
     for k, L in enumerate((540, 2160, 8640)):
         mu = 0.5 + (L - 256) * (1.15 - 0.5) / (4096 - 256)

@@ -1,4 +1,5 @@
-"""Tests for helios_train.task_dropout (spec helios_training.md §5.4).
+"""Tests for helios_train.task_dropout (official helios/utils/utils_helios_base.py:
+`prepare_stage1_clean_input_from_latents`).
 
 Statistical tolerances: a fraction p estimated from n draws has sd sqrt(p(1−p)/n); every bound below
 is ≥ 4.5 sd, so a correct implementation fails with probability < 1e-5 per check (and the seeds

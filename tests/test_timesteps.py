@@ -1,4 +1,5 @@
-"""Tests for helios_train.timesteps (spec helios_training.md §6, §9)."""
+"""Tests for helios_train.timesteps (official helios/utils/utils_base.py `calculate_shift`, `apply_schedule_shift`;
+helios/utils/utils_helios_base.py `prepare_stage1_noise_input`)."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,7 +15,7 @@ from helios_train.timesteps import (
     time_shift,
 )
 
-# (latent H, W) of a 9-frame chunk → (L, μ linear, exp(μ)) from the spec §6 table.
+# (latent H, W) of a 9-frame chunk → (L, μ linear, exp(μ)) of official `calculate_shift` (helios/utils/utils_base.py)
 MU_TABLE = [((12, 20), 540, 0.548, 1.730), ((24, 40), 2160, 0.822, 2.276), ((48, 80), 8640, 1.919, 6.815)]
 
 
@@ -47,7 +48,7 @@ def test_time_shift_formula():
     sig = torch.tensor([0.0, 0.25, 0.5, 1.0])
     out = time_shift(sig, 2.0, "linear")
     assert torch.allclose(out, torch.tensor([0.0, 0.4, 2 / 3, 1.0]))
-    # s < 1 moves toward less noise (spec §6 note)
+    # s < 1 moves toward less noise (official `apply_schedule_shift`, helios/utils/utils_base.py)
     assert time_shift(0.5, 0.548, "linear") < 0.5
     assert time_shift(0.5, math.log(4.0), "exponential") == pytest.approx(0.8)
 

@@ -33,7 +33,7 @@ def test_toy_checkpoint_runs_in_diffusers_pipeline(toy_root, num_frames, guidanc
     out = pipe("a red circle moves left to right on a black background", height=64, width=128,
                num_frames=num_frames, num_inference_steps=2, guidance_scale=guidance,
                generator=torch.Generator().manual_seed(0), output_type="np")
-    # ceil(F/33) chunks of 33 frames, trimmed to 4n+1 (spec inference_data §4.1): 33 → 33, 66 → 65.
+    # ceil(F/33) chunks of 33 frames, trimmed to 4n+1 (official `HeliosPipeline.__call__`): 33 → 33, 66 → 65.
     assert out.frames.shape == (1, expected, 64, 128, 3)
     assert np.isfinite(out.frames).all() and out.frames.std() > 0
 

@@ -6,13 +6,13 @@ Config: generated from ours, so there is one source of truth (`ds_config`):
   JSON may not change them);
 - `gradient_clipping` = the role's `max_grad_norm` (generator: `trainer.optim`, DMD critic: its own
   optim block). The official DeepSpeed runs clipped at zero2.json's hard-coded 1.0 whatever the yaml
-  said (spec §1.6, e.g. stage 3's 10.0 was never applied); here the config value applies under every
+  said (official `zero2.json`, e.g. stage 3's 10.0 was never applied); here the config value applies under every
   backend — set `trainer.optim.max_grad_norm=1.0` to reproduce the official DeepSpeed runs;
 - precision: `trainer.mixed_precision=bf16` is the stage's bf16 autocast, exactly as under DDP, and
   DeepSpeed runs its fp32 path on the (fp32) trainable tensors. DeepSpeed's own `bf16.enabled` would
   cast *every* parameter to bf16 — LoRA weights and the fp32-kept modules (time embedder, norms,
-  scale-shift tables, spec §1.2) included — so the same config would train different numbers under
-  DDP and DeepSpeed. Frozen weights stay in `model.weight_dtype`. A user JSON with
+  scale-shift tables, official `_keep_in_fp32_modules`) included — so the same config would train
+  different numbers under DDP and DeepSpeed. Frozen weights stay in `model.weight_dtype`. A user JSON with
   `{"bf16": {"enabled": true}}` still gets DeepSpeed's bf16 mode (trainables bf16 + fp32 master).
 - ZeRO stage (`launcher.zero_stage`), optional CPU offload of optimizer state (`offload_optimizer`,
   ZeRO-2/3) and of parameters (`offload_param`, ZeRO-3);

@@ -1,7 +1,7 @@
 """Raw-mode batches (decoded uint8 frames) → the latent sample contract, on the trainer's device.
 
 Why here and not in the data workers: the VAE and UMT5 belong on the accelerator, and workers are
-CPU processes. Each 33-frame chunk is encoded independently (spec §1.3), so a context chunk encoded
+CPU processes. Each 33-frame chunk is encoded independently (official get_short-latents.py), so a context chunk encoded
 online equals the one `data_prep/encode_latents.py` would have stored. Only real chunks are
 encoded; missing context (chunk index < 3) becomes zero latents, as the official loader pads.
 """

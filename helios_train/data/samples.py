@@ -1,4 +1,5 @@
-"""Turn one raw shard sample into the Base-stage sample contract (spec §2 "Training sampling").
+"""Turn one raw shard sample into the Base-stage sample contract (official `prepare_stage1_latent`,
+helios/dataset/dataloader_history_latents_dist.py).
 
 Contract (both modes yield the same keys after `OnlineEncoder` has run on raw batches):
   key: str, caption: str, chunk_index: int,
@@ -103,7 +104,8 @@ def raw_sample(raw: dict, data_cfg, history_cfg: HistoryConfig, epoch: int) -> d
 
 
 def ode_sample(raw: dict, data_cfg, history_cfg: HistoryConfig, epoch: int) -> dict:
-    """An ODE-pair sample (data_prep/ode_pairs.py, spec §8.1) → tensors for the ODE-regression phase.
+    """An ODE-pair sample (data_prep/ode_pairs.py; official tools/offload_data/get_ode-pairs.py) → tensors for
+    the ODE-regression phase.
 
     Members: `prompt_embed.npy` [L, D], `json` {caption, num_chunks}, and per chunk c and pyramid level k
     `c{c}_s{k}.latents.npy` [n+1, C, window, h_k, w_k] (n teacher states, then the level's end state)

@@ -129,7 +129,7 @@ def apply_speed_options(transformer, model_cfg) -> None:
 def load_vae(model_cfg, device="cpu"):
     from diffusers import AutoencoderKLWan
 
-    # The Wan VAE runs in fp32 in every official script (spec §1.2).
+    # The Wan VAE runs in fp32 in every official script (train_helios.py, infer_helios.py, tools/offload_data/).
     return AutoencoderKLWan.from_pretrained(model_cfg.path, subfolder="vae", dtype=torch.float32).to(device)
 
 

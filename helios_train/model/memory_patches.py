@@ -1,11 +1,12 @@
-"""Multi-term memory patchification: initialise patch_short/mid/long from the patch embedding (spec §4).
+"""Multi-term memory patchification: initialise patch_short/mid/long from the patch embedding (official
+`HeliosTransformer3DModel.initialize_weight_from_another_conv3d`, helios/modules/transformer_helios.py).
 
 short = copy of `patch_embedding` (1,2,2); mid (2,4,4) = its kernel repeated ×2 in t,h,w and /8;
 long (4,8,8) = repeated ×4 and /64; biases copied. A mid/long patch then equals "average-pool the
 block, apply the original patchifier" — exactly what the official init intends.
 
 The official code runs this inside `__init__`, i.e. on the random patch embedding *before* the Wan
-weights are loaded (spec §12.1). We run it after loading (`memory_patch_init: after_load`);
+weights are loaded (`HeliosTransformer3DModel.__init__`). We run it after loading (`memory_patch_init: after_load`);
 `official` keeps the checkpoint's / random patches instead.
 """
 from __future__ import annotations

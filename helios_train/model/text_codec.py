@@ -1,4 +1,5 @@
-"""UMT5 prompt embeddings the Helios way (spec inference_data §1.8).
+"""UMT5 prompt embeddings the Helios way (official `HeliosPipeline._get_t5_prompt_embeds`, `prompt_clean`,
+helios/pipelines/pipeline_helios.py).
 
 Clean the text like the pipelines (ftfy, double html unescape, whitespace), tokenise to `max_length`,
 run the encoder with its mask, then zero every position past the prompt's real length. The mask is

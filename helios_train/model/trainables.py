@@ -1,8 +1,8 @@
 """Trainable-parameter policy: PEFT LoRA on every non-norm Linear, plus named full-trained tensors.
 
-Spec §1.4: all stages train a LoRA (`lora_layers: all-linear`, names containing "norm" dropped,
-gaussian init, alpha = rank) and a few extra tensors (memory patches fully trained in stage 1;
-patch embedding through a Conv3d LoRA). We list the targets explicitly instead of PEFT's
+Official train_helios.py and stage yamls: all stages train a LoRA (`lora_layers: all-linear`, names
+containing "norm" dropped, gaussian init, alpha = rank) and a few extra tensors (memory patches fully
+trained in stage 1; patch embedding through a Conv3d LoRA). We list the targets explicitly instead of PEFT's
 "all-linear" shorthand because that shorthand drops the output layer (`proj_out`) on
 transformers models, while the official code adapts it.
 """
@@ -73,7 +73,7 @@ def apply_trainable_policy(transformer: nn.Module, trainables_cfg, adapter_name:
     trainable = [n for n, p in transformer.named_parameters() if p.requires_grad]
     for n, p in transformer.named_parameters():
         if p.requires_grad:
-            p.data = p.data.float()  # trainables in fp32 (spec §1.2 cast_training_params)
+            p.data = p.data.float()  # trainables in fp32 (official train_helios.py cast_training_params)
     if not trainable:
         raise ValueError("stage.trainables leaves nothing to train (LoRA rank 0 and no full-trained tensor)")
     return trainable

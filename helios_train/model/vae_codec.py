@@ -1,4 +1,5 @@
-"""Helios chunked VAE codec on diffusers' AutoencoderKLWan (spec inference_data §0, §1.3, §4.1).
+"""Helios chunked VAE codec on diffusers' AutoencoderKLWan (official tools/offload_data/get_short-latents.py,
+`HeliosPipeline.__call__` in helios/pipelines/pipeline_helios.py).
 
 Every 33-pixel-frame window is encoded *independently* (9 latent frames each), so the first latent
 of every chunk is "image-like" (the causal VAE restarts at each window) and decoding goes chunk by
@@ -43,7 +44,7 @@ def encode_chunks(vae, frames: torch.Tensor, chunk_frames: int = CHUNK_FRAMES, g
                   sample: bool = True, max_windows_per_call: int | None = None) -> torch.Tensor:
     """frames [B, 3, F, H, W] in [-1, 1] -> normalised latents [B, S, C, 9, h, w] fp32, S = F // 33.
 
-    Trailing frames beyond S*33 are dropped (spec §1.3). Why the windows go through the VAE as one
+    Trailing frames beyond S*33 are dropped (official get_short-latents.py). Why the windows go through the VAE as one
     batch: they are independent by construction and the Wan VAE has no cross-sample state (its causal
     cache is per call and per sample, its norms act per position), so folding S into the batch equals
     S separate calls while paying the per-call Python/kernel overhead once. `max_windows_per_call`
@@ -64,7 +65,8 @@ def encode_chunks(vae, frames: torch.Tensor, chunk_frames: int = CHUNK_FRAMES, g
 
 @torch.no_grad()
 def encode_first_frame(vae, frames: torch.Tensor, generator=None, sample: bool = True) -> torch.Tensor:
-    """Normalised latent of frame 0 alone, [B, C, 1, h, w] (the I2V/V2V prefix anchor, spec §4.2).
+    """Normalised latent of frame 0 alone, [B, C, 1, h, w] (the I2V/V2V prefix anchor, official
+    `HeliosPipeline.prepare_image_latents` / `prepare_video_latents`).
 
     It equals the first latent of any chunk that starts at that frame: the Wan VAE is causal and
     encodes the first frame of a call on its own, so later frames cannot change that latent.

@@ -1,6 +1,7 @@
 """Stage 1 (Helios-Base): autoregressive chunk prediction with unified history injection.
 
-One micro-batch (spec §2, §3, §5, §9):
+One micro-batch (official train_helios.py; `prepare_stage1_clean_input_from_latents`,
+`prepare_stage1_noise_input` and `_flow_loss` in helios/utils/utils_helios_base.py):
   task dropout (T2V / I2V / V2V context) → Easy Anti-Drifting on the history (noise / blur,
   saturation) → logit-normal σ, x_t = (1−σ)·x0 + σ·ε → the transformer sees
   [long | mid | short | noisy] with history at t = 0 and predicts v for the noisy chunk only →

@@ -1,4 +1,5 @@
-"""Stage 2 (Helios-Mid): Pyramid Unified Predictor Corrector training (spec §7).
+"""Stage 2 (Helios-Mid): Pyramid Unified Predictor Corrector training (official
+`prepare_stage2_clean_input` / `prepare_stage2_noise_input`, helios/utils/utils_helios_base.py).
 
 One micro-batch: the Base stage's history conditioning (task dropout + anti-drift, shared by every
 segment, full resolution) → the target chunk's clean and noise pyramids (helios_train/pyramid.py) →

@@ -1,4 +1,4 @@
-"""One packed transformer forward over several pyramid segments (the official NaViT mode, spec §3.7).
+"""One packed transformer forward over several pyramid segments (the official NaViT mode, ``is_navit_pyramid``).
 
 The official model takes a list of noisy chunks at different resolutions and packs every segment
 as ``[copy of history tokens | level tokens]`` into one sequence, with block-diagonal (varlen)
