@@ -33,7 +33,8 @@ CONF_DIR = os.environ.get("HELIOS_CONF_DIR", str(Path(__file__).resolve().parent
 
 @dataclass
 class LoraConfig:
-    """PEFT LoRA on the transformer (spec §1.4): every nn.Linear whose name has no "norm"."""
+    """PEFT LoRA on the transformer (official train_helios.py, `lora_layers: all-linear`): every nn.Linear
+    whose name has no "norm"."""
 
     rank: int = 128
     alpha: Optional[int] = None  # None = rank (scale 1, as the official recipes)
@@ -45,14 +46,17 @@ class LoraConfig:
 
 @dataclass
 class TrainablesConfig:
-    """Which tensors a stage trains (spec §1.4 table). Modes: "full" | "lora" | "frozen"."""
+    """Which tensors a stage trains (official is_train_{full,lora}_patch_embedding and
+    is_train_{full,lora}_multi_term_memory_patch keys). Modes: "full" | "lora" | "frozen"."""
 
     lora: LoraConfig = field(default_factory=LoraConfig)
     patch_embedding: str = "lora"
     memory_patches: str = "full"  # patch_short / patch_mid / patch_long
     # Only when the checkpoint has no memory patches (starting from Wan2.1):
-    # "after_load" copies the *loaded* patch_embedding into them (spec §4 intent, our default);
-    # "official" derives them from a random patch embedding (the official order bug, spec §12.1).
+    # "after_load" copies the *loaded* patch_embedding into them (the intent of official
+    # initialize_weight_from_another_conv3d, our default);
+    # "official" derives them from a random patch embedding (the official order bug in
+    # HeliosTransformer3DModel.__init__, helios/modules/transformer_helios.py).
     memory_patch_init: str = "after_load"
 
 
@@ -102,7 +106,8 @@ class DataConfig:
     latent_height: Optional[int] = None
     latent_width: Optional[int] = None
     min_chunks: int = 3  # official length filter: >= 121 frames -> >= 3 chunks of 33
-    # Stage 3: also yield a second random chunk of each video (the DMD critic's section, spec §8.5).
+    # Stage 3: also yield a second random chunk of each video (the DMD critic's section, official
+    # dataloader_dmd.py `return_secondary`).
     secondary_section: bool = False
     max_skip_fraction: float = 0.5  # stop when more than this fraction of read samples is bad
 

@@ -1,4 +1,5 @@
-"""Distribution Matching Distillation losses for Helios-Distilled (spec §8.6, §8.7).
+"""Distribution Matching Distillation losses for Helios-Distilled (official
+helios/utils/utils_helios_post.py: compute_distribution_matching_loss, compute_kl_grad, _critic_loss).
 
 Generator: x̂0 from the few-step rollout is re-noised at t, the critic ("fake score", its own LoRA)
 and the teacher ("real score", the same base with adapters off, guidance cond + 3·(cond − neg)) both

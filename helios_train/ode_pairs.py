@@ -1,7 +1,9 @@
-"""ODE pairs: the Mid teacher's trajectories, recorded at the distilled sampler's timesteps (spec §8.1).
+"""ODE pairs: the Mid teacher's trajectories, recorded at the distilled sampler's timesteps (official
+tools/offload_data/get_ode-pairs.py, helios/pipelines/pipeline_helios_ode.py).
 
-The Distilled stage starts with an ODE-regression phase (§8.2): the student learns to jump from a
-state of the *teacher's* [20, 20, 20] CFG trajectory straight to the end of that pyramid level. For
+The Distilled stage starts with an ODE-regression phase (official `_ode_regression_loss`): the student
+learns to jump from a state of the *teacher's* [20, 20, 20] CFG trajectory straight to the end of that
+pyramid level. For
 that the teacher must pass exactly through the student's timesteps (998.5/834.0, 742.8/547.2,
 385.4/254.0; four per level for the amplified first chunk). The official ODE pipeline inserts those
 timesteps into each level's schedule before shifting; we do the same with a scheduler subclass that
@@ -14,9 +16,9 @@ diffusers' own `HeliosPyramidPipeline` drives — no second teacher sampler:
 - `step` keeps the states x_t (the sampler input at each step) of the current level and, after the
   level's last step, its end state; the states nearest the student's timesteps are kept, the rest
   dropped (memory: a 14B level has 20+ states of 2.2 MB each).
-- μ: the pipeline computes the linear shift from the *previous* level's token count (inference_data
-  §4.4); the native ODE code uses the level being denoised, which is what gives the quoted
-  timesteps. `mu_from="level"` (default) corrects the pipeline's μ to the level's, `"previous"`
+- μ: the pipeline computes the linear shift from the *previous* level's token count (official
+  pipeline_helios_diffusers.py stage2_sample, as diffusers); the native ODE code uses the level being
+  denoised, which is what gives the quoted timesteps. `mu_from="level"` (default) corrects the pipeline's μ to the level's, `"previous"`
   keeps the pipeline's.
 
 Recorded per chunk c and level k: `latents` [n+1, B, C, 9, h_k, w_k] (n states, then the level's end
@@ -118,7 +120,7 @@ class TrajectoryRecorder(LevelMu, HeliosScheduler):
 
 def recording_scheduler(student_steps=(2, 2, 2), amplify_first_chunk: bool = True,
                         mu_from: str = "level") -> TrajectoryRecorder:
-    """The ODE teacher's scheduler (spec §8.1: UniPC, linear dynamic shift, official pyramid table)."""
+    """The ODE teacher's scheduler (official get_ode-pairs.py: UniPC, linear dynamic shift, pyramid table)."""
     return TrajectoryRecorder(scheduler_type="unipc", **PYRAMID).configure(student_steps, amplify_first_chunk,
                                                                           mu_from)
 

@@ -1,4 +1,5 @@
-"""ODE regression (official `stage_3_ode`, spec §8.2): the student jumps from a teacher state to the level's end.
+"""ODE regression (official `stage_3_ode.yaml`, `_ode_regression_loss`): the student jumps from a teacher state
+to the level's end.
 
 For each sample, `num_chunks` random chunks of the teacher's rollout (3 of 5 officially); for each
 chunk and pyramid level k one random recorded state x_t (at its stored t) is fed to the student

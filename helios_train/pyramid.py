@@ -293,7 +293,7 @@ def block_noise(shape, gamma: float = 1 / 3, generator: torch.Generator | None =
     """i.i.d. 2x2 spatial blocks ~ N(0, Σ), Σ = (1+γ)I - γ11ᵀ (official ``HeliosPipeline.sample_block_noise``):
     unit variance, in-block correlation -γ; for γ = 1/3 every block sums to 0 (1ᵀΣ1 = 4 - 12γ = 0), i.e.
     pure high-frequency noise. Σ is singular, so its fp32 Cholesky (diffusers' pipeline) loses the 1e-8 jitter and fails
-    with an eigenvalue of about -1e-7 (ENV_NOTES); we factor in float64. z is drawn as fp32 [blocks, 4]
+    with an eigenvalue of about -1e-7 (measured with torch 2.13 on CPU); we factor in float64. z is drawn as fp32 [blocks, 4]
     like the pipeline, so a shared generator gives the same stream and block layout."""
     b, c, t, h, w = shape
     if h % 2 or w % 2:

@@ -4,7 +4,9 @@ The DMD generator step and ODE-pair capture need the distilled sampler inside th
 which diffusers' HeliosPyramidPipeline (a no-grad inference loop) cannot give. This module is that
 sampler, built on diffusers' own HeliosDMDScheduler tables (timesteps, shifted σ) and on
 helios_train/pyramid.py's float64 block noise; under no_grad it reproduces the pipeline
-(tests/test_rollout.py). Per chunk (spec §8.4, inference_data §3.5–3.7):
+(tests/test_rollout.py). Per chunk (official
+helios/utils/utils_helios_post.py, the stage-2 loop of the generator rollout; HeliosPyramidPipeline in
+diffusers / official helios/diffusers_version/pipeline_helios_diffusers.py):
 
 - start: ε at full resolution, bilinear ×½ twice with ×2 amplitude (the level-0 start point);
 - level k > 0: nearest ×2, then α·x + β·block_noise (its start point);
@@ -12,7 +14,7 @@ helios_train/pyramid.py's float64 block noise; under no_grad it reproduces the p
   the level's own start point, no fresh noise; the last step of a level returns x̂0;
 - linear dynamic shift per level: μ from the level's token count. `mu_from="level"` uses the level
   being denoised (native training/ODE code); `"previous"` reproduces the diffusers pipeline, which
-  computes μ before the ×2 upsample (spec inference_data §4.4 discrepancy).
+  computes μ before the ×2 upsample (official pipeline_helios_diffusers.py stage2_sample).
 - training: `exit_steps[k]` picks the step whose x̂0 ends level k; earlier steps run without grad,
   the exit step with grad, later steps are skipped.
 - `sampler="training"` (default) is the official training rollout (helios/utils/utils_helios_post.py,

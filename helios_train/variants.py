@@ -100,7 +100,7 @@ def use_float64_block_noise(pipe) -> None:
     """Route diffusers' pyramid block noise through our float64 Cholesky (helios_train/pyramid.py).
 
     Why: HeliosPyramidPipeline factors the singular block covariance (1+γ)I − γ11ᵀ in fp32, which
-    fails at γ = 1/3 (eigenvalue ≈ −1e-7; ENV_NOTES). Our block_noise draws the same random stream
+    fails at γ = 1/3 (eigenvalue ≈ −1e-7, torch 2.13 on CPU). Our block_noise draws the same random stream
     and block layout, so results are unchanged wherever the fp32 path works.
     """
     if not hasattr(pipe, "sample_block_noise"):

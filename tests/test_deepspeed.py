@@ -2,7 +2,7 @@
 processes (gloo, CPU): train, checkpoint, resume exactly, and match DDP step for step.
 
 JIT op builds stay out of test time: the backend passes torch AdamW as a client optimizer (also under
-CPU offload) and skips the shm comm-op build (helios_train/backends/deepspeed.py, ENV_NOTES); the
+CPU offload) and skips the shm comm-op build (helios_train/backends/deepspeed.py); the
 in-process tests assert a backend start-up of seconds, the 2-process ones a bound on the run.
 """
 from __future__ import annotations

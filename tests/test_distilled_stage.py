@@ -88,7 +88,8 @@ GAN = ["stage.gan.enabled=true", "stage.gan.start_step=2", "stage.gan.head_width
 
 @pytest.mark.slow
 def test_gan_only_from_start_step_runs_past_it_and_resumes_exactly(toy_root, base_export, tmp_path):
-    """The official gan-version config crashes when its GAN starts (spec §12.3); ours runs past it.
+    """The official gan-version config crashes when its GAN starts (train_helios.py reads
+    `is_gan_aprox_grad`, absent from helios/utils/train_config.py); ours runs past it.
     Before start_step nothing GAN-related runs and the heads do not move; from it the critic adds
     L_D + R1, generator steps add L_G; 3 + 3 resumed steps equal 6 straight (heads and critic state)."""
     from safetensors.torch import load_file
@@ -242,7 +243,8 @@ def test_zero3_dmd_equals_ddp_when_ranks_run_different_samplers(toy_root, base_e
 
 
 def test_critic_reads_the_secondary_section(toy_root):
-    """Stage 3 loader: a second, independently drawn chunk of the same video for the critic (spec §8.5)."""
+    """Stage 3 loader: a second, independently drawn chunk of the same video for the critic (official dataloader_dmd.py
+    `return_secondary`)."""
     import webdataset as wds
 
     from helios_train.data.samples import latent_sample

@@ -1,4 +1,5 @@
-"""DMD losses: gradient direction, normaliser, timestep annealing (spec §8.6, §8.7)."""
+"""DMD losses: gradient direction, normaliser, timestep annealing (official utils_helios_post.py:
+compute_kl_grad, compute_distribution_matching_loss, sample_dynamic_timestep, _critic_loss)."""
 from __future__ import annotations
 
 import numpy as np

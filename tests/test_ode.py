@@ -1,4 +1,5 @@
-"""ODE pairs (teacher trajectories at the distilled timesteps) and the ODE-regression phase (spec §8.1–8.2)."""
+"""ODE pairs (teacher trajectories at the distilled timesteps) and the ODE-regression phase (official
+tools/offload_data/get_ode-pairs.py, `_ode_regression_loss` in helios/utils/utils_helios_post.py)."""
 from __future__ import annotations
 
 import io
@@ -15,7 +16,7 @@ from helios_train.ode_regression import OdeConfig, ode_regression_loss
 from helios_train.rollout import calculate_mu
 from helios_train.tracking import read_metrics
 
-# spec §8.1: the student's timesteps at 384×640 (level-0 latents 12×20), amplified chunk 0 and later chunks
+# official get_ode-pairs.py `selected_target_timesteps`: the student's timesteps at 384×640 (level-0 latents 12×20), amplified chunk 0 and later chunks
 CHUNK0 = [[998.53, 902.22, 833.96, 783.07], [742.82, 640.00, 547.19, 462.995], [385.41, 328.62, 253.99, 151.53]]
 LATER = [[998.53, 833.96], [742.82, 547.19], [385.41, 253.99]]
 
@@ -40,7 +41,8 @@ def test_teacher_schedule_passes_through_the_student_timesteps():
             got = chunks[c][k]["timesteps"].tolist()
             assert got == pytest.approx(expected[k], abs=0.02), (c, k, got)
             assert chunks[c][k]["latents"].shape[0] == len(expected[k]) + 1  # + the level's end state
-    # The pipeline's own μ (previous level's tokens) gives other timesteps for levels 1-2 (inference_data §4.4).
+    # The pipeline's own μ (previous level's tokens) gives other timesteps for levels 1-2 (diffusers / official
+    # pipeline_helios_diffusers.py stage2_sample).
     previous = drive(recording_scheduler(mu_from="previous"), chunks=1)
     assert previous[0][1]["timesteps"][1] != pytest.approx(CHUNK0[1][1], abs=0.5)
     # σ on the level-local table (the σ_local values of the distilled sampler's timesteps at 384×640)

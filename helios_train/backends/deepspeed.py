@@ -141,7 +141,8 @@ class DeepSpeedBackend(Backend):
         if self.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed picks its accelerator
             # Skip the shm comm-op JIT build (~30 s). Fetched through importlib: `import
-            # deepspeed.comm.torch as m` binds a different object (ENV_NOTES).
+            # deepspeed.comm.torch as m` binds a different object (the
+            # package re-exports a name that shadows the submodule).
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         import deepspeed
 

@@ -1,4 +1,5 @@
-"""Stage 3 (Helios-Distilled): ODE regression, then DMD with a critic/teacher sharing one base (spec §8).
+"""Stage 3 (Helios-Distilled): ODE regression, then DMD with a critic/teacher sharing one base (official
+stage_3_ode.yaml / stage_3_post*.yaml, helios/utils/utils_helios_post.py).
 
 `stage.objective=ode` (official stage_3_ode): the generator alone regresses teacher ODE pairs onto
 each pyramid level's end state (helios_train/ode_regression.py, data=ode_pairs); no critic is built.
@@ -78,7 +79,8 @@ class DistilledStage(BaseStage):
             self._build_critic(cfg, device)
 
     def _build_critic(self, cfg, device) -> None:
-        """Teacher + critic: one real-score base (a Base export) with the critic's LoRA (spec §8.3)."""
+        """Teacher + critic: one real-score base (a Base export) with the critic's LoRA (official train_helios.py
+        `real_score_model` + the critic LoRA)."""
         d = cfg.stage.dmd
         if not d.real_score_path:
             raise ValueError("stage.dmd.real_score_path: give the teacher (Helios-Base export) folder")
@@ -225,7 +227,8 @@ class DistilledStage(BaseStage):
     def _exit_steps(self, step: int, amplified: bool) -> list[int]:
         """One exit step per pyramid level, uniform in [0, steps of the level).
 
-        Official: the same on every rank (spec §8.4). Drawn from (seed, step) only, so it is also the
+        Official: the same on every rank (`generate_and_sync_flag`, utils_helios_post.py), except for the
+        amplified first chunk under ground-truth history, which the official code draws per rank (is_sync=False). Drawn from (seed, step) only, so it is also the
         same for every accumulated micro-batch — 2 ranks × 1 micro-batch still train exactly like
         1 rank × 2 — and a rank with the amplified first-chunk sampler (twice the steps per level)
         maps the same uniform draw onto its longer level."""
@@ -299,7 +302,7 @@ class DistilledStage(BaseStage):
         self._use("generator")  # the backward recomputes the generator's checkpointed blocks
         return loss, logs
 
-    # -- hierarchical GAN (spec §8.6–8.7; stage.gan, from stage.gan.start_step) ---------------------
+    # -- hierarchical GAN (official _generator_loss / _critic_loss; stage.gan, from its start step) ---
     def _gan_call(self, model, x0, history, embeds, t, copies: int):
         """call(x) → one critic forward on x with the history/prompt/t repeated for `copies` stacked inputs."""
         rep = lambda z: None if z is None else z.repeat(copies, *([1] * (z.dim() - 1)))  # noqa: E731
