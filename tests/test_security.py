@@ -94,7 +94,7 @@ def test_redact_hides_credential_keys():
 
 def test_deepspeed_checkpoint_files_load_weights_only(tmp_path):
     """DeepSpeed's own engine unpickles its ZeRO files (weights_only=False); ours loads them weights-only with its
-    two classes allow-listed: a ZeRO-like optimizer file loads, a planted payload is refused without running."""
+    classes allow-listed: a ZeRO-like optimizer file loads, a planted payload is refused without running."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
