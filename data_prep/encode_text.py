@@ -26,12 +26,15 @@ def encode_text(prompts_file, out_dir, model_dir, per_shard=1000, batch_size=16,
 
     from helios_train.model.text_codec import encode_prompts
 
+    from helios_train.prompt_file import read_prompt_lines
+
     prompts_file, out = Path(prompts_file), Path(out_dir)
+    lines = read_prompt_lines(prompts_file, "--prompts")  # fails naming the file before any model loads
     out.mkdir(parents=True, exist_ok=True)
-    prompts = [p.strip() for p in prompts_file.read_text().splitlines()]
-    items = [(f"{prompts_file.stem}_{i:05d}", p) for i, p in enumerate(prompts) if p]
+    items = [(f"{prompts_file.stem}_{i:05d}", p) for i, p in lines]
     groups = [items[i : i + per_shard] for i in range(0, len(items), per_shard)]
-    summary = {"shards_written": 0, "shards_skipped_existing": 0, "samples": 0, "empty_lines": len(prompts) - len(items)}
+    total_lines = len(prompts_file.read_text().splitlines())
+    summary = {"shards_written": 0, "shards_skipped_existing": 0, "samples": 0, "empty_lines": total_lines - len(items)}
     tok = enc = None
     for index, group in enumerate(tqdm(groups, desc="text shards")):
         dst = out / f"text-{index:06d}.tar"
@@ -64,8 +67,13 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--text-max-length", type=int, default=512)
     a = ap.parse_args()
-    print(json.dumps(encode_text(a.prompts, a.out, a.model, a.per_shard, device=a.device,
-                                 text_max_length=a.text_max_length)))
+    from helios_train.prompt_file import InputError
+
+    try:
+        print(json.dumps(encode_text(a.prompts, a.out, a.model, a.per_shard, device=a.device,
+                                     text_max_length=a.text_max_length)))
+    except InputError as bad:
+        raise SystemExit(f"error: {bad}") from None
 
 
 if __name__ == "__main__":

@@ -87,16 +87,16 @@ def make_ode_pairs(teacher, prompts_file, out_dir, num_chunks=5, height=384, wid
     import webdataset as wds
     from helios_train.variants import NEGATIVE_PROMPT
 
+    from helios_train.prompt_file import read_prompt_lines
+
     prompts_file, out = Path(prompts_file), Path(out_dir)
-    if not prompts_file.is_file():
-        raise FileNotFoundError(f"--prompts: no such file {prompts_file}")
+    lines = read_prompt_lines(prompts_file, "--prompts")  # fails naming the file before the teacher loads
     if height % 64 or width % 64:
         raise ValueError(f"--height/--width {height}x{width}: must be multiples of 64 pixels (VAE ×8, pyramid ×4, patch ×2)")
     if not 0 <= shard_index < num_shards_total:
         raise ValueError(f"--shard-index {shard_index} not in [0, --num-shards-total={num_shards_total})")
     out.mkdir(parents=True, exist_ok=True)
-    lines = [p.strip() for p in prompts_file.read_text().splitlines()]
-    items = [(f"{prompts_file.stem}_{i:05d}", p) for i, p in enumerate(lines) if p][shard_index::num_shards_total]
+    items = [(f"{prompts_file.stem}_{i:05d}", p) for i, p in lines][shard_index::num_shards_total]
     groups = [items[i: i + per_shard] for i in range(0, len(items), per_shard)]
     settings = {"teacher": str(teacher), "steps": list(steps), "student_steps": list(student_steps),
                 "guidance_scale": guidance, "height": height, "width": width, "seed": seed, "mu_from": mu_from,
@@ -145,9 +145,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if torch.cuda.is_available() else "fp32",
                     help="teacher transformer / text encoder dtype (the VAE stays fp32); official: bf16")
     a = ap.parse_args(argv)
-    summary = make_ode_pairs(a.teacher, a.prompts, a.out, a.num_chunks, a.height, a.width, a.steps, a.student_steps,
-                             a.guidance, a.per_shard, a.seed, a.shard_index, a.num_shards_total, a.device,
-                             a.mu_from, a.text_max_length, a.dtype)
+    from helios_train.prompt_file import InputError
+
+    try:
+        summary = make_ode_pairs(a.teacher, a.prompts, a.out, a.num_chunks, a.height, a.width, a.steps,
+                                 a.student_steps, a.guidance, a.per_shard, a.seed, a.shard_index, a.num_shards_total,
+                                 a.device, a.mu_from, a.text_max_length, a.dtype)
+    except InputError as bad:
+        raise SystemExit(f"error: {bad}") from None
     print(json.dumps(summary))
     return summary
 

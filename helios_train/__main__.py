@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -48,8 +50,16 @@ def build_trainer(cfg: DictConfig):
     run_setup.ensure_toy_assets(cfg)  # file-locked: every rank may call it
     shards = run_setup.resolve_shards(cfg, run_setup.world_size())
     check_model_dir(cfg.model)
+    fresh = not (Path(cfg.output_root) / cfg.run_name).exists()
     run_dir, resume_from, config = run_setup.prepare_run_dir(cfg, is_main)
-    return Trainer(cfg, run_dir, shards, resume_from, config)
+    try:
+        return Trainer(cfg, run_dir, shards, resume_from, config)
+    except BaseException:
+        # A start-up that fails (model load, backend, resume) leaves no run folder it created: a stray
+        # checkpoints/<run>/ with a config.yaml would make the fixed rerun "resume" a run that never ran.
+        if is_main and fresh:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

@@ -6,11 +6,15 @@ Layout of one checkpoint (all ranks take part; rank 0 writes the shared parts):
   rng-rank<r>.pt                torch CPU / device / generator RNG states, python `random` state
   data-rank<r>.json             data-loader position of every worker of rank r
   trainer_state.json            step, counters, stage state
-  COMPLETE                      written last; a directory without it is never resumed from
+  COMPLETE                      written last ({"step", "files": {relative path: bytes}}); a directory
+                                without it is never resumed from
 
 Writes go to `.tmp-checkpoint-<step>/` and are renamed at the end, so a kill at any moment leaves
 either the previous complete checkpoint or the new one, never a half one; stale temp dirs are
-removed at start-up.
+removed at start-up. Every file and the directory are fsync'ed before the marker is written, so a
+power loss cannot leave a marked checkpoint with data still in the page cache. `verify` checks a
+marked checkpoint against its marker (every file present with its size, safetensors headers
+readable): `resume=auto` skips one that fails, naming the file, and takes the previous one.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 MARKER = "COMPLETE"
@@ -42,6 +47,39 @@ def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     found = checkpoint_dirs(run_dir)
     return found[-1][1] if found else None
+
+
+def verify(path: Path) -> Optional[str]:
+    """What is wrong with the complete-marked checkpoint `path` (None: nothing found). Checks the files its
+    marker lists (checkpoints written before the marker held a file list only get the header check)."""
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        marker = None
+    files = marker.get("files", {}) if isinstance(marker, dict) else {}
+    for rel, size in sorted(files.items()):
+        f = path / rel
+        if not f.is_file():
+            return f"{f}: missing"
+        if f.stat().st_size != size:
+            return f"{f}: {f.stat().st_size} bytes, {size} were written (truncated or overwritten)"
+    for f in sorted(path.rglob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                handle.keys()
+        except Exception as exn:  # safetensors raises its own error types for a bad header
+            return f"{f}: unreadable safetensors ({exn})"
+    return None
+
+
+def latest_valid_checkpoint(run_dir: Path, report=print) -> Optional[Path]:
+    """The newest complete checkpoint that passes `verify`; each one skipped on the way is reported."""
+    for _, path in reversed(checkpoint_dirs(run_dir)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        report(f"[helios-train] WARNING: skipping {path.name}: {problem}; trying the previous checkpoint")
+    return None
 
 
 def remove_incomplete(run_dir: Path) -> list[Path]:
@@ -113,12 +151,28 @@ def read_json(path: Path):
     return json.loads(path.read_text())
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def finalize(run_dir: Path, step: int, keep: Optional[int]) -> Path:
     """Mark the temp dir complete and move it into place (rank 0 only, after every rank wrote)."""
     src, dst = tmp_dir(run_dir, step), run_dir / f"checkpoint-{step}"
-    (src / MARKER).write_text(str(step))
+    files = {str(f.relative_to(src)): f.stat().st_size for f in sorted(src.rglob("*")) if f.is_file()}
+    for rel in files:  # data on disk before the marker says it is
+        _fsync(src / rel)
+    for d in sorted({(src / rel).parent for rel in files} | {src}):
+        _fsync(d)
+    (src / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=1, sort_keys=True))
+    _fsync(src / MARKER)
+    _fsync(src)
     if dst.exists():  # re-saving the same step (e.g. final == periodic): replace atomically enough
         shutil.rmtree(dst)
     os.replace(src, dst)
+    _fsync(run_dir)
     prune(run_dir, keep)
     return dst

@@ -31,10 +31,13 @@ COMPONENTS = ("vae", "text_encoder", "tokenizer")
 def resolve_checkpoint(path) -> Path:
     path = Path(path)
     if (path / ckpt.MARKER).is_file():
+        problem = ckpt.verify(path)
+        if problem is not None:
+            raise ValueError(f"{path}: {problem}")
         return path
-    latest = ckpt.latest_checkpoint(path)
+    latest = ckpt.latest_valid_checkpoint(path)
     if latest is None:
-        raise FileNotFoundError(f"{path}: neither a complete checkpoint-N directory nor a run with one")
+        raise FileNotFoundError(f"{path}: neither a complete checkpoint-N directory nor a run with a readable one")
     return latest
 
 

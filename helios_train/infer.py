@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from helios_train.prompt_file import InputError, read_prompt_lines
 from helios_train.variants import (DEFAULTS, NEGATIVE_PROMPT, SamplerSettings, build_pipeline, call_kwargs,
                                    round_frames, use_float64_block_noise)
 
@@ -84,12 +85,30 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int = FPS) -> None:
     path.write_bytes(encode_mp4(frames, fps))
 
 
+def read_image(path: str, width: int, height: int):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB").resize((width, height))
+    except (OSError, UnidentifiedImageError) as exn:
+        raise InputError(f"--image {path}: not a readable image ({exn})") from None
+
+
 def read_video_frames(path: str) -> list:
     import decord
     from PIL import Image
 
-    reader = decord.VideoReader(path)
-    return [Image.fromarray(f) for f in reader.get_batch(list(range(len(reader)))).asnumpy()]
+    if not Path(path).is_file():
+        raise InputError(f"--video {path}: no such file")
+    try:
+        reader = decord.VideoReader(path)
+        frames = reader.get_batch(list(range(len(reader)))).asnumpy()
+    except Exception as exn:  # decord raises its own DECORDError for undecodable input
+        raise InputError(f"--video {path}: not a decodable video ({exn})") from None
+    if len(frames) == 0:
+        raise InputError(f"--video {path}: has no frames")
+    return [Image.fromarray(f) for f in frames]
 
 
 def slug(text: str, n: int = 40) -> str:
@@ -132,10 +151,18 @@ def main(argv=None) -> list[Path]:
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if torch.cuda.is_available() else "fp32")
     ap.add_argument("--out", default="outputs/infer")
     a = ap.parse_args(argv)
-    prompts = list(a.prompt) + ([p.strip() for p in Path(a.prompt_file).read_text().splitlines() if p.strip()]
-                                if a.prompt_file else [])
-    if not prompts:
-        ap.error("give --prompt or --prompt-file")
+    # Every input is read and checked before the pipeline loads (minutes at 14B): a bad path fails in a second.
+    try:
+        prompts = list(a.prompt) + ([p for _, p in read_prompt_lines(a.prompt_file, "--prompt-file")]
+                                    if a.prompt_file else [])
+        if not prompts:
+            raise InputError("give --prompt or --prompt-file")
+        if a.image and a.video:
+            raise InputError("give --image (I2V) or --video (V2V), not both")
+        image = read_image(a.image, a.width, a.height) if a.image else None
+        video = read_video_frames(a.video) if a.video else None
+    except InputError as bad:
+        ap.error(str(bad))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe, variant = load_pipeline(a.checkpoint, a.variant, torch.bfloat16 if a.dtype == "bf16" else torch.float32,
                                   device)
@@ -146,12 +173,6 @@ def main(argv=None) -> list[Path]:
     if a.cfg_zero_star is not None and variant != "base":
         s.cfg_zero_star = a.cfg_zero_star
         pipe.register_to_config(is_cfg_zero_star=a.cfg_zero_star)
-    image = None
-    if a.image:
-        from PIL import Image
-
-        image = Image.open(a.image).convert("RGB").resize((a.width, a.height))
-    video = read_video_frames(a.video) if a.video else None
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []

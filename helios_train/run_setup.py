@@ -6,6 +6,7 @@ message that names the key and the rule.
 from __future__ import annotations
 
 import os
+from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -42,8 +43,62 @@ class ConfigError(ValueError):
     pass
 
 
+def unknown_keys(cfg: DictConfig, schema: DictConfig, prefix: str = "") -> list[str]:
+    """Keys of `cfg` that the structured schema does not have. Hydra lets `+key=value` / `++key=value` add
+    them (it opens the struct flag to append), and nothing would ever read them."""
+    out, known = [], set(schema.keys())  # (`key in schema` is False for a MISSING value)
+    for key in cfg.keys():
+        path = f"{prefix}{key}"
+        if key not in known:
+            out.append(path)
+            continue
+        node, spec = cfg._get_node(key), schema._get_node(key)
+        if isinstance(node, DictConfig) and isinstance(spec, DictConfig) and is_dataclass(OmegaConf.get_type(spec)):
+            out.extend(unknown_keys(node, spec, path + "."))
+    return out
+
+
+def _leaf_paths(schema: DictConfig, prefix: str = "") -> list[str]:
+    out = []
+    for key in schema.keys():
+        spec = schema._get_node(key)
+        if isinstance(spec, DictConfig) and is_dataclass(OmegaConf.get_type(spec)):
+            out.extend(_leaf_paths(spec, f"{prefix}{key}."))
+        else:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def nearest_key(path: str, schema: DictConfig) -> Optional[str]:
+    """The schema key a misspelled or misplaced `path` most likely meant: one with the same last name if any
+    (trainer.lr → trainer.optim.lr), else the closest spelling."""
+    import difflib
+
+    paths = _leaf_paths(schema)
+    leaf = path.rsplit(".", 1)[-1]
+    same_leaf = [p for p in paths if p.rsplit(".", 1)[-1] == leaf]
+    pool = same_leaf or paths
+    close = difflib.get_close_matches(path, pool, n=1, cutoff=0.0 if same_leaf else 0.6)
+    return close[0] if close else None
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    from helios_train.config import Config
+
+    schema = OmegaConf.structured(Config)
+    unknown = unknown_keys(cfg, schema)
+    if unknown:
+        hints = []
+        for path in unknown:
+            near = nearest_key(path, schema)
+            hints.append(f"  {path}" + (f" (did you mean {near}?)" if near else ""))
+        raise ConfigError("config keys that nothing reads (added with + or ++?):\n" + "\n".join(hints)
+                          + "\nSet an existing key without +, e.g. trainer.optim.lr=1e-4.")
+
+
 def validate(cfg: DictConfig, dry_run: bool = False) -> None:
     """Config rules checked before any work. `dry_run`: paths that only real weights need are not checked."""
+    check_known_keys(cfg)
     check_stage_name(cfg.stage.name)
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
@@ -182,20 +237,24 @@ def _select(tree: dict, dotted: str):
 
 def resolve_resume(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
     mode = cfg.resume
-    latest = ckpt.latest_checkpoint(run_dir)
-    if mode == "auto":
-        return latest
-    if mode == "latest":
-        if latest is None:
-            raise ConfigError(f"resume=latest but {run_dir} has no complete checkpoint")
+    if mode in ("auto", "latest"):
+        # A complete-marked checkpoint whose files do not match its marker (truncated, missing) is reported
+        # and skipped for the previous one; only an explicit resume=<dir> fails on it.
+        latest = ckpt.latest_valid_checkpoint(run_dir)
+        if latest is None and mode == "latest":
+            raise ConfigError(f"resume=latest but {run_dir} has no complete, readable checkpoint")
         return latest
     if mode == "never":
+        latest = ckpt.latest_checkpoint(run_dir)
         if latest is not None:
             raise ConfigError(f"resume=never but {run_dir} already has {latest.name}: use a new run_name or resume=auto")
         return None
     path = Path(mode)
     if not (path / ckpt.MARKER).is_file():
         raise ConfigError(f"resume={mode!r}: not a complete checkpoint directory (no {ckpt.MARKER} marker)")
+    problem = ckpt.verify(path)
+    if problem is not None:
+        raise ConfigError(f"resume={mode!r}: {problem}")
     return path
 
 

@@ -150,3 +150,20 @@ def test_every_config_key_is_read_by_some_code():
                          if p.name != "config.py"))
     dead = [path for path, name in _leaf_keys(Config) if path not in UNREAD_ALLOWED and name not in read]
     assert not dead, f"config keys read by nothing: {dead}"
+
+
+@pytest.mark.parametrize("override,named,suggested", [
+    ("+trainer.lr=1", "trainer.lr", "trainer.optim.lr"),  # what Hydra's own error message suggests
+    ("++stage.dmd.update_ration=3", "stage.dmd.update_ration", "stage.dmd.update_ratio"),
+    ("+learning_rate=1", "learning_rate", None),
+])
+def test_keys_appended_with_plus_fail_naming_the_key_and_the_nearest_valid_one(override, named, suggested):
+    from helios_train.run_setup import ConfigError, validate
+
+    cfg = compose([override])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, dry_run=True)
+    assert f"  {named}" in str(err.value)
+    if suggested:
+        assert f"did you mean {suggested}?" in str(err.value)
+    validate(compose([]), dry_run=True)  # every shipped config passes the check

@@ -76,6 +76,31 @@ def test_preemption_signal_checkpoints_and_exits_zero(toy_root, tmp_path, sig):
     assert read_metrics(tmp_path / "pre")[-1]["step"] == step
 
 
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one_naming_the_file(toy_root, tmp_path, capsys):
+    """A COMPLETE-marked checkpoint whose safetensors file was truncated afterwards (a full disk, a bad copy):
+    resume=auto warns naming the file and resumes from the previous checkpoint; resume=<that dir> and export of
+    it fail naming it; the resumed run then equals an uninterrupted one."""
+    from helios_train.export import export
+
+    common = ["trainer.checkpoint_every=2", "data.num_workers=0", "trainer.log_every=1"]
+    train(toy_root, tmp_path, common + ["trainer.max_steps=4", "run_name=straight"])
+    train(toy_root, tmp_path, common + ["trainer.max_steps=4", "run_name=cut"])
+    run = tmp_path / "cut"
+    bad = run / "checkpoint-4" / "generator.trainable.safetensors"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    with pytest.raises(ValueError, match="generator.trainable.safetensors"):
+        train(toy_root, tmp_path, common + ["trainer.max_steps=6", "run_name=cut", f"resume={run / 'checkpoint-4'}"])
+    with pytest.raises(ValueError, match="generator.trainable.safetensors"):
+        export(run / "checkpoint-4", tmp_path / "bad_export")
+    capsys.readouterr()
+    result = train(toy_root, tmp_path, common + ["trainer.max_steps=4", "run_name=cut"])
+    out = capsys.readouterr().out
+    assert "skipping checkpoint-4" in out and str(bad) in out and "resumed from" in out and "checkpoint-2" in out
+    assert result["step"] == 4
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(run)
+    np.testing.assert_allclose([m["loss"] for m in a], [m["loss"] for m in b], rtol=0, atol=1e-6)
+
+
 def test_half_written_checkpoint_is_ignored_and_removed(toy_root, tmp_path):
     train(toy_root, tmp_path, ["trainer.max_steps=2", "trainer.checkpoint_every=2", "run_name=half"])
     run = tmp_path / "half"

@@ -102,3 +102,31 @@ def test_validation_logs_videos_and_drift_to_offline_wandb(toy_root, tmp_path):
     assert b"validation/video_0" in blob and b"validation/drift" in blob
     media = list((run / "wandb").glob("offline-run-*/files/media/videos/**/*.mp4"))
     assert media, "validation video not stored in the W&B run"
+
+
+def test_bad_inputs_fail_naming_the_file_before_any_model_loads(tmp_path, capsys):
+    """An empty prompt file, a file that is not an image, a video that does not decode: each stops the command
+    with the file's path — with a checkpoint path that does not exist, so any model load would fail first."""
+    from data_prep.encode_text import encode_text
+    from data_prep.ode_pairs import make_ode_pairs
+    from helios_train.infer import main
+    from helios_train.prompt_file import InputError
+
+    nowhere = str(tmp_path / "no_checkpoint")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n   \n")
+    not_image, not_video = tmp_path / "photo.png", tmp_path / "clip.mp4"
+    not_image.write_text("not a png")
+    not_video.write_bytes(b"\x00" * 64)
+    for args, named in ((["--prompt-file", str(empty)], "empty.txt: no prompt"),
+                        (["--prompt", "x", "--image", str(not_image)], "photo.png: not a readable image"),
+                        (["--prompt", "x", "--video", str(not_video)], "clip.mp4: not a decodable video"),
+                        (["--prompt", "x", "--video", str(tmp_path / "gone.mp4")], "gone.mp4: no such file")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--checkpoint", nowhere, *args])
+        assert exit_.value.code == 2 and named in capsys.readouterr().err, args
+    for make in (lambda: encode_text(empty, tmp_path / "text", nowhere),
+                 lambda: make_ode_pairs(nowhere, empty, tmp_path / "ode")):
+        with pytest.raises(InputError, match="empty.txt: no prompt"):
+            make()
+    assert not (tmp_path / "text").exists() and not (tmp_path / "ode").exists()  # nothing written

@@ -34,6 +34,7 @@ def test_unknown_attention_backend_fails_naming_it(toy_root, tmp_path):
     with pytest.raises(Exception, match="no_such_backend"):
         train(toy_root, tmp_path, ["trainer.max_steps=1", "validation.every=0", "run_name=bad",
                                    "model.attention_backend=no_such_backend"])
+    assert not (tmp_path / "bad").exists()  # the failed start-up leaves no run folder behind
 
 
 def test_attention_backend_reaches_every_attention_processor(toy_root):
