@@ -102,7 +102,7 @@ class DataConfig:
     shuffle_buffer: int = 16
     seed: int = 0
     # Expected latent geometry; shard members that disagree are skipped and counted.
-    latent_channels: int = 16
+    latent_channels: Optional[int] = None  # None: the model's transformer in_channels (checked at start-up)
     latent_height: Optional[int] = None
     latent_width: Optional[int] = None
     min_chunks: int = 3  # official length filter: >= 121 frames -> >= 3 chunks of 33

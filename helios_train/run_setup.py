@@ -174,9 +174,43 @@ def ensure_toy_assets(cfg: DictConfig) -> None:
 
 
 def resolve_shards(cfg: DictConfig, world_size: int) -> list[str]:
+    """The shard list; `data.num_workers` is lowered (with a warning) when there are fewer shards than
+    world × workers readers, since every reader needs a shard of its own."""
     shards = expand_shards(cfg.data.shards)
+    workers = int(cfg.data.num_workers)
+    if workers > 1 and len(shards) < world_size * workers and len(shards) >= world_size:
+        fit = max(1, len(shards) // world_size)
+        print(f"[helios-train] WARNING: data.num_workers={workers} needs {world_size * workers} shards "
+              f"({world_size} rank(s) x {workers} workers), {cfg.data.shards} has {len(shards)}: "
+              f"using data.num_workers={fit}")
+        cfg.data.num_workers = fit
     check_slots(len(shards), world_size, cfg.data.num_workers)
     return shards
+
+
+def check_data_fits_model(cfg: DictConfig, shards: list[str]) -> None:
+    """Latent channels come from the model (data.latent_channels=null, the default) or must agree with it;
+    the first sample of the first shard must match the model's latent channels and text width; a latent
+    size left null is the first sample's."""
+    import json
+
+    from helios_train.data.first_sample import check_against_model
+    from helios_train.model.loading import transformer_config_file
+
+    model = json.loads(Path(transformer_config_file(cfg.model)).read_text())
+    channels, text_dim = int(model.get("in_channels", 16)), int(model.get("text_dim", 4096))
+    if cfg.data.latent_channels is None:
+        cfg.data.latent_channels = channels
+    elif int(cfg.data.latent_channels) != channels:
+        raise ConfigError(f"data.latent_channels={cfg.data.latent_channels} but model.path's transformer takes "
+                          f"{channels} latent channels: drop data.latent_channels (it follows the model)")
+    try:
+        size = check_against_model(shards[0], cfg.data.mode, channels, text_dim)
+    except ValueError as mismatch:
+        raise ConfigError(str(mismatch)) from None
+    if size is not None and cfg.data.latent_height is None and cfg.data.latent_width is None:
+        # One latent size per run (a batch stacks samples): the first sample's, unless given; others are skipped.
+        cfg.data.latent_height, cfg.data.latent_width = int(size[0]), int(size[1])
 
 
 PATH_KEYS = (("model", "path"), ("model", "transformer_path"))

@@ -236,3 +236,29 @@ def test_resume_inside_a_damaged_shard_does_not_count_its_bad_member_twice(toy_r
     assert resumed[-1][1]["skipped"] == straight[-1][1]["skipped"]  # (webdataset reports one cut member twice)
     assert resumed[-1][1]["read"] == straight[-1][1]["read"]
     assert straight[-1][1]["skipped"]["unreadable_member"] >= 1
+
+
+def test_webdataset_defaults_fit_the_toy_model_and_wrong_shards_fail_before_the_model_loads(toy_root, tmp_path, capsys):
+    """data=webdataset (production defaults: 4 workers) on one toy latent shard with the toy model: the latent
+    channels follow the model (no override), the worker count is lowered to what one shard can feed, and the run
+    trains. Shards made for another model (16-channel latents, another text width) stop the start-up naming the
+    shard and sample, before any model is built or run folder written."""
+    import shutil
+
+    one = tmp_path / "one.tar"
+    shutil.copy(toy_root / "latents/latent-000000.tar", one)
+    result = train(toy_root, tmp_path, ["data=webdataset", f"data.shards={one}", "model=toy", "trainer.max_steps=2",
+                                        "run_name=wds"])
+    assert result["step"] == 2
+    assert "using data.num_workers=1" in capsys.readouterr().out
+    good = next(iter(wds.WebDataset(str(one), shardshuffle=False)))
+    for name, member, array in (("channels", "latents.npy", np.zeros((3, 16, 9, 8, 16), np.float32)),
+                                ("text", "prompt_embed.npy", np.zeros((16, 4096), np.float32))):
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=False)
+        bad = tmp_path / f"{name}.tar"
+        with wds.TarWriter(str(bad)) as sink:
+            sink.write({**{k: v for k, v in good.items() if not k.startswith("__")}, "__key__": "other", member: buf.getvalue()})
+        with pytest.raises(ValueError, match=rf"{bad.name} sample other has (16-channel latents|4096-wide prompt)"):
+            train(toy_root, tmp_path, ["data=webdataset", f"data.shards={bad}", "model=toy", "run_name=bad_" + name])
+        assert not (tmp_path / f"bad_{name}").exists()

@@ -58,10 +58,14 @@ def cast_weights(model, dtype: torch.dtype):
     return model
 
 
+def transformer_config_file(model_cfg) -> str:
+    root = model_cfg.transformer_path or os.path.join(model_cfg.path, model_cfg.transformer_subfolder)
+    return os.path.join(root, "config.json")
+
+
 def check_model_dir(model_cfg) -> None:
     """Fail before any work when the folder is not a diffusers-layout Helios/Wan checkpoint."""
-    root = model_cfg.transformer_path or os.path.join(model_cfg.path, model_cfg.transformer_subfolder)
-    cfg_file = os.path.join(root, "config.json")
+    cfg_file = transformer_config_file(model_cfg)
     if not os.path.isfile(cfg_file):
         raise FileNotFoundError(
             f"model.path: no transformer config at {cfg_file!r}; expected a diffusers-layout folder with "
