@@ -38,8 +38,16 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(toy_root, tmp_path):
     common = ["trainer.checkpoint_every=2", "trainer.max_steps=8"]
-    ref = launch(toy_root, tmp_path, *common, "run_name=ref")
-    assert ref.wait(timeout=300) == 0, ref.stdout.read()
+    # The reference runs in this process (the same entry, no process start-up) with the victim's one thread
+    # (OMP_NUM_THREADS=1 in `launch`): float reductions depend on the thread count.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(toy_root, tmp_path, [*common, "run_name=ref", "data.num_workers=0", "trainer.log_every=1"])
+    finally:
+        torch.set_num_threads(threads)
     victim = launch(toy_root, tmp_path, *common, "run_name=victim", "trainer.debug.step_sleep_s=0.3")
     wait_for(tmp_path / "victim/checkpoint-4/COMPLETE", victim)
     victim.send_signal(signal.SIGKILL)
