@@ -24,6 +24,7 @@ import torch
 from helios_train.history import HistoryConfig, assemble_history_sample
 from helios_train.ode_pairs import sigma_of
 from helios_train.rollout import calculate_mu
+from helios_train.timesteps import seq_len_for
 
 # velocity(model_input x_t, t [B], x0, history) -> v  (prompt embeddings bound by the caller)
 Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -69,7 +70,7 @@ def ode_regression_loss(velocity: Velocity, batch: dict, cfg: OdeConfig, history
         latents = batch[f"ode_c{c}_s{k}_latents"].to(device)  # [B, n+1, C, 9, h, w]
         t = batch[f"ode_c{c}_s{k}_timesteps"][:, j].to(device)
         x_t, end = latents[:, j], latents[:, -1]
-        mu = calculate_mu(x_t.shape[-3] * x_t.shape[-2] * x_t.shape[-1] // 4)  # the level's own resolution
+        mu = calculate_mu(seq_len_for(x_t.shape))  # the level's own resolution
         sigma = sigma_of(t, k, mu, scheduler).float().to(x_t.device).view(-1, 1, 1, 1, 1)
         # the recorded float timestep, as the official loss feeds it (not truncated to int64)
         v = velocity(x_t, t.float(), None if x0 is None else x0.to(device), history.to(device))

@@ -245,8 +245,9 @@ def check_compatible(run_dir: Path, config: dict) -> None:
     lines = []
     for section in COMPAT_SECTIONS:
         lines.extend(_diff({section: saved.get(section, {})}, {section: config.get(section, {})}))
+    old_cfg, new_cfg = OmegaConf.create(saved), OmegaConf.create(config)
     for key in COMPAT_KEYS:
-        a, b = _select(saved, key), _select(config, key)
+        a, b = (OmegaConf.select(c, key, default="<absent>") for c in (old_cfg, new_cfg))
         if a != b:
             lines.append(f"  {key}: {a!r} -> {b!r}")
     if lines:
@@ -255,18 +256,11 @@ def check_compatible(run_dir: Path, config: dict) -> None:
             "read other samples with other random draws than its checkpoints recorded. Changed keys:\n"
             + "\n".join(lines) + "\nUse a new run_name, or restore these values."
         )
-    o = config.get("trainer", {}).get("optim", {})
-    if _select(saved, "trainer.max_steps") != _select(config, "trainer.max_steps") and o.get("lr_scheduler") != "constant":
-        print(f"[helios-train] note: trainer.max_steps {_select(saved, 'trainer.max_steps')} -> "
-              f"{_select(config, 'trainer.max_steps')} changes the {o.get('lr_scheduler')} LR schedule from here on")
-
-
-def _select(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return "<absent>"
-        tree = tree[part]
-    return tree
+    steps = [OmegaConf.select(c, "trainer.max_steps") for c in (old_cfg, new_cfg)]
+    schedule = OmegaConf.select(new_cfg, "trainer.optim.lr_scheduler")
+    if steps[0] != steps[1] and schedule != "constant":
+        print(f"[helios-train] note: trainer.max_steps {steps[0]} -> {steps[1]} changes the {schedule} LR schedule "
+              "from here on")
 
 
 def resolve_resume(cfg: DictConfig, run_dir: Path) -> Optional[Path]:

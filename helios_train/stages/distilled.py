@@ -49,6 +49,7 @@ from helios_train.rollout import calculate_mu, pyramid_rollout, rollout_forwards
 from helios_train.seeding import shared_generator
 from helios_train.stages import RoleSpec
 from helios_train.stages.base import BaseStage
+from helios_train.timesteps import seq_len_for
 from helios_train.variants import NEGATIVE_PROMPT, make_scheduler
 
 
@@ -228,8 +229,9 @@ class DistilledStage(BaseStage):
         """One exit step per pyramid level, uniform in [0, steps of the level).
 
         Official: the same on every rank (`generate_and_sync_flag`, utils_helios_post.py), except for the
-        amplified first chunk under ground-truth history, which the official code draws per rank (is_sync=False). Drawn from (seed, step) only, so it is also the
-        same for every accumulated micro-batch — 2 ranks × 1 micro-batch still train exactly like
+        amplified first chunk under ground-truth history, which the official code draws per rank
+        (is_sync=False). Ours is drawn from (seed, step) only, so it is also the same for every accumulated
+        micro-batch — 2 ranks × 1 micro-batch still train exactly like
         1 rank × 2 — and a rank with the amplified first-chunk sampler (twice the steps per level)
         maps the same uniform draw onto its longer level."""
         u = self._exit_draws(step)
@@ -240,8 +242,7 @@ class DistilledStage(BaseStage):
                           generator=shared_generator(self.cfg.trainer.seed, step, "dmd-exit-steps")).tolist()
 
     def _mu(self, target) -> float:
-        t, h, w = target.shape[-3:]
-        return calculate_mu(t * h * w // 4)
+        return calculate_mu(seq_len_for(target.shape))
 
     # -- losses ----------------------------------------------------------------------------------
     def loss(self, role: str, batch: dict, step: int, generator: torch.Generator):
