@@ -4,8 +4,9 @@
     torchrun --nproc_per_node=8 -m data_prep.encode_latents ...   # disjoint shards per rank
 
 Input samples: `mp4` + `json` with a caption (see data_prep/toy_videos.py). One output shard per input
-shard (`raw-000007.tar` → `latent-000007.tar`), written to `.tar.tmp` and renamed, so a re-run skips
-finished shards and never trusts a half-written one. Members per sample (no pickles anywhere):
+shard (`raw-000007.tar` → `latent-000007.tar`), written by data_prep/shard_writer.py: complete or not
+at all, kept on a re-run only while the raw shard, the model and the options are unchanged; skipped
+samples are listed with their reasons in `skipped.jsonl` (`skipped-rank<r>.jsonl` under torchrun). Members per sample (no pickles anywhere):
 `latents.npy` float32 [S, C, 9, h, w] (normalised, each 33-frame chunk encoded independently — official
 tools/offload_data/get_short-latents.py), `prompt_embed.npy` float32 [L, D] (zero rows after the prompt,
 official `HeliosPipeline._get_t5_prompt_embeds`),
@@ -25,7 +26,8 @@ import torch
 from tqdm import tqdm
 
 from helios_train.data.decoding import BadSample, caption_of, decode_json, open_mp4, read_frames, to_unit_range
-from helios_train.data.shards import expand_shards, iter_shard_samples
+from data_prep.shard_writer import ShardWriter, file_fingerprint, folder_fingerprint, run_tool
+from helios_train.data.shards import DAMAGED, expand_shards, iter_shard_samples
 
 CHUNK = 33
 
@@ -68,39 +70,54 @@ def _decode(raw: dict, chunk_frames: int, min_frames: int) -> tuple[str, dict, t
     return key, meta, frames
 
 
+def count_samples(path) -> int | None:
+    """Samples in a tar shard from its member headers (no payload is read), for the progress bar."""
+    import tarfile
+
+    try:
+        with tarfile.open(path) as tar:
+            return len({m.name.rsplit("/", 1)[-1].split(".", 1)[0] for m in tar if m.isfile()})
+    except (OSError, tarfile.TarError):
+        return None
+
+
 def encode_shards(raw_shards, out_dir, model_dir, chunk_frames: int = CHUNK, min_frames: int = 99, device="cpu",
                   batch_size: int = 1, seed: int = 0, text_max_length: int = 512, rank: int = 0,
-                  world_size: int = 1, sample: bool = True, text_dtype: torch.dtype = torch.float32) -> dict:
-    """Encode every raw shard whose latent shard is missing. Returns a summary dict:
-    {"shards_written", "shards_skipped_existing", "samples", "skipped": {reason: count}}.
+                  world_size: int = 1, sample: bool = True, text_dtype: torch.dtype = torch.float32,
+                  require_samples: bool = True) -> dict:
+    """Encode every raw shard whose latent shard is missing or out of date (data_prep/shard_writer.py:
+    the raw shard's size/mtime, the model's files and every option below are in the manifest).
+    Returns the ShardWriter summary {"shards_written", "shards_up_to_date", "samples", "skipped": {reason: n}, …}.
 
     `batch_size` videos with the same frame count and size go through the VAE together (videos of
     other shapes are flushed first, so output order = input order). `rank`/`world_size` split the
     shard list round-robin for torchrun. `sample=False` stores the posterior mode instead of a sample.
     """
-    import webdataset as wds
     from diffusers import AutoencoderKLWan
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     from helios_train.model.text_codec import encode_prompts
     from helios_train.model.vae_codec import encode_chunks
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     mine = [str(p) for i, p in enumerate(raw_shards) if i % world_size == rank]
-    todo = [p for p in mine if not (out / output_name(p)).is_file()]
-    summary = {"shards_written": 0, "shards_skipped_existing": len(mine) - len(todo), "samples": 0, "skipped": {}}
+    # Options that change the bytes written; the seed is per rank, so the rank split is part of it.
+    options = {"chunk_frames": chunk_frames, "min_frames": min_frames, "seed": seed + rank, "sample": sample,
+               "text_max_length": text_max_length, "text_dtype": str(text_dtype), "batch_size": batch_size,
+               "model": folder_fingerprint(Path(model_dir) / "vae") + folder_fingerprint(Path(model_dir) / "text_encoder")}
+    writer = ShardWriter(out_dir, "encode_latents", options, part=f"rank{rank:03d}" if world_size > 1 else None)
+    todo = [(p, output_name(p), file_fingerprint(p)) for p in mine]
+    todo = [(p, name, fp) for p, name, fp in todo if not writer.up_to_date(name, fp)]
     if not todo:
-        return summary  # nothing to do: do not even load the models
+        return writer.finish(require_samples=require_samples and bool(mine))  # nothing to do: no model loaded
     # fp32 VAE as in the official offload script; the text encoder may run in bf16 on GPU (official),
     # the stored embedding is fp32 either way.
     vae = AutoencoderKLWan.from_pretrained(model_dir, subfolder="vae", dtype=torch.float32).to(device).eval()
     tok = AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
     enc = UMT5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder", dtype=text_dtype).to(device).eval()
     gen = torch.Generator(device="cpu").manual_seed(seed + rank)
-
-    def count(reason: str) -> None:
-        summary["skipped"][reason] = summary["skipped"].get(reason, 0) + 1
+    counts = [count_samples(p) for p, _, _ in todo]
+    bar = tqdm(total=None if None in counts else sum(counts), desc="encode samples", unit="sample",
+               disable=rank != 0)
 
     def flush(sink, batch) -> None:
         frames = torch.stack([f for _, _, f in batch])  # [B, S*33, H, W, 3] uint8
@@ -112,20 +129,22 @@ def encode_shards(raw_shards, out_dir, model_dir, chunk_frames: int = CHUNK, min
             sink.write({"__key__": key, "latents.npy": _npy(lat.cpu().numpy().astype(np.float32)),
                         "prompt_embed.npy": _npy(emb.cpu().numpy().astype(np.float32)),
                         "first_frame.png": _png(f[0].numpy()), "json": json.dumps(meta).encode("utf-8")})
-        summary["samples"] += len(batch)
+        bar.update(len(batch))
         batch.clear()
 
-    for raw_path in tqdm(todo, desc="encode shards", disable=rank != 0):
-        dst = out / output_name(raw_path)
-        tmp = dst.with_suffix(".tar.tmp")
-        errors: list[str] = []
-        with wds.TarWriter(str(tmp)) as sink:
+    for raw_path, name, fingerprint in todo:
+        bar.set_postfix_str(Path(raw_path).name)
+        with writer.shard(name, fingerprint) as sink:
             batch: list = []
-            for raw in iter_shard_samples(raw_path, lambda e: errors.append(str(e))):
+            errors: list[Exception] = []  # damage after the last sample (once per shard)
+            for raw in iter_shard_samples(raw_path, errors.append):
+                damaged = raw.pop(DAMAGED, None)
                 try:
                     item = _decode(raw, chunk_frames, min_frames)
                 except BadSample as bad:
-                    count(bad.reason)
+                    reason, why = ("unreadable_member", f"{bad} — {damaged}") if damaged else (bad.reason, str(bad))
+                    sink.skip(f"{raw_path}:{raw.get('__key__')}", reason, why)
+                    bar.update()
                     continue
                 if batch and batch[0][2].shape != item[2].shape:
                     flush(sink, batch)  # the VAE batch needs equal shapes
@@ -134,14 +153,13 @@ def encode_shards(raw_shards, out_dir, model_dir, chunk_frames: int = CHUNK, min
                     flush(sink, batch)
             if batch:
                 flush(sink, batch)
-        for _ in errors:
-            count("unreadable_member")
-        os.replace(tmp, dst)
-        summary["shards_written"] += 1
-    return summary
+            for exn in errors:
+                sink.skip(raw_path, "unreadable_member", str(exn))
+    bar.close()
+    return writer.finish(require_samples=require_samples)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--raw", required=True, help="raw shard pattern (brace pattern, glob or comma list)")
     ap.add_argument("--out", required=True, help="output folder for latent-*.tar")
@@ -156,13 +174,12 @@ def main() -> None:
     ap.add_argument("--text-max-length", type=int, default=512)
     ap.add_argument("--mode", action="store_true", help="store the posterior mode instead of a sample "
                     "(official: sample)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    summary = encode_shards(expand_shards(a.raw), a.out, a.model, chunk_frames=a.chunk_frames,
-                            min_frames=a.min_frames, device=a.device, batch_size=a.batch_size, seed=a.seed,
-                            text_max_length=a.text_max_length, rank=rank, world_size=world, sample=not a.mode,
-                            text_dtype=getattr(torch, a.text_dtype))
-    print(json.dumps({"rank": rank, **summary}))
+    run_tool(lambda: {"rank": rank, **encode_shards(
+        expand_shards(a.raw), a.out, a.model, chunk_frames=a.chunk_frames, min_frames=a.min_frames, device=a.device,
+        batch_size=a.batch_size, seed=a.seed, text_max_length=a.text_max_length, rank=rank, world_size=world,
+        sample=not a.mode, text_dtype=getattr(torch, a.text_dtype))})
 
 
 if __name__ == "__main__":

@@ -19,20 +19,23 @@ Train on them with `experiment=stage_3_ode data=ode_pairs data.shards=...`.
 
 Several machines: give each a `--shard-index i --num-shards-total N`; prompts are split by line
 (prompt j goes to machine j mod N), shard names carry the index so outputs never collide.
-Finished shards are skipped on re-run; a shard is written to `.tmp` and renamed when complete.
+Shards are written by data_prep/shard_writer.py: complete or not at all, kept on a re-run only while
+their prompts, the teacher's files and every setting are unchanged.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from tqdm import tqdm
+
 from data_prep.encode_latents import _npy
+from data_prep.shard_writer import ShardWriter, folder_fingerprint, run_tool, text_fingerprint
 from helios_train.model.loading import torch_dtype
 
 log = logging.getLogger(__name__)
@@ -84,7 +87,6 @@ def sample_members(key: str, prompt: str, embed: torch.Tensor, chunks: list[list
 def make_ode_pairs(teacher, prompts_file, out_dir, num_chunks=5, height=384, width=640, steps=(20, 20, 20),
                    student_steps=(2, 2, 2), guidance=5.0, per_shard=100, seed=42, shard_index=0,
                    num_shards_total=1, device="cpu", mu_from="level", max_length=512, dtype="fp32") -> dict:
-    import webdataset as wds
     from helios_train.variants import NEGATIVE_PROMPT
 
     from helios_train.prompt_file import read_prompt_lines
@@ -101,26 +103,27 @@ def make_ode_pairs(teacher, prompts_file, out_dir, num_chunks=5, height=384, wid
     settings = {"teacher": str(teacher), "steps": list(steps), "student_steps": list(student_steps),
                 "guidance_scale": guidance, "height": height, "width": width, "seed": seed, "mu_from": mu_from,
                 "dtype": dtype}
-    summary = {"shards_written": 0, "shards_skipped_existing": 0, "samples": 0}
+    writer = ShardWriter(out, "ode_pairs", {**settings, "num_chunks": num_chunks, "per_shard": per_shard,
+                                            "max_length": max_length, "teacher_files": folder_fingerprint(teacher)},
+                         part=f"{shard_index:03d}" if num_shards_total > 1 else None)
     pipe = None
+    bar = tqdm(total=len(items), desc="ode prompts", unit="prompt")
     for g, group in enumerate(groups):
-        dst = out / f"ode-{shard_index:03d}-{g:06d}.tar"
-        if dst.is_file():
-            summary["shards_skipped_existing"] += 1
+        name, inputs = f"ode-{shard_index:03d}-{g:06d}.tar", text_fingerprint(group)
+        if writer.up_to_date(name, inputs):
+            bar.update(len(group))
             continue
         pipe = pipe or load_teacher(teacher, device, torch_dtype(dtype), student_steps=student_steps, mu_from=mu_from)
-        tmp = dst.with_suffix(".tar.tmp")
-        with wds.TarWriter(str(tmp)) as sink:
+        with writer.shard(name, inputs) as sink:
             for key, prompt in group:
                 # Per-prompt seed from the line key: the same prompt gets the same trajectory on any machine.
                 prompt_seed = seed + int(key.rsplit("_", 1)[1])
                 embed, chunks = record_prompt(pipe, prompt, NEGATIVE_PROMPT, num_chunks, height, width, steps,
                                               guidance, prompt_seed, max_length)
                 sink.write(sample_members(key, prompt, embed, chunks, {**settings, "seed": prompt_seed}))
-                summary["samples"] += 1
-        os.replace(tmp, dst)
-        summary["shards_written"] += 1
-    return summary
+                bar.update()
+    bar.close()
+    return writer.finish()
 
 
 def main(argv=None) -> dict:
@@ -145,16 +148,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if torch.cuda.is_available() else "fp32",
                     help="teacher transformer / text encoder dtype (the VAE stays fp32); official: bf16")
     a = ap.parse_args(argv)
-    from helios_train.prompt_file import InputError
-
-    try:
-        summary = make_ode_pairs(a.teacher, a.prompts, a.out, a.num_chunks, a.height, a.width, a.steps,
+    return run_tool(lambda: make_ode_pairs(a.teacher, a.prompts, a.out, a.num_chunks, a.height, a.width, a.steps,
                                  a.student_steps, a.guidance, a.per_shard, a.seed, a.shard_index, a.num_shards_total,
-                                 a.device, a.mu_from, a.text_max_length, a.dtype)
-    except InputError as bad:
-        raise SystemExit(f"error: {bad}") from None
-    print(json.dumps(summary))
-    return summary
+                                 a.device, a.mu_from, a.text_max_length, a.dtype))
 
 
 if __name__ == "__main__":

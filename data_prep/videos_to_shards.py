@@ -8,20 +8,25 @@ Captions: a JSON list like the official `toy_filter.json` (`path`, `cut` [start,
 (121) are dropped; the nearest resolution bucket of the (cropped) clip must be the target size
 (`--height 384 --width 640`, the official single-resolution setting); the clip is centre-cropped to the
 target aspect and resized (bilinear, antialiased), then re-encoded as h264 at its fps. Videos are assigned to shards
-in sorted order, `--per-shard` each, so a re-run skips the shards already written.
+in sorted order, `--per-shard` each. Output is written by data_prep/shard_writer.py: a re-run keeps a
+shard only while its clips, captions and options are unchanged; every skipped clip is listed with its
+reason in `skipped.jsonl`; a run where no clip survives exits 1.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from data_prep.shard_writer import ShardWriter, file_fingerprint, run_tool
+from helios_train.data.decoding import BadSample
+from helios_train.prompt_file import InputError
 
 # Official "640" bucket family (h, w), helios/dataset/dataloader_mp4_dist.py.
 BUCKETS = [(768, 320), (768, 384), (640, 384), (768, 512), (576, 448), (512, 512), (448, 576), (512, 768),
@@ -39,52 +44,75 @@ def nearest_bucket(height: int, width: int) -> tuple[int, int]:
 
 
 def read_captions(path: Path) -> list[dict]:
-    """Normalise the caption file to records {path, caption, cut, crop}."""
-    text = path.read_text()
-    if path.suffix == ".json":
-        rows = json.loads(text)
-    elif path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    elif path.suffix == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
-    else:
-        raise ValueError(f"{path}: caption file must be .json (list), .jsonl or .csv")
+    """Normalise the caption file to records {path, caption, cut, crop}; a bad file or record fails
+    naming the file and the record."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exn:
+        raise InputError(f"--captions {path}: cannot read it ({exn})") from None
+    try:
+        if path.suffix == ".json":
+            rows = json.loads(text)
+            if not isinstance(rows, list):
+                raise InputError(f"--captions {path}: expected a JSON list of records, got {type(rows).__name__}")
+        elif path.suffix == ".jsonl":
+            rows = []
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exn:
+                        raise InputError(f"--captions {path}: line {n} is not JSON ({exn.msg})") from None
+        elif path.suffix == ".csv":
+            rows = list(csv.DictReader(text.splitlines()))
+        else:
+            raise InputError(f"--captions {path}: must be .json (list), .jsonl or .csv")
+    except json.JSONDecodeError as exn:
+        raise InputError(f"--captions {path}: not valid JSON at line {exn.lineno} column {exn.colno} ({exn.msg})") from None
     out = []
     for i, row in enumerate(rows):
-        if "path" not in row:
-            raise ValueError(f"{path}: record {i} has no 'path'")
+        if not isinstance(row, dict) or "path" not in row:
+            raise InputError(f"--captions {path}: record {i} has no 'path' ({str(row)[:80]})")
         cap = row.get("caption", row.get("cap"))
         cap = cap[0] if isinstance(cap, list) and cap else cap
-        out.append({"path": row["path"], "caption": cap, "cut": row.get("cut"), "crop": row.get("crop")})
+        for field, size in (("cut", 2), ("crop", 4)):
+            value = row.get(field)
+            if value is not None and (not isinstance(value, (list, tuple)) or len(value) != size):
+                raise InputError(f"--captions {path}: record {i} ({row['path']}): '{field}' must be a list of "
+                                 f"{size} integers, got {value!r}")
+        out.append({"path": row["path"], "caption": cap or None, "cut": row.get("cut"), "crop": row.get("crop")})
+    if not out:
+        raise InputError(f"--captions {path}: no record in it")
     return out
 
 
 def process_clip(rec: dict, video_dir: Path, height: int, width: int, min_frames: int,
                  bucket: tuple[int, int] | None = None):
-    """→ (uint8 frames [F, height, width, 3], fps) or a skip reason string."""
+    """→ (uint8 frames [F, height, width, 3], fps), or a BadSample saying why the clip is skipped."""
     import decord
 
     path = video_dir / rec["path"]
     if not path.is_file():
-        return "missing_file"
+        return BadSample("missing_file", f"{path} does not exist")
     if not rec["caption"]:
-        return "missing_caption"
+        return BadSample("missing_caption", "no caption in the caption file")
     try:
         reader = decord.VideoReader(str(path), num_threads=1)
         fps = float(reader.get_avg_fps())
         start, end = rec["cut"] or (0, len(reader))
         end = min(end, len(reader))
         if end - start < min_frames:
-            return "too_short"
+            return BadSample("too_short", f"{end - start} frames in the cut [{start}, {end}) < --min-frames {min_frames}")
         frames = reader.get_batch(list(range(start, end))).asnumpy()
-    except Exception:
-        return "decode_error"
+    except Exception as exn:
+        return BadSample("decode_error", f"{type(exn).__name__}: {str(exn)[:200]}")
     if rec["crop"]:
         x0, x1, y0, y1 = rec["crop"]
         frames = frames[:, y0:y1, x0:x1]
     h, w = frames.shape[1:3]
-    if nearest_bucket(h, w) != (bucket or (height, width)):
-        return "wrong_aspect"  # official single_res: keep only clips whose nearest bucket is the target
+    target = bucket or (height, width)
+    if nearest_bucket(h, w) != target:  # official single_res: keep only clips whose nearest bucket is the target
+        return BadSample("wrong_aspect", f"{h}x{w} falls in bucket {nearest_bucket(h, w)}, not {target}")
     # Centre-crop to the target aspect, then resize (bilinear + antialias; no torchvision).
     if h * width > w * height:
         nh = round(w * height / width)
@@ -100,27 +128,33 @@ def process_clip(rec: dict, video_dir: Path, height: int, width: int, min_frames
 def videos_to_shards(video_dir, captions, out_dir, height=384, width=640, min_frames=121, per_shard=64,
                      bucket: tuple[int, int] | None = None) -> dict:
     """`bucket` (default: (height, width)) is the resolution bucket clips must fall in; the output
-    size may be smaller with the same aspect (e.g. 192×320 for quick experiments)."""
-    import webdataset as wds
-
+    size may be smaller with the same aspect (e.g. 192×320 for quick experiments). Returns the
+    ShardWriter summary; raises InputError on a bad caption file or folder, NoSamplesWritten when no
+    clip survives."""
     from helios_train.data.video_io import encode_mp4
 
-    video_dir, out = Path(video_dir), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    video_dir = Path(video_dir)
     records = sorted(read_captions(Path(captions)), key=lambda r: (r["path"], str(r["cut"])))
-    summary = {"shards_written": 0, "shards_skipped_existing": 0, "samples": 0, "skipped": {}}
+    if not video_dir.is_dir():
+        raise InputError(f"--videos {video_dir}: not a folder (the caption paths are relative to it)")
+    options = {"height": height, "width": width, "min_frames": min_frames, "per_shard": per_shard,
+               "bucket": list(bucket or (height, width))}
+    writer = ShardWriter(out_dir, "videos_to_shards", options)
     groups = [records[i : i + per_shard] for i in range(0, len(records), per_shard)]
-    for index, group in enumerate(tqdm(groups, desc="shards")):
-        dst = out / f"raw-{index:06d}.tar"
-        if dst.is_file():
-            summary["shards_skipped_existing"] += 1
+    bar = tqdm(total=len(records), desc="clips", unit="clip")
+    for index, group in enumerate(groups):
+        name = f"raw-{index:06d}.tar"
+        # A shard's inputs: its caption records and each video file's size and mtime.
+        inputs = [{"record": rec, "file": file_fingerprint(video_dir / rec["path"])} for rec in group]
+        if writer.up_to_date(name, inputs):
+            bar.update(len(group))
             continue
-        tmp = dst.with_suffix(".tar.tmp")
-        with wds.TarWriter(str(tmp)) as sink:
+        with writer.shard(name, inputs) as sink:
             for rec in group:
                 result = process_clip(rec, video_dir, height, width, min_frames, bucket)
-                if isinstance(result, str):
-                    summary["skipped"][result] = summary["skipped"].get(result, 0) + 1
+                bar.update()
+                if isinstance(result, BadSample):
+                    sink.skip(rec["path"], result.reason, str(result))
                     continue
                 frames, fps = result
                 stem = Path(rec["path"]).stem
@@ -129,13 +163,11 @@ def videos_to_shards(video_dir, captions, out_dir, height=384, width=640, min_fr
                 meta = {"caption": rec["caption"], "num_frames": len(frames), "fps": fps, "height": height,
                         "width": width, "source": rec["path"]}
                 sink.write({"__key__": key, "mp4": encode_mp4(frames, round(fps)), "json": json.dumps(meta).encode()})
-                summary["samples"] += 1
-        os.replace(tmp, dst)
-        summary["shards_written"] += 1
-    return summary
+    bar.close()
+    return writer.finish()
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--videos", required=True, help="folder the caption paths are relative to")
     ap.add_argument("--captions", required=True, help=".json list (toy_filter.json style), .jsonl or .csv")
@@ -145,10 +177,10 @@ def main() -> None:
     ap.add_argument("--min-frames", type=int, default=121)
     ap.add_argument("--per-shard", type=int, default=64, help="videos per shard")
     ap.add_argument("--bucket", default=None, help="HxW bucket clips must match (default: --height x --width)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     bucket = tuple(int(v) for v in a.bucket.split("x")) if a.bucket else None
-    print(json.dumps(videos_to_shards(a.videos, a.captions, a.out, a.height, a.width, a.min_frames, a.per_shard,
-                                      bucket)))
+    run_tool(lambda: videos_to_shards(a.videos, a.captions, a.out, a.height, a.width, a.min_frames, a.per_shard,
+                                      bucket))
 
 
 if __name__ == "__main__":

@@ -63,13 +63,23 @@ def build_trainer(cfg: DictConfig):
         raise
 
 
+def done_line(result: dict) -> str:
+    """The last line a run prints: step, stop reason and final metrics, plus the data it read and what it
+    skipped by reason (summed over ranks; the per-sample warnings and metrics.jsonl name each one)."""
+    shown = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in result.items() if "/" not in k}
+    if "data/samples_read" in result:
+        shown["samples_read"] = result["data/samples_read"]
+        shown["skipped"] = {k[len("data/skipped_"):]: v for k, v in result.items()
+                            if k.startswith("data/skipped_") and v} or "none"
+    return f"[helios-train] done: {shown}"
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     logging.getLogger("helios_train").setLevel(logging.INFO)
     result = run(cfg)
     if int(os.environ.get("RANK", 0)) == 0:
-        shown = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in result.items() if "/" not in k}
-        print(f"[helios-train] done: {shown}")
+        print(done_line(result))
 
 
 if __name__ == "__main__":

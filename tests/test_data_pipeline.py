@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -60,10 +61,74 @@ def test_videos_to_shards_filters_and_resizes(prepared, clip_folder):
         meta = json.loads(s["json"])
         reader = decord.VideoReader(io.BytesIO(s["mp4"]))
         assert reader[0].shape == (192, 320, 3) and len(reader) == meta["num_frames"] >= 99
-    again = __import__("data_prep.videos_to_shards", fromlist=["x"]).videos_to_shards(
-        clip_folder, clip_folder / "meta.json", out / "raw", height=192, width=320, min_frames=99, per_shard=2,
-        bucket=(384, 640))
-    assert again["shards_written"] == 0 and again["shards_skipped_existing"] == raw["shards_written"]
+    # Groups [v0 v1] [v2 v3] [v4]: the last two lose every clip, so they are not written (their manifests are).
+    assert raw["shards_written"] == 1 and raw["shards_empty"] == 2 and len(samples) == 2
+
+
+def _v2s(folder, captions, out):
+    from data_prep.videos_to_shards import videos_to_shards
+
+    return videos_to_shards(folder, captions, out, height=192, width=320, min_frames=99, per_shard=2, bucket=(384, 640))
+
+
+def test_videos_to_shards_reruns_follow_the_inputs(clip_folder, tmp_path, capsys):
+    """Wrong folder: exit 1, nothing written, each clip listed. Fixed: samples appear. Unchanged: kept.
+    Changed clip or caption: that shard only is rebuilt. A shard without manifest: rebuilt."""
+    import shutil
+
+    from data_prep.videos_to_shards import main
+
+    clips, out = tmp_path / "clips", tmp_path / "raw"
+    shutil.copytree(clip_folder, clips)
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--videos", str(tmp_path / "elsewhere"), "--captions", str(clips / "meta.json"), "--out", str(out),
+              "--height", "192", "--width", "320", "--min-frames", "99", "--per-shard", "2", "--bucket", "384x640"])
+    assert "no sample written" in str(exit_.value.code) and "missing_file: 5" in str(exit_.value.code)
+    assert not list(out.glob("*.tar")) and not list(out.glob("*.tmp"))
+    listed = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [s["reason"] for s in listed] == ["missing_file"] * 5 and "elsewhere/v0.mp4" in listed[0]["detail"]
+
+    first = _v2s(clips, clips / "meta.json", out)
+    assert (first["samples"], first["shards_written"], first["shards_empty"]) == (2, 1, 2)
+    listed = {s["item"]: s for s in map(json.loads, (out / "skipped.jsonl").read_text().splitlines())}
+    assert {k: s["reason"] for k, s in listed.items()} == {"v2.mp4": "too_short", "v3.mp4": "missing_caption",
+                                                           "v4.mp4": "wrong_aspect"}
+    assert "95 frames in the cut [0, 95)" in listed["v2.mp4"]["detail"] and "v2.mp4: too_short" in " ".join(first["skipped_examples"])
+    stamp = (out / "raw-000000.tar").stat().st_mtime_ns
+
+    again = _v2s(clips, clips / "meta.json", out)
+    assert (again["shards_up_to_date"], again["samples"], again["samples_in_output"]) == (3, 0, 2)
+    assert again["skipped"] == first["skipped"] and (out / "raw-000000.tar").stat().st_mtime_ns == stamp
+
+    # v3 gets a caption (its shard now holds a sample); v0 is replaced by a shorter clip (its shard is rebuilt).
+    records = json.loads((clips / "meta.json").read_text())
+    records[3]["cap"] = ["a caption after all"]
+    records[0]["cut"] = [0, 100]
+    (clips / "meta.json").write_text(json.dumps(records))
+    changed = _v2s(clips, clips / "meta.json", out)
+    assert (changed["shards_written"], changed["shards_up_to_date"], changed["samples_in_output"]) == (2, 1, 3)
+    keys = [s["__key__"] for s in wds.WebDataset(str(out / "raw-000000.tar"), shardshuffle=False, empty_check=False)]
+    assert keys == ["v0_0-100", "v1_0-110"]
+
+    (out / "raw-000001.manifest.json").unlink()  # a shard of unknown origin is not trusted
+    assert _v2s(clips, clips / "meta.json", out)["shards_written"] == 1
+
+
+def test_caption_file_errors_name_the_file_and_record(tmp_path):
+    from data_prep.videos_to_shards import read_captions
+    from helios_train.prompt_file import InputError
+
+    cases = {"bad.json": ('[{"path": "a.mp4",}]', "bad.json: not valid JSON at line 1"),
+             "obj.json": ('{"path": "a.mp4"}', "expected a JSON list"),
+             "rows.jsonl": ('{"path": "a.mp4", "caption": "x"}\n{oops}\n', "rows.jsonl: line 2 is not JSON"),
+             "nopath.json": ('[{"caption": "x"}]', "record 0 has no 'path'"),
+             "cut.json": ('[{"path": "a.mp4", "cut": [3]}]', "record 0 (a.mp4): 'cut' must be a list of 2"),
+             "empty.json": ("[]", "empty.json: no record")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(InputError, match=re.escape(message)):
+            read_captions(tmp_path / name)
 
 
 def test_both_loader_modes_give_the_same_contract(prepared, toy_root):
@@ -188,11 +253,18 @@ def test_text_and_stats_tools(toy_root, tmp_path):
 
     (tmp_path / "p.txt").write_text("a red circle\n\nanother blue square on a gray background\n")
     s = encode_text(tmp_path / "p.txt", tmp_path / "text", toy_root / "model", per_shard=1, text_max_length=32)
-    assert s["samples"] == 2 and s["shards_written"] == 2 and s["empty_lines"] == 1
-    assert encode_text(tmp_path / "p.txt", tmp_path / "text", toy_root / "model", per_shard=1)["shards_written"] == 0
+    assert s["samples"] == 2 and s["shards_written"] == 2 and s["blank_lines"] == 1
+    kept = encode_text(tmp_path / "p.txt", tmp_path / "text", toy_root / "model", per_shard=1, text_max_length=32)
+    assert (kept["shards_written"], kept["shards_up_to_date"]) == (0, 2)
+    # Another embedding length is another output: both shards are rebuilt, not silently kept.
+    assert encode_text(tmp_path / "p.txt", tmp_path / "text", toy_root / "model", per_shard=1)["shards_written"] == 2
+    (tmp_path / "p.txt").write_text("a red circle\n\nanother prompt\n")  # only the second shard's prompt changed
+    edited = encode_text(tmp_path / "p.txt", tmp_path / "text", toy_root / "model", per_shard=1)
+    assert (edited["shards_written"], edited["shards_up_to_date"]) == (1, 1)
     sample = next(iter(wds.WebDataset(str(tmp_path / "text/text-000000.tar"), shardshuffle=False, empty_check=False)))
     assert sample["__key__"] == "p_00000"
-    assert np.load(io.BytesIO(sample["prompt_embed.npy"]), allow_pickle=False).shape == (32, 32)
+    # The shard holds what the last run asked for (default length 512), not the first run's 32 rows.
+    assert np.load(io.BytesIO(sample["prompt_embed.npy"]), allow_pickle=False).shape == (512, 32)
     shards = [str(p) for p in sorted((toy_root / "latents").glob("latent-*.tar"))]
     stats = latent_stats(shards)
     ref = np.concatenate([np.moveaxis(np.load(io.BytesIO(s["latents.npy"])), 1, 0).reshape(4, -1)
@@ -203,9 +275,9 @@ def test_text_and_stats_tools(toy_root, tmp_path):
 
 
 def test_resume_inside_a_damaged_shard_does_not_count_its_bad_member_twice(toy_root, tmp_path):
-    """A truncated shard read through a shuffle buffer: its unreadable tail is met (and counted) while earlier
-    samples still wait in the buffer. A resume from a checkpoint taken after that replays the shard up to the
-    saved sample; the replayed error must not be counted again (the totals equal the uninterrupted read's)."""
+    """A truncated shard read through a shuffle buffer: its unreadable tail is met while earlier samples still
+    wait in the buffer. A resume from any checkpoint replays the shard up to the saved sample; the damaged
+    sample is counted exactly once per pass, whichever side of the checkpoint it fell on."""
     good = list(wds.WebDataset(str(toy_root / "latents/latent-000000.tar"), shardshuffle=False, empty_check=False))
     path = tmp_path / "tail.tar"
     with wds.TarWriter(str(path)) as sink:
@@ -217,25 +289,26 @@ def test_resume_inside_a_damaged_shard_does_not_count_its_bad_member_twice(toy_r
     cfg = compose([f"toy_root={toy_root}", "data.batch_size=1", "data.shuffle_buffer=4",
                    "data.max_skip_fraction=0.9"]).data
 
-    def read(positions=None, n=None):
+    def read(positions=None):
+        """Batches of epoch 0, then the position at the first batch of epoch 1 (after the whole pass)."""
         out = []
         for batch in HistoryShardDataset([str(path)], cfg, HistoryConfig(), positions=positions):
             pos = batch["_position"]
-            if pos["epoch"] >= 1 or (n is not None and len(out) == n):
-                break
+            if pos["epoch"] >= 1:
+                return out, pos
             out.append((batch["keys"], pos))
-        return out
 
-    straight = read()
-    counted_at = next(i for i, (_, pos) in enumerate(straight) if pos["skipped"].get("unreadable_member"))
-    assert counted_at < len(straight) - 1  # the error is counted before the last samples leave the buffer
-    saved = json.loads(json.dumps(straight[counted_at][1]))
-    saved.pop("worker")
-    resumed = read(positions={0: saved})
-    assert [k for k, _ in resumed] == [k for k, _ in straight[counted_at + 1:]]
-    assert resumed[-1][1]["skipped"] == straight[-1][1]["skipped"]  # (webdataset reports one cut member twice)
-    assert resumed[-1][1]["read"] == straight[-1][1]["read"]
-    assert straight[-1][1]["skipped"]["unreadable_member"] >= 1
+    straight, after = read()
+    # One cut member is one skip per pass (webdataset raises twice for it and yields the half sample after):
+    # 7 read in epoch 0 with 1 skip; in epoch 1 every sample read before the first batch beyond it was a skip.
+    assert len(straight) == 6
+    assert after["skipped"] == {"unreadable_member": 1 + (after["read"] - 7 - 1)}
+    for k in range(len(straight)):  # resume from every checkpoint position, before and after the count
+        saved = json.loads(json.dumps(straight[k][1]))
+        saved.pop("worker")
+        resumed, resumed_after = read(positions={0: saved})
+        assert [keys for keys, _ in resumed] == [keys for keys, _ in straight[k + 1:]]
+        assert (resumed_after["skipped"], resumed_after["read"]) == (after["skipped"], after["read"]), k
 
 
 def test_webdataset_defaults_fit_the_toy_model_and_wrong_shards_fail_before_the_model_loads(toy_root, tmp_path, capsys):

@@ -102,7 +102,7 @@ def ode_shards(toy_root, tmp_path_factory):
 
 def test_ode_pair_shards_hold_the_teacher_trajectory(ode_shards, toy_root):
     shards, summary = ode_shards
-    assert summary == {"shards_written": 1, "shards_skipped_existing": 0, "samples": 2}
+    assert (summary["shards_written"], summary["shards_up_to_date"], summary["samples"]) == (1, 0, 2)
     names = tarfile.open(next(shards.glob("*.tar"))).getnames()
     assert not [n for n in names if n.endswith((".pyd", ".pickle", ".pth"))]
     assert "prompts_00002.c2_s2.latents.npy" in names  # line numbers are kept as keys (empty line skipped)

@@ -170,9 +170,11 @@ def test_encode_latents_skips_existing_counts_short_and_batches(toy_root, tmp_pa
     out = tmp_path / "b1/latent-000000.tar"
     assert out.is_file() and not list((tmp_path / "b1").glob("*.tmp"))
     stamp = out.stat().st_mtime_ns
-    again = encode_shards([raw], tmp_path / "b1", toy_root / "model", min_frames=99)
-    assert again == {"shards_written": 0, "shards_skipped_existing": 1, "samples": 0, "skipped": {}}
-    assert out.stat().st_mtime_ns == stamp
+    listed = [json.loads(line)["item"] for line in (tmp_path / "b1/skipped.jsonl").read_text().splitlines()]
+    assert [item.rsplit(":", 1)[1] for item in listed] == ["clip_000", "clip_002", "clip_004"]
+    again = encode_shards([raw], tmp_path / "b1", toy_root / "model", min_frames=99, sample=False, text_max_length=16)
+    assert (again["shards_written"], again["shards_up_to_date"], again["samples_in_output"]) == (0, 1, 2)
+    assert again["skipped"] == one["skipped"] and out.stat().st_mtime_ns == stamp
     # Two equal-length videos in one VAE batch give the same latents as one at a time, in input order.
     two = encode_shards([raw], tmp_path / "b2", toy_root / "model", min_frames=99, sample=False,
                         text_max_length=16, batch_size=2)
@@ -183,6 +185,9 @@ def test_encode_latents_skips_existing_counts_short_and_batches(toy_root, tmp_pa
         np.testing.assert_allclose(_npy(x["latents.npy"]), _npy(y["latents.npy"]), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(_npy(x["prompt_embed.npy"]), _npy(y["prompt_embed.npy"]), rtol=1e-5, atol=1e-5)
     assert json.loads(a[0]["json"])["latent_shape"] == [3, 4, 9, 4, 8]
+    # A changed option (posterior sample instead of mode) rebuilds the shard instead of keeping the old one.
+    assert encode_shards([raw], tmp_path / "b1", toy_root / "model", min_frames=99, text_max_length=16)[
+        "shards_written"] == 1
 
 
 def test_encode_latents_cli_help():

@@ -90,8 +90,10 @@ def test_corrupt_mp4_and_bad_latent_are_skipped_and_counted(toy_root, tmp_path):
 
     _bad_shard(toy_root / "raw/raw-000000.tar", tmp_path / "raw-bad.tar", broken_mp4)
     _bad_shard(toy_root / "latents/latent-000000.tar", tmp_path / "latent-bad.tar", wrong_latent)
-    train(toy_root, tmp_path, FAST + ["data=toy_raw", f"data.shards={tmp_path}/raw-bad.tar",
-                                      "trainer.max_steps=3", "run_name=raw_bad"])
+    from helios_train.__main__ import done_line
+
+    result = train(toy_root, tmp_path, FAST + ["data=toy_raw", f"data.shards={tmp_path}/raw-bad.tar",
+                                               "trainer.max_steps=3", "run_name=raw_bad"])
     train(toy_root, tmp_path, FAST + [f"data.shards={tmp_path}/latent-bad.tar", "trainer.max_steps=3",
                                       "run_name=lat_bad"])
     raw_last = read_metrics(tmp_path / "raw_bad")[-1]
@@ -100,6 +102,8 @@ def test_corrupt_mp4_and_bad_latent_are_skipped_and_counted(toy_root, tmp_path):
     assert lat_last.get("data/skipped_bad_latent_shape", 0) >= 1, lat_last
     assert np.isfinite(raw_last["loss"]) and np.isfinite(lat_last["loss"])  # training went on, finite
     assert raw_last["step"] == lat_last["step"] == 3
+    # The final line names what was skipped, by reason, next to how much was read.
+    assert f"'samples_read': {int(raw_last['data/samples_read'])}, 'skipped': {{'decode_error': 1}}" in done_line(result)
 
 
 def test_correct_recipe_trains_and_logs_degradation_fractions(toy_root, tmp_path):

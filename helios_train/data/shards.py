@@ -44,19 +44,37 @@ def expand_shards(spec: str) -> list[str]:
     return paths
 
 
+DAMAGED = "__damaged__"
+
+
+def _describe(exn: Exception) -> str:
+    first = exn.args[0] if exn.args else exn
+    return f"{type(exn).__name__}: {str(first).split(' @ <')[0]}"
+
+
 def iter_shard_samples(path: str, on_error: Callable[[Exception], None]) -> Iterator[dict]:
     """Yield raw samples (`{"__key__", "__url__", "<ext>": bytes}`) of one tar shard.
 
     Member bytes are never decoded here (in particular nothing is unpickled). A damaged tar member or
-    a truncated shard calls `on_error` and iteration continues with what can still be read.
+    a truncated shard is reported once, on the sample it damaged: webdataset raises for one truncation
+    twice (the member read, then the tar header after it) and then yields the half-assembled sample,
+    so the next sample yielded after an error carries `DAMAGED` = the error text, and the consumer
+    counts that sample once (as unreadable if it is unusable). An error after the last sample, or on a
+    shard that cannot be opened, calls `on_error` once.
     """
+    pending: list[Exception] = []
 
     def handler(exn: Exception) -> bool:
-        on_error(exn)
-        return True  # keep going
+        pending.append(exn)
+        return True  # keep going with what can still be read
 
     try:
-        stream = tariterators.tarfile_samples([{"url": path}], handler=handler)
-        yield from stream
+        for sample in tariterators.tarfile_samples([{"url": path}], handler=handler):
+            if pending:
+                sample[DAMAGED] = f"{path}: {_describe(pending[0])}"
+                pending.clear()
+            yield sample
     except Exception as exn:  # a shard that cannot even be opened
-        on_error(exn)
+        pending.append(exn)
+    if pending:
+        on_error(pending[0])

@@ -25,7 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from helios_train.data.decoding import BadSample
 from helios_train.data.samples import collate, latent_sample, ode_sample, raw_sample
-from helios_train.data.shards import iter_shard_samples
+from helios_train.data.shards import DAMAGED, iter_shard_samples
 
 log = logging.getLogger(__name__)
 MIN_READ_FOR_SKIP_LIMIT = 20  # do not judge the skip fraction on the first handful of samples
@@ -124,10 +124,13 @@ class HistoryShardDataset(IterableDataset):
                         continue  # replaying the part of this shard consumed before a resume
                     pos["in_shard"] = i + 1
                     pos["read"] += 1
+                    damaged = raw.pop(DAMAGED, None)
                     try:
                         batch.append(self.convert(raw, self.data_cfg, self.history_cfg, pos["epoch"]))
                     except BadSample as bad:
-                        self._count_skip(pos, bad.reason, shard, str(bad))
+                        # A sample cut by a damaged member is one skip, under the damage (not "missing member").
+                        reason, why = ("unreadable_member", f"{bad} — {damaged}") if damaged else (bad.reason, str(bad))
+                        self._count_skip(pos, reason, shard, why)
                         continue
                     if len(batch) == self.data_cfg.batch_size:
                         out = collate(batch)
