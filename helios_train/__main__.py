@@ -51,6 +51,7 @@ def build_trainer(cfg: DictConfig):
     shards = run_setup.resolve_shards(cfg, run_setup.world_size())
     check_model_dir(cfg.model)
     run_setup.check_data_fits_model(cfg, shards)
+    run_setup.resolve_validation_defaults(cfg, shards)
     fresh = not (Path(cfg.output_root) / cfg.run_name).exists()
     run_dir, resume_from, config = run_setup.prepare_run_dir(cfg, is_main)
     try:

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from helios_train.progress import chunk_progress
 from helios_train.prompt_file import InputError, read_prompt_lines
 from helios_train.variants import (DEFAULTS, NEGATIVE_PROMPT, SamplerSettings, build_pipeline, call_kwargs,
                                    round_frames, use_float64_block_noise)
@@ -176,17 +178,21 @@ def main(argv=None) -> list[Path]:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    chunks = round_frames(a.num_frames)[0] // 33
+    bar = tqdm(total=len(prompts) * chunks, desc="chunks generated", unit="chunk")
     for i, prompt in enumerate(prompts):
-        frames = generate(pipe, variant, prompt, s, a.num_frames, a.height, a.width, a.seed + i,
-                          a.negative_prompt, image, video)
+        with chunk_progress(pipe.vae, bar):
+            frames = generate(pipe, variant, prompt, s, a.num_frames, a.height, a.width, a.seed + i,
+                              a.negative_prompt, image, video)
         path = out / f"{i:03d}_{slug(prompt)}.mp4"
         write_mp4(frames, path)
         settings = {"prompt": prompt, "variant": variant, "checkpoint": str(a.checkpoint), "seed": a.seed + i,
                     "task": "i2v" if image is not None else "v2v" if video is not None else "t2v",
                     "frames": int(frames.shape[0]), "height": a.height, "width": a.width, "fps": FPS, **asdict(s)}
         path.with_suffix(".json").write_text(json.dumps(settings, indent=2))
-        print(f"wrote {path} ({frames.shape[0]} frames)")
+        tqdm.write(f"wrote {path} ({frames.shape[0]} frames)")
         written.append(path)
+    bar.close()
     return written
 
 

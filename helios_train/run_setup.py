@@ -5,6 +5,7 @@ message that names the key and the rule.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import is_dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from helios_train.data.video_dataset import check_slots
 from helios_train.lockstep import params_sharded
 from helios_train.stages import check_stage_name
 from helios_train.tracking import redact
+
+log = logging.getLogger(__name__)
 
 # What a resume must not change (compared with the run's saved config.yaml): the stage and model
 # sections (old checkpoints would be meaningless), and every key that decides which sample is read next
@@ -115,10 +118,13 @@ def validate(cfg: DictConfig, dry_run: bool = False) -> None:
         raise ConfigError(f"stage.history: sizes {list(hist.history_sizes)} / window {hist.latent_window_size} must be >= 1")
     v = cfg.validation
     if v.every > 0:
+        if (v.height is None) != (v.width is None):
+            raise ConfigError(f"validation.height={v.height} validation.width={v.width}: give both or neither "
+                              f"(neither = the data's resolution)")
         for key in ("height", "width"):
             value = getattr(v, key)
             # VAE ×8 then the latent rule below (×8): validation sizes must be multiples of 64 pixels.
-            if value % 64:
+            if value is not None and value % 64:
                 raise ConfigError(f"validation.{key}={value}: must be a multiple of 64 pixels "
                                   f"(8× VAE downsampling × 8 for the long memory patch and the pyramid)")
         if v.num_frames < 1:
@@ -211,6 +217,44 @@ def check_data_fits_model(cfg: DictConfig, shards: list[str]) -> None:
     if size is not None and cfg.data.latent_height is None and cfg.data.latent_width is None:
         # One latent size per run (a batch stacks samples): the first sample's, unless given; others are skipped.
         cfg.data.latent_height, cfg.data.latent_width = int(size[0]), int(size[1])
+
+
+VAE_STRIDE = 8  # pixels per latent cell (Wan VAE, spatial)
+OFFICIAL_VALIDATION_SIZE = (384, 640)
+
+
+def resolve_validation_defaults(cfg: DictConfig, shards: list[str]) -> None:
+    """Validation renders what the run trains on unless told otherwise: prompts from `validation.prompts_file`
+    or the first shard's captions, size = the data's latent size × 8. Runs after `check_data_fits_model`
+    (which fills the latent size from the first sample)."""
+    from helios_train.data.first_sample import first_captions
+    from helios_train.prompt_file import InputError, read_prompt_lines
+    from helios_train.validation import TOKYO
+
+    v = cfg.validation
+    if v.every <= 0:
+        return
+    if v.height is None:
+        lh, lw = cfg.data.latent_height, cfg.data.latent_width
+        h, w = (VAE_STRIDE * lh, VAE_STRIDE * lw) if lh and lw else OFFICIAL_VALIDATION_SIZE
+        if h % 64 or w % 64:
+            raise ConfigError(f"validation at the data's resolution {h}x{w} (latents {lh}x{lw} × {VAE_STRIDE}) is not "
+                              f"a multiple of 64 pixels: set validation.height and validation.width")
+        v.height, v.width = h, w
+    if v.prompts is None:
+        if v.prompts_file:
+            try:
+                v.prompts = [p for _, p in read_prompt_lines(v.prompts_file, "validation.prompts_file")]
+            except InputError as bad:
+                raise ConfigError(str(bad)) from None
+        else:
+            captions = first_captions(shards[0], v.num_data_prompts) if v.num_data_prompts > 0 else []
+            if not captions:
+                log.warning("validation: no caption in the first samples of %s; rendering the official prompt "
+                            "(set validation.prompts or validation.prompts_file)", shards[0])
+            v.prompts = captions or [TOKYO]
+    elif v.prompts_file:
+        raise ConfigError("validation.prompts and validation.prompts_file are both set: keep one")
 
 
 PATH_KEYS = (("model", "path"), ("model", "transformer_path"))

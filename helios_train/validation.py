@@ -9,15 +9,17 @@ frame-to-frame change relative to chunk 0 — drift shows up as lines leaving 1.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from helios_train.precision import forward_autocast, mixed_precision
-from helios_train.variants import DEFAULTS, SamplerSettings, build_pipeline
+from helios_train.progress import chunk_progress
+from helios_train.variants import DEFAULTS, SamplerSettings, build_pipeline, round_frames
 
 TOKYO = ("A stylish woman walks down a Tokyo street filled with warm glowing neon and animated city signage. She "
          "wears a black leather jacket, a long red dress, and black boots, and carries a black purse.")
@@ -27,10 +29,15 @@ TOKYO = ("A stylish woman walks down a Tokyo street filled with warm glowing neo
 class ValidationConfig:
     every: int = 500  # steps between validations; 0 disables validation
     at_first_step: bool = True  # official first_step_valid
-    prompts: list[str] = field(default_factory=lambda: [TOKYO])
+    # None: the lines of `prompts_file`, else the first `num_data_prompts` captions of the first shard
+    # (what the run trains on), else the official Tokyo prompt. Resolved at start-up (run_setup).
+    prompts: Optional[list[str]] = None
+    prompts_file: Optional[str] = None
+    num_data_prompts: int = 2
     num_frames: int = 99  # 3 chunks: enough for the drift curve
-    height: int = 384
-    width: int = 640
+    # None: the data's resolution (latent size × 8), else the official 384×640.
+    height: Optional[int] = None
+    width: Optional[int] = None
     seed: int = 42
     steps: Optional[int] = None  # None = the variant's default (helios_train/variants.py)
     pyramid_steps: Optional[list[int]] = None
@@ -66,6 +73,8 @@ class Validator:
         self.device = device
         self.variant = cfg.stage.name
         self._parts = None
+        if self.vcfg.prompts is None or self.vcfg.height is None:
+            raise ValueError("validation.prompts/height unresolved: call run_setup.resolve_validation_defaults first")
 
     def _components(self):
         if self._parts is None:
@@ -102,8 +111,12 @@ class Validator:
         videos, drift = {}, None
         # The live model mixes bf16 frozen weights with fp32 trainables: only its forward runs under the
         # run's autocast, the VAE decode stays fp32.
+        # One bar over every prompt's chunks (the pipeline's per-chunk step bars are off: they would
+        # interleave with the training bar); rank 0 only under ZeRO-3 lockstep.
+        bar = tqdm(total=len(v.prompts) * (round_frames(v.num_frames)[0] // 33), desc=f"validation step {step}",
+                   unit="chunk", leave=False, disable=not write)
         try:
-            with forward_autocast(transformer, self.device, mixed_precision(self.cfg)):
+            with forward_autocast(transformer, self.device, mixed_precision(self.cfg)), chunk_progress(vae, bar):
                 for i, prompt in enumerate(v.prompts):
                     frames = generate(pipe, self.variant, prompt, s, v.num_frames, v.height, v.width, v.seed + i,
                                       NEGATIVE_PROMPT)
@@ -113,6 +126,7 @@ class Validator:
                         videos[f"validation/video_{i}"] = out_dir / f"{i:02d}_{slug(prompt)}.mp4"
                         write_mp4(frames, videos[f"validation/video_{i}"])
         finally:
+            bar.close()
             transformer.train(was_training)
         if not write:
             return {"videos": [], "drift": drift}

@@ -335,3 +335,29 @@ def test_webdataset_defaults_fit_the_toy_model_and_wrong_shards_fail_before_the_
         with pytest.raises(ValueError, match=rf"{bad.name} sample other has (16-channel latents|4096-wide prompt)"):
             train(toy_root, tmp_path, ["data=webdataset", f"data.shards={bad}", "model=toy", "run_name=bad_" + name])
         assert not (tmp_path / f"bad_{name}").exists()
+
+
+def test_validation_renders_the_data_unless_told_otherwise(toy_root, tmp_path):
+    """Production defaults (validation.prompts/height/width null): the first shard's captions at the data's
+    resolution; validation.prompts_file lines instead; a bad prompts file names itself at start-up."""
+    from helios_train.run_setup import ConfigError, check_data_fits_model, resolve_validation_defaults
+
+    shard = str(toy_root / "latents/latent-000003.tar")
+    unset = ["data=webdataset", f"data.shards={shard}", "model=toy", "validation.every=5", "validation.prompts=null",
+             "validation.height=null", "validation.width=null"]
+
+    def resolved(extra=()):
+        cfg = compose([f"toy_root={toy_root}", *unset, *extra])
+        check_data_fits_model(cfg, [shard])
+        resolve_validation_defaults(cfg, [shard])
+        return cfg.validation
+
+    first_two = [json.loads(s["json"])["caption"] for s, _ in zip(wds.WebDataset(shard, shardshuffle=False), range(2))]
+    v = resolved()
+    assert list(v.prompts) == first_two and (v.height, v.width) == (64, 128)  # toy latents 8×16 × VAE stride 8
+    (tmp_path / "val.txt").write_text("a green triangle spins\n\na white dot falls\n")
+    v = resolved([f"validation.prompts_file={tmp_path / 'val.txt'}", "validation.height=128", "validation.width=256"])
+    assert list(v.prompts) == ["a green triangle spins", "a white dot falls"] and (v.height, v.width) == (128, 256)
+    (tmp_path / "none.txt").write_text("\n")
+    with pytest.raises(ConfigError, match="validation.prompts_file .*none.txt: no prompt"):
+        resolved([f"validation.prompts_file={tmp_path / 'none.txt'}"])

@@ -28,13 +28,16 @@ def decoded(path: Path) -> np.ndarray:
     return reader.get_batch(list(range(len(reader)))).asnumpy()
 
 
-def test_t2v_i2v_v2v_write_mp4s_with_expected_frames(base_run, tmp_path):
+def test_t2v_i2v_v2v_write_mp4s_with_expected_frames(base_run, tmp_path, capsys):
     from PIL import Image
 
     from helios_train.infer import main
 
     t2v = main(["--checkpoint", str(base_run), "--prompt", "a red circle", "--num-frames", "40",
                 "--out", str(tmp_path / "t2v"), *TINY])[0]
+    # The chunk bar counts each chunk's VAE decode (the pipeline's own bars stop before it).
+    err = capsys.readouterr().err
+    assert "chunks generated: 100%" in err and "2/2" in err and "VAE decode" in err
     frames = decoded(t2v)
     assert frames.shape == (65, 64, 128, 3)  # 40 → 2 chunks (66 frames) → 4n+1 trim = 65
     meta = json.loads(t2v.with_suffix(".json").read_text())
@@ -86,8 +89,9 @@ def _model_path(run: Path) -> str:
     return OmegaConf.load(run / "config.yaml").model.path
 
 
-def test_validation_logs_videos_and_drift_to_offline_wandb(toy_root, tmp_path):
+def test_validation_logs_videos_and_drift_to_offline_wandb(toy_root, tmp_path, capsys):
     train(toy_root, tmp_path, ["trainer.max_steps=2", "validation.every=2", "data.num_workers=0", "run_name=val"])
+    assert "validation step 2: 100%" in capsys.readouterr().err  # 1 prompt × 3 chunks, one bar step per chunk
     run = tmp_path / "val"
     records = [json.loads(x) for x in (run / "validation.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 2]

@@ -39,6 +39,27 @@ def first_sample_shapes(shard: str, members: tuple[str, ...]) -> Optional[tuple[
     return None
 
 
+def first_captions(shard: str, n: int, max_entries: int = 4096) -> list[str]:
+    """Captions of the first `n` samples of `shard` that have one (their `json` members only; the other
+    members' bytes are skipped by the tar index, not read)."""
+    import json
+
+    from helios_train.data.decoding import BadSample, caption_of
+
+    out: list[str] = []
+    with tarfile.open(shard) as tar:
+        for i, info in enumerate(tar):
+            if len(out) >= n or i >= max_entries:
+                break
+            if not info.isfile() or not info.name.endswith(".json"):
+                continue
+            try:
+                out.append(caption_of(json.loads(tar.extractfile(info).read()), info.name))
+            except (ValueError, BadSample):
+                continue  # a sample the loader would skip is no validation prompt either
+    return out
+
+
 def check_against_model(shard: str, mode: str, latent_channels: int, text_dim: int) -> Optional[tuple[int, int]]:
     """Raise naming the shard and sample when its first sample does not fit the model; return the sample's
     latent (height, width) (latents mode; None otherwise or when no sample was found)."""
