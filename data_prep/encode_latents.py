@@ -146,6 +146,8 @@ def encode_shards(raw_shards, out_dir, model_dir, chunk_frames: int = CHUNK, min
                     sink.skip(f"{raw_path}:{raw.get('__key__')}", reason, why)
                     bar.update()
                     continue
+                if damaged:  # whole despite the damage right after it: kept; the lost rest is listed
+                    sink.skip(f"{raw_path}:after {raw['__key__']}", "unreadable_member", damaged)
                 if batch and batch[0][2].shape != item[2].shape:
                     flush(sink, batch)  # the VAE batch needs equal shapes
                 batch.append(item)

@@ -159,11 +159,17 @@ def assemble_history_sample(
     if not 0 <= chunk_index < s:
         raise IndexError(f"chunk_index {chunk_index} out of range for {s} chunks")
     n_hist = sum(_sizes(cfg))
-    flat = chunks_latents.permute(1, 0, 2, 3, 4).reshape(c, s * window, h, w)
-    padded = torch.cat([flat.new_zeros(c, n_hist, h, w), flat], dim=1)
+    # Only the chunks the history reaches are laid out in time (not the whole video, twice: a loader cost
+    # that grew with video length). Frame f of the video is frame f - base of `part`.
     start = chunk_index * window
-    history = padded[:, start : start + n_hist].clone()
-    target = padded[:, start + n_hist : start + n_hist + window].clone()
+    lo = start - n_hist  # first history frame; negative = zero padding before the video
+    first = max(0, lo) // window
+    part = chunks_latents[first : chunk_index + 1].permute(1, 0, 2, 3, 4).reshape(c, -1, h, w)
+    base = first * window
+    history = part.new_zeros(c, n_hist, h, w)
+    have = max(lo, 0)
+    history[:, have - lo :] = part[:, have - base : start - base]
+    target = part[:, start - base : start - base + window].clone()
     x0 = None
     if cfg.keep_x0:
         x0 = chunks_latents[0, :, :1].clone()

@@ -55,7 +55,7 @@ def latent_sample(raw: dict, data_cfg, history_cfg: HistoryConfig, epoch: int) -
     embed = decode_npy(raw["prompt_embed.npy"], f"{key}.prompt_embed.npy")
     if embed.ndim != 2:
         raise BadSample("bad_embed_shape", f"sample {key}: prompt_embed.npy has shape {list(embed.shape)}, expected [L, D]")
-    chunks = torch.from_numpy(latents.astype(np.float32))
+    chunks = torch.from_numpy(latents.astype(np.float32, copy=False))
     chunk = int(sample_rng(data_cfg.seed, epoch, key).integers(latents.shape[0]))
     x0, history, target = assemble_history_sample(chunks, chunk, history_cfg)
     out = {
@@ -65,7 +65,7 @@ def latent_sample(raw: dict, data_cfg, history_cfg: HistoryConfig, epoch: int) -
         "x0": x0,
         "history": history,
         "target": target,
-        "prompt_embeds": torch.from_numpy(embed.astype(np.float32)),
+        "prompt_embeds": torch.from_numpy(embed.astype(np.float32, copy=False)),
     }
     if data_cfg.secondary_section:
         # Stage 3 (official dataloader_dmd `*_2`): an independent second chunk of the same video for the
@@ -156,7 +156,8 @@ def collate(samples: list[dict]) -> dict:
         values = [s[name] for s in samples]
         if isinstance(values[0], torch.Tensor):
             same = all(v.shape == values[0].shape for v in values)
-            batch[name] = torch.stack(values) if same else values
+            # One sample: a view, not a copy (a raw 384×640 context is ~100 MB of uint8 frames).
+            batch[name] = (values[0].unsqueeze(0) if len(values) == 1 else torch.stack(values)) if same else values
         elif isinstance(values[0], int):
             batch[name] = torch.tensor(values, dtype=torch.long)
         else:

@@ -132,6 +132,8 @@ class HistoryShardDataset(IterableDataset):
                         reason, why = ("unreadable_member", f"{bad} — {damaged}") if damaged else (bad.reason, str(bad))
                         self._count_skip(pos, reason, shard, why)
                         continue
+                    if damaged:  # whole despite the damage right after it: used; the lost rest is the one skip
+                        self._count_skip(pos, "unreadable_member", shard, f"after sample {raw['__key__']}: {damaged}")
                     if len(batch) == self.data_cfg.batch_size:
                         out = collate(batch)
                         out["_position"] = {"worker": logical, **copy.deepcopy(pos)}
