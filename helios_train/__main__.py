@@ -1,6 +1,14 @@
 """`python -m helios_train stage=base|mid|distilled [overrides]` — Hydra entry, dispatch only."""
 from __future__ import annotations
 
+# First, before the imports (seconds) and the model load (minutes at 14B): a killed launcher takes this
+# worker with it, and SIGTERM/SIGUSR1 end it cleanly (helios_train/process_guard.py).
+if __name__ == "__main__":
+    from helios_train import process_guard as _guard
+
+    _guard.guard_parent()
+    _guard.install_early_stop()
+
 import logging
 import os
 import shutil
@@ -34,7 +42,12 @@ def run(cfg: DictConfig) -> dict:
         resolve_precision(cfg, device=None)  # measuring for GPUs: no probe of this machine
         run_setup.ensure_toy_assets(cfg)  # a toy model's config.json (nothing else is read)
         return run_dry(cfg)
-    return build_trainer(cfg).train()
+    trainer = build_trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        if trainer.run_lock is not None:
+            trainer.run_lock.release()
 
 
 def build_trainer(cfg: DictConfig):
@@ -42,6 +55,8 @@ def build_trainer(cfg: DictConfig):
     from helios_train import run_setup
     from helios_train.model.loading import check_model_dir
     from helios_train.precision import resolve_precision
+    from helios_train.numerics import apply_thread_count
+    from helios_train.run_lock import RunLock
     from helios_train.trainer import Trainer
 
     run_setup.validate(cfg)
@@ -53,15 +68,23 @@ def build_trainer(cfg: DictConfig):
     run_setup.check_data_fits_model(cfg, shards)
     run_setup.resolve_validation_defaults(cfg, shards)
     fresh = not (Path(cfg.output_root) / cfg.run_name).exists()
-    run_dir, resume_from, config = run_setup.prepare_run_dir(cfg, is_main)
+    # Rank 0 holds the run directory's lock from before its first write until the process ends: a second
+    # trainer on the same directory stops here, naming the holder (helios_train/run_lock.py).
+    lock = RunLock.acquire(Path(cfg.output_root) / cfg.run_name) if is_main else None
     try:
-        return Trainer(cfg, run_dir, shards, resume_from, config)
+        run_dir, resume_from, config = run_setup.prepare_run_dir(cfg, is_main)
+        apply_thread_count(cfg, resume_from)
+        trainer = Trainer(cfg, run_dir, shards, resume_from, config)
     except BaseException:
         # A start-up that fails (model load, backend, resume) leaves no run folder it created: a stray
         # checkpoints/<run>/ with a config.yaml would make the fixed rerun "resume" a run that never ran.
+        if lock is not None:
+            lock.release()
         if is_main and fresh:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            shutil.rmtree(Path(cfg.output_root) / cfg.run_name, ignore_errors=True)
         raise
+    trainer.run_lock = lock
+    return trainer
 
 
 def done_line(result: dict) -> str:
@@ -78,9 +101,20 @@ def done_line(result: dict) -> str:
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     logging.getLogger("helios_train").setLevel(logging.INFO)
+    multi_process = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if multi_process:
+        from helios_train.process_guard import will_exit_without_teardown
+
+        will_exit_without_teardown()
     result = run(cfg)
     if int(os.environ.get("RANK", 0)) == 0:
-        print(done_line(result))
+        print(done_line(result), flush=True)
+    if multi_process:
+        # Every rank passed the final barrier with everything written: leave without the process-group
+        # destructors that can deadlock at interpreter exit (helios_train/process_guard.py).
+        from helios_train.process_guard import exit_process
+
+        exit_process(0)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def remove_incomplete(run_dir: Path) -> list[Path]:
     removed = []
     if run_dir.is_dir():
         for child in run_dir.iterdir():
-            half = child.name.startswith(".tmp-checkpoint-") or (
+            half = child.name.startswith((".tmp-checkpoint-", ".old-checkpoint-")) or (
                 _CKPT.match(child.name) and not (child / MARKER).is_file()
             )
             if half and child.is_dir():
@@ -100,6 +100,10 @@ def prune(run_dir: Path, keep: Optional[int]) -> None:
     if keep is None or keep <= 0:
         return
     for _, path in checkpoint_dirs(run_dir)[:-keep]:
+        # The marker goes first: a prune interrupted half-way leaves a directory that no resume or export
+        # will take for a checkpoint (and remove_incomplete clears it at the next start).
+        (path / MARKER).unlink(missing_ok=True)
+        _fsync(path)
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -170,9 +174,18 @@ def finalize(run_dir: Path, step: int, keep: Optional[int]) -> Path:
     (src / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=1, sort_keys=True))
     _fsync(src / MARKER)
     _fsync(src)
-    if dst.exists():  # re-saving the same step (e.g. final == periodic): replace atomically enough
-        shutil.rmtree(dst)
-    os.replace(src, dst)
-    _fsync(run_dir)
+    if dst.exists():
+        # Re-saving a step (final == periodic): the old one is renamed aside first, so at every instant
+        # either the old or the new checkpoint-<step> is in place, whole (a kill here leaves the aside
+        # copy, which remove_incomplete deletes at the next start).
+        aside = run_dir / f".old-checkpoint-{step}"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(dst, aside)
+        os.replace(src, dst)
+        _fsync(run_dir)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+        _fsync(run_dir)
     prune(run_dir, keep)
     return dst

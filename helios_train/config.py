@@ -165,6 +165,12 @@ class TrainerConfig:
     checkpoint_every: int = 10
     checkpoints_total_limit: Optional[int] = None
     max_consecutive_nonfinite: int = 5
+    # Seconds a rank waits in a collective for a silent peer before the job ends naming it
+    # (helios_train/heartbeat.py). Longer than any one-rank pause between collectives (checkpoint write).
+    collective_timeout_s: float = 600.0
+    # CPU threads per process (torch.set_num_threads). null: on resume the checkpoint's count (bit-exact
+    # resume depends on it), else OMP_NUM_THREADS or torch's default.
+    num_threads: Optional[int] = None
     perf: PerfConfig = field(default_factory=PerfConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 

@@ -13,6 +13,7 @@ import logging
 import math
 import random
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +25,10 @@ from helios_train import checkpoint as ckpt
 from helios_train.backends import build_backend
 from helios_train.data.decoding import SKIP_REASONS
 from helios_train.data.video_dataset import DataPosition, build_loader
+from helios_train.heartbeat import Heartbeat, SilentRank, is_collective_timeout, wait_for_rank0
 from helios_train.lockstep import params_sharded
+from helios_train.numerics import compare_numerics, numerics_settings
+from helios_train.process_guard import report_exit
 from helios_train.seeding import micro_batch_key
 from helios_train.stages import build_stage
 from helios_train.throughput import Throughput
@@ -86,12 +90,14 @@ class Trainer:
         self.nonfinite_total = 0
         self.position = DataPosition()
         self.tracker = Tracker(cfg.tracker, run_dir, cfg.run_name, plain_config, enabled=b.is_main)
+        self.heartbeat = Heartbeat(b.rank, b.world_size)
         self.throughput = Throughput(tc.perf, b.device, b.world_size)
         if resume_from is not None:
             self._load(resume_from)
-            self.tracker.truncate_after(self.step)
+        self.tracker.start(self.step if resume_from is not None else None)
         self.shards = shards
         self.stop_signal: str | None = None
+        self.run_lock = None  # the run directory lock (rank 0), released by whoever built the trainer
         self.fresh_start = resume_from is None
         self.validator = None
         # Rank 0 renders; under ZeRO-3 every rank must run the sampler's forwards with it (lockstep.py).
@@ -139,6 +145,7 @@ class Trainer:
                 # changes kernel choices (1e-9 differences), which would make a resumed step differ from
                 # the uninterrupted run's (helios_train/throughput.py).
                 "flops": self.throughput.state_dict(),
+                "numerics": numerics_settings(self.cfg),
             }
             ckpt.write_json(state, tmp / "trainer_state.json")
         b.barrier()
@@ -171,6 +178,10 @@ class Trainer:
                                       for r in self.roles}
         self.stage.load_state_dict(state["stage"])
         self.throughput.load_state_dict(state.get("flops"), state.get("flops_per_step"))
+        differences = compare_numerics(state.get("numerics"), numerics_settings(self.cfg))
+        if differences and b.is_main:
+            tqdm.write(f"[helios-train] resuming with other numerics than {path} was written with ({differences}): "
+                       "the run continues, but not bit for bit like an uninterrupted one")
         if b.is_main:
             tqdm.write(f"[helios-train] resumed from {path} at step {self.step}")
 
@@ -260,6 +271,7 @@ class Trainer:
             self.close()
             return {"step": self.step}
         previous_handlers = self._install_signal_handlers()
+        self.heartbeat.beat(self.step)
         loader = build_loader(self.shards, cfg.data, cfg.stage.history, b.rank, b.world_size, self.position)
         it = iter(loader)
         bar = tqdm(total=tc.max_steps, initial=self.step, disable=not b.is_main, desc=cfg.stage.name, dynamic_ncols=True)
@@ -272,6 +284,7 @@ class Trainer:
                 if tc.debug.step_sleep_s:
                     time.sleep(tc.debug.step_sleep_s)
                 self.step += 1
+                self.heartbeat.beat(self.step)
                 last = self._log_step(logs, batches, time.perf_counter() - t0)
                 bar.update(1)
                 bar.set_postfix(loss=f"{next((v for k, v in last.items() if k.endswith('loss')), 0.0):.4f}")
@@ -283,11 +296,17 @@ class Trainer:
                     if b.is_main:
                         tqdm.write(f"[helios-train] received {self.stop_signal or 'a stop signal on another rank'}: "
                                    f"checkpoint-{self.step} written, exiting; rerun the same command to resume")
+                    report_exit(self.stop_signal or "peer", safe=True, detail=f"checkpoint-{self.step} written",
+                                step=self.step)
                     break
-        except BaseException:
+        except BaseException as exn:
             # The W&B run is closed as failed (a run left open in this process would swallow the next one's
             # logs); the backend is not shut down here: its barrier could wait on ranks that did not fail.
             self.tracker.finish(exit_code=1)
+            if is_collective_timeout(exn):
+                message = self.heartbeat.describe_silence(self.step, tc.collective_timeout_s)
+                print(f"[helios-train] {message}", file=sys.stderr, flush=True)
+                raise SilentRank(message) from exn
             raise
         finally:
             bar.close()
@@ -329,6 +348,12 @@ class Trainer:
                 result = self.validator.run(self.step, role.module, write=self.backend.is_main)
                 if self.backend.is_main:
                     tqdm.write(f"[helios-train] step {self.step}: validation videos {result['videos']}")
+        # The others wait for rank 0's render in the store, not in a collective: a render longer than
+        # trainer.collective_timeout_s must not end the job (official issue #17: multi-node runs hanging at
+        # the first validation until the NCCL timeout). Under ZeRO-3 every rank rendered in lockstep.
+        if not params_sharded(self.cfg):
+            wait_for_rank0(self.backend, f"helios/validation/{self.run_dir}/{self.step}",
+                           self.cfg.validation.wait_timeout_s)
         self.backend.barrier()
 
     def _log_step(self, logs: dict, batches: list[dict], dt: float) -> dict:

@@ -43,6 +43,8 @@ class ValidationConfig:
     pyramid_steps: Optional[list[int]] = None
     guidance: Optional[float] = None
     use_ema: bool = False  # render with the EMA weights when the stage keeps an EMA (official: false)
+    # How long the other ranks wait (outside any collective) for rank 0's render before the job ends.
+    wait_timeout_s: float = 3600.0
 
 
 def drift_stats(frames: np.ndarray, chunk: int = 33) -> dict[str, list[float]]:

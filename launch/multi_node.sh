@@ -8,7 +8,7 @@
 # No cluster-specific variables are read; SLURM users see launch/slurm.sbatch. Without GPUs it runs on
 # CPU with gloo (a 2-node rehearsal on one machine: tests/test_ddp.py).
 # Preemption: torchrun forwards SIGTERM and SIGUSR1 to the workers (checkpoint, exit 0) and waits
-# TORCH_ELASTIC_SHUTDOWN_TIMEOUT (default here 150 s) before SIGKILL.
+# 30 s for them (fixed in torch) before SIGKILL.
 set -euo pipefail
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
@@ -17,7 +17,6 @@ MASTER_PORT=${MASTER_PORT:-29500}
 GPUS_PER_NODE=${GPUS_PER_NODE:-$(python -c "import torch; print(max(1, torch.cuda.device_count()))")}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
-export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-150}
 exec torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$GPUS_PER_NODE" \
   --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${RDZV_ID:-helios}" \
   -m helios_train launcher="${LAUNCHER:-ddp}" "$@"

@@ -13,7 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# tests/ for conftest, and this checkout's root before any installed copy (a git worktree runs its own code).
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
 
 def role_summary(trainer) -> dict:
@@ -38,6 +39,8 @@ def run_one(overrides: list[str]) -> dict:
     cfg = compose(overrides)
     trainer = build_trainer(cfg)
     result = trainer.train()
+    if trainer.run_lock is not None:
+        trainer.run_lock.release()
     metrics = read_metrics(trainer.run_dir) if trainer.backend.is_main else []
     losses = [v for m in metrics for k, v in m.items() if k.endswith("loss")]
     return {"step": result["step"], "losses": losses, "finite": bool(losses) and all(map(math.isfinite, losses)),
@@ -58,7 +61,10 @@ def main() -> None:
     if int(os.environ.get("RANK", 0)) == 0:
         out.write_text(json.dumps(results, indent=1))
     dist.barrier()
-    dist.destroy_process_group()
+    # Leave as the entry point does: no process-group destructor at interpreter exit (process_guard.py).
+    from helios_train.process_guard import exit_process
+
+    exit_process(0)
 
 
 if __name__ == "__main__":

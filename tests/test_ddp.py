@@ -80,13 +80,17 @@ def test_simulated_two_node_launch_through_launch_script(toy_root, tmp_path):
              "GPUS_PER_NODE": "1", "RDZV_ID": f"t{port}"}
         procs.append(subprocess.Popen(
             ["bash", "launch/multi_node.sh", f"toy_root={toy_root}", f"output_root={tmp_path}", "trainer.max_steps=3",
-             "trainer.checkpoint_every=3", "data.num_workers=0", "validation.every=0", "run_name=twonode"],
+             "trainer.checkpoint_every=3", "data.num_workers=0", "run_name=twonode",
+             # Rank 0 renders for longer than the collective timeout (3 chunks ≈ 5–10 s here) while rank 1
+             # waits in the store, not in a collective: the run must not time out (official issue #17).
+             "validation.every=3", "validation.at_first_step=false", "trainer.collective_timeout_s=2"],
             cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
     hist = read_metrics(tmp_path / "twonode")
     assert [m["step"] for m in hist] == [1, 2, 3]
     assert (tmp_path / "twonode/checkpoint-3/COMPLETE").is_file()
+    assert list((tmp_path / "twonode/validation/step-3").glob("*.mp4"))
     # both ranks wrote their data position (world size 2)
     assert {p.name for p in (tmp_path / "twonode/checkpoint-3").glob("data-rank*.json")} == {"data-rank0.json",
                                                                                               "data-rank1.json"}

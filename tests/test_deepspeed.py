@@ -82,7 +82,8 @@ def test_nonfinite_gradients_skip_the_update_and_keep_dtypes(one_process, stage,
     torch_linear = torch.nn.functional.linear
     t0 = time.time()
     b = DeepSpeedBackend(launcher(stage, offload_optimizer=offload, offload_param=offload),
-                         NS(device="cpu", mixed_precision="bf16", grad_accum_steps=1), NS(batch_size=1))
+                         NS(device="cpu", mixed_precision="bf16", grad_accum_steps=1, collective_timeout_s=60.0),
+                         NS(batch_size=1))
     try:
         torch.manual_seed(0)
         m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))

@@ -67,8 +67,10 @@ def test_sigkill_then_resume_matches_uninterrupted(toy_root, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_preemption_signal_checkpoints_and_exits_zero(toy_root, tmp_path, sig):
+def test_preemption_signal_checkpoints_and_exits_zero(toy_root, tmp_path):
+    """SIGUSR1 (SLURM's warning); SIGTERM takes the same handler and is sent in the loop by
+    tests/test_process_reliability.py::test_workers_stop_when_torchrun_is_killed (the parent-death signal)."""
+    sig = signal.SIGUSR1
     proc = launch(toy_root, tmp_path, "trainer.checkpoint_every=1000", "trainer.max_steps=500",
                   "run_name=pre", "trainer.debug.step_sleep_s=0.2")
     wait_for(tmp_path / "pre/metrics.jsonl", proc)
@@ -150,3 +152,56 @@ def test_checkpoints_total_limit_keeps_newest(toy_root, tmp_path):
     train(toy_root, tmp_path, ["trainer.max_steps=5", "trainer.checkpoint_every=1", "trainer.checkpoints_total_limit=2",
                                "run_name=limit"])
     assert sorted(p.name for p in (tmp_path / "limit").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
+
+
+def test_checkpoint_directory_operations_never_leave_a_bad_checkpoint_to_choose(tmp_path, monkeypatch):
+    """A kill inside a re-save (between its renames) or inside a prune (half the files deleted): at every such
+    instant the newest checkpoint that resume would choose is whole, and the next start clears the debris."""
+    import shutil
+
+    from helios_train import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def save(step: int, payload: bytes, keep=None):
+        tmp = ckpt.tmp_dir(run, step)
+        tmp.mkdir()
+        (tmp / "w.bin").write_bytes(payload)
+        (tmp / "x.bin").write_bytes(payload)
+        return ckpt.finalize(run, step, keep)
+
+    save(2, b"two")
+    save(4, b"four")
+    real_replace = os.replace
+    calls = []
+
+    def killed_on_second_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies between moving the old step 4 aside and the new one in
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_on_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save(4, b"four again")
+    monkeypatch.setattr(os, "replace", real_replace)
+    chosen = ckpt.latest_valid_checkpoint(run)
+    assert chosen == run / "checkpoint-2" and ckpt.verify(chosen) is None
+    assert {p.name for p in ckpt.remove_incomplete(run)} == {".old-checkpoint-4", ".tmp-checkpoint-4"}
+
+    save(4, b"four")
+    real_rmtree = shutil.rmtree
+
+    def killed_mid_delete(path, ignore_errors=False):
+        (Path(path) / "w.bin").unlink()  # part of the files are gone, then the kill
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed_mid_delete)
+    with pytest.raises(KeyboardInterrupt):
+        save(6, b"six", keep=2)  # prunes checkpoint-2
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert not (run / "checkpoint-2/COMPLETE").exists()  # the marker went first: not a checkpoint any more
+    assert ckpt.latest_valid_checkpoint(run) == run / "checkpoint-6"
+    assert [s for s, _ in ckpt.checkpoint_dirs(run)] == [4, 6]
+    assert run / "checkpoint-2" in ckpt.remove_incomplete(run)

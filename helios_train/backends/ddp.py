@@ -14,6 +14,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
 from helios_train.backends.base import Backend, PreparedRole
+from helios_train.process_guard import teardown_by_exit
 
 
 def gradient_buckets(grads: list[torch.Tensor], cap_bytes: int) -> list[list[torch.Tensor]]:
@@ -45,7 +46,8 @@ class DDPBackend(Backend):
         if self.owns_process_group:
             dist.init_process_group(
                 backend=backend,
-                timeout=datetime.timedelta(minutes=30),  # official NCCL timeout: 1800 s
+                # A silent peer ends the job after this long, named by helios_train/heartbeat.py.
+                timeout=datetime.timedelta(seconds=trainer_cfg.collective_timeout_s),
                 device_id=self.device if self.device.type == "cuda" else None,
             )
 
@@ -119,5 +121,7 @@ class DDPBackend(Backend):
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.barrier()
-            if self.owns_process_group:
+            # The entry point ends a multi-process run with os._exit after this barrier: no destroy, whose
+            # gloo destructor can deadlock on the GIL (helios_train/process_guard.py).
+            if self.owns_process_group and not teardown_by_exit():
                 dist.destroy_process_group()

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from helios_train.backends.base import Backend, PreparedRole
+from helios_train.process_guard import teardown_by_exit
 
 # Keys the trainer's loop owns; a user JSON may repeat them only with the same values.
 OWNED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
@@ -152,7 +153,8 @@ class DeepSpeedBackend(Backend):
             backend = "nccl" if self.device.type == "cuda" else "gloo"
         # As under DDP: an existing process group is reused and left alive at shutdown.
         self.owns_process_group = not torch.distributed.is_initialized()
-        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=30))
+        deepspeed.init_distributed(dist_backend=backend,
+                                       timeout=datetime.timedelta(seconds=trainer_cfg.collective_timeout_s))
         self.trainer_cfg = trainer_cfg
         self.data_cfg = data_cfg
         self.zero_stage = int(launcher_cfg.zero_stage)
@@ -286,7 +288,7 @@ class DeepSpeedBackend(Backend):
         restore_torch_linear()
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
-            if self.owns_process_group:
+            if self.owns_process_group and not teardown_by_exit():  # as under DDP (process_guard.py)
                 # Through deepspeed.comm: it also drops DeepSpeed's cached groups, so a later backend in
                 # the same process (tests, notebooks) starts clean.
                 self.deepspeed.comm.destroy_process_group()

@@ -1,0 +1,121 @@
+"""Process-level safety of a training process, from its first line to its last.
+
+Four things a cluster does to a trainer that the training loop alone cannot answer:
+
+- **Its launcher dies** (torchrun or DeepSpeed's launcher SIGKILLed, a node agent lost). Workers are
+  children of the launcher (torchrun starts them in their own sessions), so nothing reaches them and
+  they would train on, unparented, beside the requeued job. `guard_parent()` asks the kernel for
+  SIGTERM when the parent goes (Linux `PR_SET_PDEATHSIG`), which the trainer treats as preemption
+  (finish the step, checkpoint, exit); a parent that died before the request shows as parent pid 1.
+- **A signal before the loop** (imports, model load, resume load: minutes at 14B). `install_early_stop()`
+  makes SIGTERM/SIGUSR1 end the process with exit 0 and says that nothing was lost — no step has run
+  since the last checkpoint. The trainer replaces these handlers with its own once the loop starts.
+- **The end of a multi-process run**. Gloo's process-group destructor joins its worker thread while
+  holding the GIL, and that thread may wait for the GIL to drop a tensor (pytorch#56297; seen here in
+  1 of 10 clean exits). The entry point declares `will_exit_without_teardown()`; the backends then stop
+  after their final barrier without destroying the process group, and `exit_process()` flushes
+  everything and leaves with `os._exit`, so no process-group destructor ever runs.
+- Message text is printed with flush, since `os._exit` skips buffered output.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+NOTHING_LOST = "no step taken since the last checkpoint, nothing lost"
+
+
+class StopBeforeTraining(SystemExit):
+    """SIGTERM/SIGUSR1 before the first step: a clean exit (code 0), nothing to save."""
+
+    def __init__(self, signame: str):
+        super().__init__(0)
+        self.signame = signame
+
+
+def under_launcher() -> bool:
+    """torchrun / torch elastic, DeepSpeed's launcher, or SLURM's srun started this process."""
+    return any(k in os.environ for k in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "SLURM_STEP_ID"))
+
+
+def guard_parent(sig: int = signal.SIGTERM) -> bool:
+    """Have the kernel send `sig` to this process when its parent exits (Linux); exit at once if the
+    parent is already gone. Returns whether the request is in place."""
+    if not sys.platform.startswith("linux") or not under_launcher():
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        log.warning("could not ask for a parent-death signal (errno %d): workers may outlive a killed launcher",
+                    ctypes.get_errno())
+        return False
+    if os.getppid() == 1:  # the launcher died before the request (we were handed to init): nobody will send it
+        print("[helios-train] the launcher that started this worker is gone: exiting", file=sys.stderr, flush=True)
+        os._exit(1)
+    return True
+
+
+def install_early_stop() -> None:
+    """SIGTERM / SIGUSR1 until the training loop installs its own handlers: a clean exit, said so."""
+
+    def stop(signum, _frame):
+        name = signal.Signals(signum).name
+        print(f"[helios-train] received {name} before training started: {NOTHING_LOST}; rerun the same command "
+              f"to continue", file=sys.stderr, flush=True)
+        report_exit(name, safe=True, detail=NOTHING_LOST)
+        raise StopBeforeTraining(name)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, stop)
+
+
+def report_exit(signame: str, safe: bool, detail: str, step: int | None = None) -> None:
+    """Rank 0 tells a wrapping job script how a signalled run ended, in the JSON file named by
+    $HELIOS_EXIT_REPORT (launch/slurm.sbatch requeues only when `safe`: a checkpoint was written or no
+    step had run since the last one). torchrun's own exit code cannot say it: it re-raises the signal."""
+    path = os.environ.get("HELIOS_EXIT_REPORT")
+    if not path or int(os.environ.get("RANK", 0)) != 0:
+        return
+    import json
+    import time
+
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump({"signal": signame, "safe": safe, "detail": detail, "step": step, "time": time.time()}, fh)
+    os.replace(tmp, path)
+
+
+def flush_everything() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+
+
+_EXIT_WITHOUT_TEARDOWN = False
+
+
+def will_exit_without_teardown() -> None:
+    """The entry point declares that this process ends with `exit_process`: backends then skip
+    destroy_process_group (whose destructor is the deadlock) after their final barrier."""
+    global _EXIT_WITHOUT_TEARDOWN
+    _EXIT_WITHOUT_TEARDOWN = True
+
+
+def teardown_by_exit() -> bool:
+    return _EXIT_WITHOUT_TEARDOWN
+
+
+def exit_process(code: int) -> None:
+    """Leave a multi-process run without running interpreter teardown (see the module docstring).
+    Call only after the trainer closed: W&B finished, checkpoints and metrics written, final barrier."""
+    flush_everything()
+    os._exit(code)
