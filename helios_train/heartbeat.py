@@ -42,12 +42,29 @@ def _store():
 
 
 class Heartbeat:
-    def __init__(self, rank: int, world_size: int):
-        self.rank, self.world_size = rank, world_size
+    """Each rank's `{step, time, host, pid}` in the store: written at every step and by a daemon thread every
+    `interval_s` (a tenth of the collective timeout, at least 0.5 s). The thread stops with its process when
+    that is frozen (SIGSTOP stops every thread; so does a kernel-level hang), while a rank merely waiting in a
+    collective keeps beating (torch releases the GIL there): the silent rank is the one whose beats stopped."""
+
+    def __init__(self, rank: int, world_size: int, interval_s: float = 60.0):
+        self.rank, self.world_size, self.interval_s = rank, world_size, max(0.5, interval_s)
         self.store = _store() if world_size > 1 else None
         self.host, self.pid = socket.gethostname(), os.getpid()
+        self.step = 0
+        self._stop = None
+        if self.store is not None:
+            import threading
+
+            self._stop = threading.Event()
+            threading.Thread(target=self._beat_periodically, name="helios-heartbeat", daemon=True).start()
+
+    def _beat_periodically(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.beat(self.step)
 
     def beat(self, step: int) -> None:
+        self.step = step
         if self.store is None:
             return
         try:
@@ -55,6 +72,10 @@ class Heartbeat:
                 {"step": step, "time": time.time(), "host": self.host, "pid": self.pid}))
         except Exception:  # the store's host is gone: the collectives will say so
             self.store = None
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
 
     def read(self) -> dict[int, dict]:
         out: dict[int, dict] = {}
@@ -67,6 +88,44 @@ class Heartbeat:
                 break
         return out
 
+    def silent_ranks(self, my_step: int, beats: dict[int, dict]) -> list[int]:
+        """Ranks with no beat, or none for 3 intervals; failing that, those behind this rank's step; failing
+        that, the one quiet longest. Never this rank."""
+        now = time.time()
+        others = {r: b for r, b in beats.items() if r != self.rank}
+        missing = [r for r in range(self.world_size) if r != self.rank and r not in beats]
+        stale = [r for r, b in others.items() if now - b["time"] > 3 * self.interval_s]
+        if stale or missing:
+            return sorted(stale + missing)
+        behind = [r for r, b in others.items() if b["step"] < my_step]
+        if behind:
+            return sorted(behind)
+        return [min(others, key=lambda r: others[r]["time"])] if others else []
+
+    def stop_silent_local_ranks(self, my_step: int) -> list[int]:
+        """SIGKILL the silent ranks that run on this host in this same job (checked through their torchrun run
+        id), so the job ends now instead of after the launcher's 30 s grace for a process that cannot handle
+        SIGTERM (a stopped one); ranks on other hosts are ended by their own node's launcher."""
+        import signal
+
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+        if not run_id:
+            return []
+        beats = self.read()
+        killed = []
+        for r in self.silent_ranks(my_step, beats):
+            b = beats.get(r)
+            if not b or b["host"] != self.host or b["pid"] == self.pid:
+                continue
+            try:
+                environ = open(f"/proc/{b['pid']}/environ", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if f"TORCHELASTIC_RUN_ID={run_id}".encode() in environ:
+                os.kill(b["pid"], signal.SIGKILL)
+                killed.append(r)
+        return killed
+
     def describe_silence(self, my_step: int, waited_s: float) -> str:
         """One paragraph naming the rank(s) whose heartbeat stopped first."""
         beats = self.read()
@@ -74,11 +133,7 @@ class Heartbeat:
             return (f"rank {self.rank} waited {waited_s:.0f} s in a collective at step {my_step}; the heartbeat "
                     f"store is unreachable too (its host, rank 0's node, may be down)")
         now = time.time()
-        missing = [r for r in range(self.world_size) if r not in beats]
-        oldest = min(beats.values(), key=lambda b: (b["step"], b["time"]))
-        silent = [r for r, b in beats.items() if b["step"] == oldest["step"] and b["step"] < my_step] + missing
-        if not silent:  # everyone reached this step: the one that has not beaten for longest
-            silent = [min(beats, key=lambda r: beats[r]["time"])]
+        silent = self.silent_ranks(my_step, beats)
         parts = [f"rank {r}" + (f" (pid {beats[r]['pid']} on {beats[r]['host']}, last step {beats[r]['step']}, "
                                 f"{now - beats[r]['time']:.0f} s ago)" if r in beats else " (never beat)")
                  for r in silent]

@@ -90,7 +90,7 @@ class Trainer:
         self.nonfinite_total = 0
         self.position = DataPosition()
         self.tracker = Tracker(cfg.tracker, run_dir, cfg.run_name, plain_config, enabled=b.is_main)
-        self.heartbeat = Heartbeat(b.rank, b.world_size)
+        self.heartbeat = Heartbeat(b.rank, b.world_size, interval_s=tc.collective_timeout_s / 10)
         self.throughput = Throughput(tc.perf, b.device, b.world_size)
         if resume_from is not None:
             self._load(resume_from)
@@ -305,6 +305,9 @@ class Trainer:
             self.tracker.finish(exit_code=1)
             if is_collective_timeout(exn):
                 message = self.heartbeat.describe_silence(self.step, tc.collective_timeout_s)
+                killed = self.heartbeat.stop_silent_local_ranks(self.step)
+                if killed:
+                    message += f"; ended the silent rank(s) {killed} on this host"
                 print(f"[helios-train] {message}", file=sys.stderr, flush=True)
                 raise SilentRank(message) from exn
             raise
@@ -384,5 +387,6 @@ class Trainer:
         return logs
 
     def close(self) -> None:
+        self.heartbeat.stop()
         self.tracker.finish()
         self.backend.shutdown()
