@@ -1,6 +1,6 @@
 """Process-level safety of a training process, from its first line to its last.
 
-Four things a cluster does to a trainer that the training loop alone cannot answer:
+Three things a cluster does to a trainer that the training loop alone cannot answer:
 
 - **Its launcher dies** (torchrun or DeepSpeed's launcher SIGKILLed, a node agent lost). Workers are
   children of the launcher (torchrun starts them in their own sessions), so nothing reaches them and
@@ -11,11 +11,13 @@ Four things a cluster does to a trainer that the training loop alone cannot answ
   makes SIGTERM/SIGUSR1 end the process with exit 0 and says that nothing was lost — no step has run
   since the last checkpoint. The trainer replaces these handlers with its own once the loop starts.
 - **The end of a multi-process run**. Gloo's process-group destructor joins its worker thread while
-  holding the GIL, and that thread may wait for the GIL to drop a tensor (pytorch#56297; seen here in
-  1 of 10 clean exits). The entry point declares `will_exit_without_teardown()`; the backends then stop
+  holding the GIL, and that thread may wait for the GIL to drop a tensor (pytorch#56297; here 5 of 60
+  launches of tests/teardown_worker.py hung that way). The entry point declares `will_exit_without_teardown()`; the backends then stop
   after their final barrier without destroying the process group, and `exit_process()` flushes
   everything and leaves with `os._exit`, so no process-group destructor ever runs.
-- Message text is printed with flush, since `os._exit` skips buffered output.
+
+Messages are printed with flush: `os._exit` skips buffered output. A signalled run's outcome also goes to
+`$HELIOS_EXIT_REPORT` (`report_exit`), which launch/slurm.sbatch reads before requeueing.
 """
 from __future__ import annotations
 
