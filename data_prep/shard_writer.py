@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from helios_train.atomic_file import write_text_atomically
 from helios_train.prompt_file import InputError
 
 MANIFEST_VERSION = 1
@@ -79,15 +80,6 @@ def folder_fingerprint(path) -> str:
 def _normalised(value):
     """What `value` reads back as from JSON (tuples → lists, Paths → str), so manifests compare equal."""
     return json.loads(json.dumps(value, default=str))
-
-
-def _write_json_atomically(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def manifest_path(shard: Path) -> Path:
@@ -173,10 +165,10 @@ class ShardWriter:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _write_json_atomically(manifest_path(dst), {
+        write_text_atomically(manifest_path(dst), json.dumps({
             "version": MANIFEST_VERSION, "tool": self.tool, "options": self.options, "inputs": _normalised(inputs),
             "samples": len(sink.keys), "tar_size": dst.stat().st_size if sink.keys else None,
-            "keys": sink.keys, "skipped": sink.skipped})
+            "keys": sink.keys, "skipped": sink.skipped}, indent=1))
         self.summary["shards_written" if sink.keys else "shards_empty"] += 1
         self.summary["samples"] += len(sink.keys)
         self.summary["samples_in_output"] += len(sink.keys)
@@ -194,9 +186,7 @@ class ShardWriter:
     def finish(self, require_samples: bool = True) -> dict:
         """Write the skipped list, return the summary; fail when the output holds no sample."""
         path = self.skipped_list_path()
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(s) + "\n" for s in self.skipped))
-        os.replace(tmp, path)
+        write_text_atomically(path, "".join(json.dumps(s) + "\n" for s in self.skipped))
         summary = dict(self.summary)
         if self.skipped:
             summary["skipped_examples"] = [f"{s['item']}: {s['reason']}" + (f" ({s['detail']})" if s["detail"] else "")

@@ -67,10 +67,11 @@ def build_trainer(cfg: DictConfig):
     check_model_dir(cfg.model)
     run_setup.check_data_fits_model(cfg, shards)
     run_setup.resolve_validation_defaults(cfg, shards)
-    fresh = not (Path(cfg.output_root) / cfg.run_name).exists()
+    run_path = Path(cfg.output_root) / cfg.run_name
+    fresh = not run_path.exists()
     # Rank 0 holds the run directory's lock from before its first write until the process ends: a second
     # trainer on the same directory stops here, naming the holder (helios_train/run_lock.py).
-    lock = RunLock.acquire(Path(cfg.output_root) / cfg.run_name) if is_main else None
+    lock = RunLock.acquire(run_path) if is_main else None
     try:
         run_dir, resume_from, config = run_setup.prepare_run_dir(cfg, is_main)
         apply_thread_count(cfg, resume_from)
@@ -81,7 +82,7 @@ def build_trainer(cfg: DictConfig):
         if lock is not None:
             lock.release()
         if is_main and fresh:
-            shutil.rmtree(Path(cfg.output_root) / cfg.run_name, ignore_errors=True)
+            shutil.rmtree(run_path, ignore_errors=True)
         raise
     trainer.run_lock = lock
     return trainer

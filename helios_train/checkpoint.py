@@ -29,6 +29,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from helios_train.atomic_file import write_text_atomically
+
 MARKER = "COMPLETE"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -146,9 +148,7 @@ def load_torch(path: Path):
 
 
 def write_json(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".part")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def read_json(path: Path):

@@ -102,7 +102,7 @@ class Heartbeat:
             return sorted(behind)
         return [min(others, key=lambda r: others[r]["time"])] if others else []
 
-    def stop_silent_local_ranks(self, my_step: int) -> list[int]:
+    def stop_silent_local_ranks(self, my_step: int, beats: dict[int, dict]) -> list[int]:
         """SIGKILL the silent ranks that run on this host in this same job (checked through their torchrun run
         id), so the job ends now instead of after the launcher's 30 s grace for a process that cannot handle
         SIGTERM (a stopped one); ranks on other hosts are ended by their own node's launcher."""
@@ -111,7 +111,6 @@ class Heartbeat:
         run_id = os.environ.get("TORCHELASTIC_RUN_ID")
         if not run_id:
             return []
-        beats = self.read()
         killed = []
         for r in self.silent_ranks(my_step, beats):
             b = beats.get(r)
@@ -126,9 +125,8 @@ class Heartbeat:
                 killed.append(r)
         return killed
 
-    def describe_silence(self, my_step: int, waited_s: float) -> str:
-        """One paragraph naming the rank(s) whose heartbeat stopped first."""
-        beats = self.read()
+    def describe_silence(self, my_step: int, waited_s: float, beats: dict[int, dict]) -> str:
+        """One paragraph naming the rank(s) whose heartbeat stopped first (`beats`: `read()`)."""
         if not beats:
             return (f"rank {self.rank} waited {waited_s:.0f} s in a collective at step {my_step}; the heartbeat "
                     f"store is unreachable too (its host, rank 0's node, may be down)")

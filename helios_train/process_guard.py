@@ -87,10 +87,10 @@ def report_exit(signame: str, safe: bool, detail: str, step: int | None = None) 
     import json
     import time
 
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump({"signal": signame, "safe": safe, "detail": detail, "step": step, "time": time.time()}, fh)
-    os.replace(tmp, path)
+    from helios_train.atomic_file import write_text_atomically
+
+    write_text_atomically(path, json.dumps({"signal": signame, "safe": safe, "detail": detail, "step": step,
+                                            "time": time.time()}))
 
 
 def flush_everything() -> None:

@@ -15,6 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+from helios_train.atomic_file import write_text_atomically
+
 log = logging.getLogger(__name__)
 SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.IGNORECASE)
 
@@ -157,15 +159,6 @@ def supports_rewind(wandb) -> bool:
     import inspect
 
     return "resume_from" in inspect.signature(wandb.init).parameters
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -304,8 +304,9 @@ class Trainer:
             # logs); the backend is not shut down here: its barrier could wait on ranks that did not fail.
             self.tracker.finish(exit_code=1)
             if is_collective_timeout(exn):
-                message = self.heartbeat.describe_silence(self.step, tc.collective_timeout_s)
-                killed = self.heartbeat.stop_silent_local_ranks(self.step)
+                beats = self.heartbeat.read()
+                message = self.heartbeat.describe_silence(self.step, tc.collective_timeout_s, beats)
+                killed = self.heartbeat.stop_silent_local_ranks(self.step, beats)
                 if killed:
                     message += f"; ended the silent rank(s) {killed} on this host"
                 print(f"[helios-train] {message}", file=sys.stderr, flush=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,16 @@ def base_export(toy_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dmd_base")
     train(toy_root, out, ["trainer.max_steps=2", "trainer.checkpoint_every=2", "data.num_workers=0", "run_name=b"])
     return export(out / "b", out / "export")
+
+
+def wait_until(ready, proc, what: str, timeout: float = 240) -> None:
+    """Poll `ready()` while the subprocess `proc` runs; fail with its output if it ends first, kill it on timeout."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if ready():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended (rc={proc.returncode}) before {what}:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"timeout waiting for {what}")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, train
+from conftest import REPO, train, wait_until
 from helios_train.tracking import read_metrics
 
 
@@ -24,15 +24,7 @@ def launch(toy_root: Path, out: Path, *overrides: str) -> subprocess.Popen:
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if path.exists():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"process ended (rc={proc.returncode}) before {path} appeared:\n{proc.stdout.read()}")
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"timeout waiting for {path}")
+    wait_until(path.exists, proc, f"{path} appeared", timeout)
 
 
 @pytest.mark.slow

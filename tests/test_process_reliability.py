@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, compose, train
+from conftest import REPO, compose, train, wait_until
 from helios_train.tracking import read_metrics
 
 COMMON = ["data.num_workers=0", "trainer.log_every=1", "validation.every=0"]
@@ -37,16 +37,11 @@ def start(cmd, **kw) -> subprocess.Popen:
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        metrics = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
-        if metrics and metrics[-1]["step"] >= step:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"ended (rc={proc.returncode}) before step {step}:\n{proc.stdout.read()[-3000:]}")
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"no step {step} in {timeout} s")
+    def reached() -> bool:
+        metrics = read_metrics(run_dir)
+        return bool(metrics) and metrics[-1]["step"] >= step
+
+    wait_until(reached, proc, f"step {step}", timeout)
 
 
 def children(pid: int) -> list[int]:
