@@ -78,12 +78,14 @@ def time_decord(jobs, workers: int, n: int) -> float:
 def time_loader(shards, mode: str, workers: int, n: int, overrides=()) -> float:
     from tests.conftest import compose
 
+    from helios_train.data.readers import choose_layout
     from helios_train.data.video_dataset import DataPosition, build_loader
     from helios_train.history import HistoryConfig
 
     cfg = compose(["data=toy_raw" if mode == "raw" else "data=toy", f"data.num_workers={workers}",
                    "data.batch_size=1", "data.shards=x", *overrides]).data
-    loader = build_loader([str(s) for s in shards], cfg, HistoryConfig(), 0, 1, DataPosition())
+    loader = build_loader([str(s) for s in shards], cfg, HistoryConfig(), 0,
+                          DataPosition(choose_layout(len(shards), 1, 1, workers, None)[0]))
     it = iter(loader)
     next(it)  # worker start-up is not throughput
     t0 = time.perf_counter()

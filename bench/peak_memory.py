@@ -108,7 +108,7 @@ def worker(config: str, toy_root: Path, profile: bool) -> dict:
         with contextlib.redirect_stdout(io.StringIO()):
             trainer = Trainer(cfg, run_dir, shards, None, plain)
         stage, b = trainer.stage, trainer.backend
-        it = iter(build_loader(shards, cfg.data, cfg.stage.history, b.rank, b.world_size, trainer.position))
+        it = iter(build_loader(shards, cfg.data, cfg.stage.history, b.rank, trainer.position))
         batches = [stage.prepare_batch(x) for x in trainer._next_batches(it)]
         cuda = b.device.type == "cuda"
         params = {id(p): p for r in trainer.roles.values() for p in r.module.parameters()}

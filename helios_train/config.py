@@ -110,6 +110,9 @@ class DataConfig:
     # dataloader_dmd.py `return_secondary`).
     secondary_section: bool = False
     max_skip_fraction: float = 0.5  # stop when more than this fraction of read samples is bad
+    # Sequential readers over the whole job (helios_train/data/readers.py). null: micro-batches per step
+    # (world × accumulation) × max(1, num_workers), kept on resume so the data order survives a new shape.
+    num_readers: Optional[int] = None
 
 
 @dataclass
@@ -171,6 +174,12 @@ class TrainerConfig:
     # CPU threads per process (torch.set_num_threads). null: on resume the checkpoint's count (bit-exact
     # resume depends on it), else OMP_NUM_THREADS or torch's default.
     num_threads: Optional[int] = None
+    # Resume may change world size, accumulation and backend but keeps the global batch (world ×
+    # accumulation × data.batch_size) unless this is true (helios_train/resume_shape.py).
+    allow_batch_change: bool = False
+    # Under DeepSpeed also write whole (gathered) optimizer state next to the ZeRO shards, so the checkpoint
+    # resumes on another rank count, ZeRO stage or DDP; false = ZeRO shards only (resume needs the same shape).
+    portable_checkpoints: bool = True
     perf: PerfConfig = field(default_factory=PerfConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 

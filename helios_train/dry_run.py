@@ -294,8 +294,26 @@ def report(cfg, measured: dict, planned: dict, rows: dict, cpu: float) -> str:
         lines.append(f"  stage.dmd.low_vram: one frozen base on the device at a time (measured peak {_gb(lv['frozen_peak_bytes'])} "
                      f"GB); this step moved {lv['onloaded_bytes'] / GB:.1f} GB host→device; pinned host copies "
                      f"{lv['host_bytes'] / GB:.1f} GB per GPU process")
+    lines.append(checkpoint_line(measured, planned["backend"]))
     lines.append(f"  {measured['host_reads']} reads of a fake value answered 0 (no numbers are computed: shapes only)")
     return "\n".join(lines)
+
+
+def checkpoint_bytes(measured: dict) -> tuple[float, float, float]:
+    """(fp32 trainables, whole AdamW state, EMA) bytes of one checkpoint, over every role."""
+    roles = measured["roles"].values()
+    return (sum(r["trainable_bytes"] for r in roles), sum(r["adamw_bytes"] for r in roles), measured["ema_bytes"])
+
+
+def checkpoint_line(measured: dict, backend: str) -> str:
+    weights, adamw, ema = checkpoint_bytes(measured)
+    line = (f"  checkpoint: {weights / GB:.2f} GB fp32 trainables + {adamw / GB:.2f} GB whole AdamW state"
+            + (f" + {ema / GB:.2f} GB EMA" if ema else "") + ", written by rank 0")
+    if backend.startswith("deepspeed"):
+        line += (f"; ZeRO shards another {(weights + adamw) / GB:.2f} GB over all ranks; trainer.portable_checkpoints "
+                 f"gathers the {adamw / GB:.2f} GB of AdamW state per save (one all-reduce per tensor and moment) "
+                 "so it resumes on any shape")
+    return line
 
 
 def run_dry(cfg) -> dict:
@@ -317,7 +335,8 @@ def run_dry(cfg) -> dict:
             "measured_activations_gb": rows["activations"] / GB,
             "planned_activations_gb": planned["rows"]["activations"] / GB,
             "fits": total / GB <= cfg.plan_gpu_memory_gb, "host_reads": measured["host_reads"],
-            "seconds": measured["seconds"], **{f"measured/{k}": v / GB for k, v in rows.items()}}
+            "seconds": measured["seconds"], "checkpoint_gb": sum(checkpoint_bytes(measured)) / GB,
+            **{f"measured/{k}": v / GB for k, v in rows.items()}}
 
 
 def comparison_table(cfgs: list, labels: list[str], backends=("ddp", "deepspeed_zero2", "deepspeed_zero3")) -> str:

@@ -15,8 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from helios_train import checkpoint as ckpt
 from helios_train.data.shards import expand_shards
-from helios_train.data.video_dataset import check_slots
+from helios_train.data.readers import choose_layout
 from helios_train.lockstep import params_sharded
+from helios_train.resume_shape import ShapeError, check_resume_shape, current_shape, saved_shape
 from helios_train.stages import check_stage_name
 from helios_train.tracking import redact
 
@@ -25,14 +26,12 @@ log = logging.getLogger(__name__)
 # What a resume must not change (compared with the run's saved config.yaml): the stage and model
 # sections (old checkpoints would be meaningless), and every key that decides which sample is read next
 # and which random draws it gets — the saved data positions and the (seed, step, micro-batch) keys of the
-# draws would silently point elsewhere. The world size is checked when the checkpoint loads.
+# draws would silently point elsewhere. The cluster shape may change (check_shape).
 COMPAT_SECTIONS = ("stage", "model")
 COMPAT_KEYS = (
-    "data.mode", "data.shards", "data.batch_size", "data.num_workers", "data.shuffle_buffer", "data.seed",
-    "data.min_chunks", "data.secondary_section",
-    "trainer.seed", "trainer.seed_per_rank", "trainer.grad_accum_steps",
-    "launcher.name", "launcher.zero_stage",
-)
+    "data.mode", "data.shards", "data.shuffle_buffer", "data.seed", "data.min_chunks", "data.secondary_section",
+    "trainer.seed", "trainer.seed_per_rank",
+)  # the cluster shape (world, accumulation, batch size, workers, backend) is checked by resume_shape.py
 CHOICES = {
     "data.mode": ("latents", "raw", "ode_pairs"),
     "trainer.device": ("auto", "cpu", "cuda"),
@@ -180,17 +179,21 @@ def ensure_toy_assets(cfg: DictConfig) -> None:
 
 
 def resolve_shards(cfg: DictConfig, world_size: int) -> list[str]:
-    """The shard list; `data.num_workers` is lowered (with a warning) when there are fewer shards than
-    world × workers readers, since every reader needs a shard of its own."""
+    """The shard list, checked against the readers a fresh run needs (helios_train/data/readers.py);
+    `data.num_workers` is lowered (with a warning) when there are too few shards for one reader each."""
     shards = expand_shards(cfg.data.shards)
-    workers = int(cfg.data.num_workers)
-    if workers > 1 and len(shards) < world_size * workers and len(shards) >= world_size:
-        fit = max(1, len(shards) // world_size)
-        print(f"[helios-train] WARNING: data.num_workers={workers} needs {world_size * workers} shards "
-              f"({world_size} rank(s) x {workers} workers), {cfg.data.shards} has {len(shards)}: "
-              f"using data.num_workers={fit}")
-        cfg.data.num_workers = fit
-    check_slots(len(shards), world_size, cfg.data.num_workers)
+    try:
+        layout, notes = choose_layout(len(shards), world_size, int(cfg.trainer.grad_accum_steps),
+                                      int(cfg.data.num_workers), cfg.data.num_readers)
+    except ValueError as exn:
+        raise ConfigError(f"{exn} (data.shards={cfg.data.shards})") from None
+    for note in notes:
+        print(f"[helios-train] WARNING: {note}")
+    workers = layout.worker_count(int(cfg.data.num_workers))
+    if workers != int(cfg.data.num_workers):
+        print(f"[helios-train] WARNING: data.num_workers={cfg.data.num_workers} cannot split the {layout.per_rank} "
+              f"reader(s) of a rank evenly: using data.num_workers={workers}")
+        cfg.data.num_workers = workers
     return shards
 
 
@@ -307,6 +310,18 @@ def check_compatible(run_dir: Path, config: dict) -> None:
               "from here on")
 
 
+def check_shape(cfg: DictConfig, resume_from: Path) -> None:
+    """A change of cluster shape is allowed unless it changes the global batch or needs state the checkpoint
+    does not hold (helios_train/resume_shape.py); refused here, before the model loads."""
+    state = ckpt.read_json(resume_from / "trainer_state.json")
+    now = current_shape(cfg, world_size())
+    try:
+        check_resume_shape(resume_from, saved_shape(state, now), now, cfg.trainer.allow_batch_change,
+                           state.get("portable_checkpoints", False))
+    except ShapeError as exn:
+        raise ConfigError(str(exn)) from None
+
+
 def resolve_resume(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
     mode = cfg.resume
     if mode in ("auto", "latest"):
@@ -340,6 +355,7 @@ def prepare_run_dir(cfg: DictConfig, is_main: bool) -> tuple[Path, Optional[Path
     resume_from = resolve_resume(cfg, run_dir)
     if resume_from is not None:
         check_compatible(run_dir, config)
+        check_shape(cfg, resume_from)
     elif is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
     return run_dir, resume_from, config

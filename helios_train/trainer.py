@@ -24,11 +24,13 @@ from tqdm import tqdm
 from helios_train import checkpoint as ckpt
 from helios_train.backends import build_backend
 from helios_train.data.decoding import SKIP_REASONS
-from helios_train.data.video_dataset import DataPosition, build_loader
+from helios_train.data.readers import choose_layout
+from helios_train.data.video_dataset import DataPosition, build_loader, resume_position
 from helios_train.heartbeat import Heartbeat, SilentRank, is_collective_timeout, wait_for_rank0
 from helios_train.lockstep import params_sharded
 from helios_train.numerics import compare_numerics, numerics_settings
 from helios_train.process_guard import report_exit
+from helios_train.resume_shape import check_resume_shape, current_shape, saved_shape
 from helios_train.seeding import micro_batch_key
 from helios_train.stages import build_stage
 from helios_train.throughput import Throughput
@@ -88,14 +90,17 @@ class Trainer:
         # role's run of non-finite updates is counted on its own.
         self.consecutive_nonfinite = dict.fromkeys(self.roles, 0)
         self.nonfinite_total = 0
-        self.position = DataPosition()
+        self.shards = shards
+        self.shape = current_shape(cfg, b.world_size)
+        self.position = DataPosition(choose_layout(len(shards), b.world_size, tc.grad_accum_steps,
+                                                   cfg.data.num_workers, cfg.data.num_readers)[0])
+        self.resume_record: dict = {}  # logged with the first step after a resume on another shape
         self.tracker = Tracker(cfg.tracker, run_dir, cfg.run_name, plain_config, enabled=b.is_main)
         self.heartbeat = Heartbeat(b.rank, b.world_size, interval_s=tc.collective_timeout_s / 10)
         self.throughput = Throughput(tc.perf, b.device, b.world_size)
         if resume_from is not None:
             self._load(resume_from)
         self.tracker.start(self.step if resume_from is not None else None)
-        self.shards = shards
         self.stop_signal: str | None = None
         self.run_lock = None  # the run directory lock (rank 0), released by whoever built the trainer
         self.fresh_start = resume_from is None
@@ -140,6 +145,8 @@ class Trainer:
                 "nonfinite_total": self.nonfinite_total,
                 "consecutive_nonfinite": self.consecutive_nonfinite,
                 "world_size": b.world_size,
+                "shape": self.shape.state_dict(),
+                "portable_checkpoints": b.name != "deepspeed" or self.cfg.trainer.portable_checkpoints,
                 "stage": self.stage.state_dict(),
                 # A resumed run reuses the counts instead of counting again: the FlopCounterMode dispatch
                 # changes kernel choices (1e-9 differences), which would make a resumed step differ from
@@ -157,33 +164,60 @@ class Trainer:
     def _load(self, path: Path) -> None:
         b = self.backend
         state = ckpt.read_json(path / "trainer_state.json")
-        if state["world_size"] != b.world_size:
-            raise ValueError(
-                f"{path} was written with {state['world_size']} process(es), this run has {b.world_size}: "
-                "exact resume needs the same world size"
-            )
+        saved = saved_shape(state, self.shape)
+        change = check_resume_shape(path, saved, self.shape, self.cfg.trainer.allow_batch_change,
+                                    state.get("portable_checkpoints", False))
         for role in self.roles.values():
             b.load_role(role, path)
         self.stage.load_extra(path)
-        rng = ckpt.load_torch(path / f"rng-rank{b.rank}.pt")
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.position = DataPosition(ckpt.read_json(path / f"data-rank{b.rank}.json"))
+        if saved.world_size == b.world_size:
+            rng = ckpt.load_torch(path / f"rng-rank{b.rank}.pt")
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        # (another world size: the seeding of __init__ stays; the training draws never read these streams,
+        # they come from micro_generator's keys)
+        data_note = self._load_data_position(path, saved)
         self.step = state["step"]
         self.nonfinite_total = state["nonfinite_total"]
-        saved = state["consecutive_nonfinite"]  # an int in checkpoints written before the per-role count
-        self.consecutive_nonfinite = {r: (saved.get(r, 0) if isinstance(saved, dict) else int(saved))
+        saved_count = state["consecutive_nonfinite"]  # an int in checkpoints written before the per-role count
+        self.consecutive_nonfinite = {r: (saved_count.get(r, 0) if isinstance(saved_count, dict) else int(saved_count))
                                       for r in self.roles}
         self.stage.load_state_dict(state["stage"])
-        self.throughput.load_state_dict(state.get("flops"), state.get("flops_per_step"))
+        if (saved.grad_accum_steps, saved.batch_size) == (self.shape.grad_accum_steps, self.shape.batch_size):
+            # (a rank's step does other work after a change of accumulation or batch: counted again)
+            self.throughput.load_state_dict(state.get("flops"), state.get("flops_per_step"))
         differences = compare_numerics(state.get("numerics"), numerics_settings(self.cfg))
         if differences and b.is_main:
             tqdm.write(f"[helios-train] resuming with other numerics than {path} was written with ({differences}): "
                        "the run continues, but not bit for bit like an uninterrupted one")
+        if change is not None or data_note[0] != self.position.layout.readers:
+            self.resume_record = {"resume/world_size_before": saved.world_size,
+                                  "resume/grad_accum_before": saved.grad_accum_steps,
+                                  "resume/readers_before": data_note[0], "resume/readers": self.position.layout.readers}
+            if b.is_main:
+                tqdm.write(f"[helios-train] resuming {path.name} on another shape: "
+                           f"{change or self.shape.describe() + ', as before'}; data: {data_note[1]}")
         if b.is_main:
             tqdm.write(f"[helios-train] resumed from {path} at step {self.step}")
+
+    def _load_data_position(self, path: Path, saved) -> tuple[int, str]:
+        """Every rank reads every rank's reader positions (video_dataset.resume_position)."""
+        b, cfg = self.backend, self.cfg
+        files = sorted(path.glob("data-rank*.json"))
+        if len(files) != saved.world_size:
+            raise ValueError(f"{path}: {len(files)} data-rank*.json file(s), the checkpoint was written by "
+                             f"{saved.world_size} rank(s)")
+        states = [ckpt.read_json(f) for f in files]
+        if any("layout" not in s for s in states):
+            raise ValueError(f"{path}: data positions in the per-worker format of earlier helios-train versions; "
+                             "resume it with the version that wrote it")
+        self.position, old_readers, note, warnings = resume_position(
+            states, len(self.shards), b.rank, b.world_size, self.shape.grad_accum_steps, cfg.data)
+        for line in warnings if b.is_main else ():
+            tqdm.write(f"[helios-train] WARNING: {line}")
+        return old_readers, note
 
     # -- loop ------------------------------------------------------------------------------------
     def _next_batches(self, it) -> list[dict]:
@@ -272,7 +306,8 @@ class Trainer:
             return {"step": self.step}
         previous_handlers = self._install_signal_handlers()
         self.heartbeat.beat(self.step)
-        loader = build_loader(self.shards, cfg.data, cfg.stage.history, b.rank, b.world_size, self.position)
+        loader = build_loader(self.shards, cfg.data, cfg.stage.history, b.rank, self.position,
+                              first_batch=self.step * tc.grad_accum_steps)
         it = iter(loader)
         bar = tqdm(total=tc.max_steps, initial=self.step, disable=not b.is_main, desc=cfg.stage.name, dynamic_ncols=True)
         last: dict = {}
@@ -374,6 +409,8 @@ class Trainer:
         logs.update({k: int(v) for k, v in zip(counts, totals)})
         logs.update({k: v / b.world_size for k, v in zip(means, totals[len(counts):])})
         logs["nonfinite_skipped_total"] = self.nonfinite_total
+        logs.update(self.resume_record)
+        self.resume_record = {}
         for k, v in logs.items():
             if k.startswith(WINDOW_PREFIXES):
                 self._window.setdefault(k, []).append(float(v))

@@ -15,6 +15,7 @@ import webdataset as wds
 from conftest import compose, train
 from data_prep.toy_videos import encode_mp4, render_video
 from helios_train.data.shards import ShardSpecError, expand_shards
+from helios_train.data.readers import ReaderLayout, choose_layout
 from helios_train.data.video_dataset import DataPosition, HistoryShardDataset, TooManyBadSamples, build_loader
 from helios_train.history import HistoryConfig
 
@@ -143,8 +144,8 @@ def test_both_loader_modes_give_the_same_contract(prepared, toy_root):
                        "data.latent_height=24", "data.latent_width=40", "data.batch_size=1"])
     hist = HistoryConfig()
     shards_lat, shards_raw = expand_shards(cfg_lat.data.shards), expand_shards(cfg_raw.data.shards)
-    b_lat = next(iter(build_loader(shards_lat, cfg_lat.data, hist, 0, 1, DataPosition())))
-    b_raw = next(iter(build_loader(shards_raw, cfg_raw.data, hist, 0, 1, DataPosition())))
+    b_lat = next(iter(build_loader(shards_lat, cfg_lat.data, hist, 0, DataPosition())))
+    b_raw = next(iter(build_loader(shards_raw, cfg_raw.data, hist, 0, DataPosition())))
     tok, enc = load_text_stack(cfg_raw.model)
     b_raw = OnlineEncoder(load_vae(cfg_raw.model), tok, enc, hist, 64, torch.device("cpu"))(b_raw)
     for key in ("x0", "history", "target", "prompt_embeds"):
@@ -157,17 +158,18 @@ def test_two_ranks_two_workers_cover_every_sample_once(toy_root):
     cfg = compose([f"toy_root={toy_root}", "data.batch_size=1", "data.num_workers=2"]).data
     shards = [str(p) for p in sorted((toy_root / "latents").glob("latent-*.tar"))]
     all_keys = [s["__key__"] for p in shards for s in wds.WebDataset(p, shardshuffle=False, empty_check=False)]
+    layout = ReaderLayout(4, 2, 1)  # 2 ranks x 2 workers
     seen = []
     for rank in (0, 1):
-        loader = build_loader(shards, cfg, HistoryConfig(), rank, 2, DataPosition())
-        done_workers = set()
+        loader = build_loader(shards, cfg, HistoryConfig(), rank, DataPosition(layout))
+        assert loader.num_workers == 2
+        in_next_epoch = set()
         for batch in loader:
-            pos = batch["_position"]
-            if pos["epoch"] > 0 or pos["shard_cursor"] >= 2 and pos["in_shard"] == 0:
-                done_workers.add(pos["worker"])
+            if batch["epochs"][0] > 0:
+                in_next_epoch.add(batch["_position"]["reader"])
             else:
                 seen.extend(batch["keys"])
-            if len(done_workers) == 2 or len(seen) > 4 * len(all_keys):
+            if len(in_next_epoch) == 2 or len(seen) > 4 * len(all_keys):
                 break
     assert sorted(seen) == sorted(all_keys)  # every sample once: disjoint and complete
 
@@ -175,15 +177,15 @@ def test_two_ranks_two_workers_cover_every_sample_once(toy_root):
 def test_resumed_loader_continues_with_identical_batches(toy_root):
     cfg = compose([f"toy_root={toy_root}", "data.batch_size=2", "data.num_workers=2"]).data
     shards = [str(p) for p in sorted((toy_root / "latents").glob("latent-*.tar"))]
-    pos = DataPosition()
-    it = iter(build_loader(shards, cfg, HistoryConfig(), 0, 1, pos))
+    pos = DataPosition(ReaderLayout(2, 1, 1))
+    it = iter(build_loader(shards, cfg, HistoryConfig(), 0, pos))
     reference = []
     for i in range(12):
         batch = next(it)
         pos.update(batch) if i < 5 else batch.pop("_position")
         reference.append((batch["keys"], batch["chunk_index"].tolist(), batch["target"]))
     saved = json.loads(json.dumps(pos.state_dict()))  # what a checkpoint stores
-    resumed = iter(build_loader(shards, cfg, HistoryConfig(), 0, 1, DataPosition(saved)))
+    resumed = iter(build_loader(shards, cfg, HistoryConfig(), 0, DataPosition.from_state_dict(saved), first_batch=5))
     for keys, chunks, target in reference[5:]:
         batch = next(resumed)
         assert batch["keys"] == keys and batch["chunk_index"].tolist() == chunks
@@ -242,9 +244,11 @@ def test_missing_shard_and_empty_glob_fail_at_startup_naming_path(toy_root, tmp_
         expand_shards(f"{toy_root}/latents/latent-000000.tar,{tmp_path}/nope-000003.tar")
     with pytest.raises(ShardSpecError, match=r"empty-\*\.tar"):
         train(toy_root, tmp_path, [f"data.shards={tmp_path}/empty-*.tar", "trainer.max_steps=1"])
-    with pytest.raises(ValueError, match="2 rank"):
+    with pytest.raises(ValueError, match=r"1 shard\(s\) cannot feed 2 rank"):
+        choose_layout(1, world_size=2, grad_accum=1, num_workers=0, num_readers=None)
+    with pytest.raises(ValueError, match="every reader needs a shard"):
         HistoryShardDataset([str(toy_root / "latents/latent-000000.tar")], compose([f"toy_root={toy_root}"]).data,
-                            HistoryConfig(), 0, 2)
+                            HistoryConfig(), 0, ReaderLayout(2, 2, 1))
 
 
 def test_text_and_stats_tools(toy_root, tmp_path):
@@ -305,7 +309,7 @@ def test_resume_inside_a_damaged_shard_does_not_count_its_bad_member_twice(toy_r
     assert after["skipped"] == {"unreadable_member": 1 + (after["read"] - 7 - 1)}
     for k in range(len(straight)):  # resume from every checkpoint position, before and after the count
         saved = json.loads(json.dumps(straight[k][1]))
-        saved.pop("worker")
+        saved.pop("reader")
         resumed, resumed_after = read(positions={0: saved})
         assert [keys for keys, _ in resumed] == [keys for keys, _ in straight[k + 1:]]
         assert (resumed_after["skipped"], resumed_after["read"]) == (after["skipped"], after["read"]), k

@@ -133,5 +133,5 @@ def _toy_batch(stage) -> dict:
     from helios_train.data.video_dataset import DataPosition, build_loader
 
     cfg = stage.cfg
-    loader = build_loader(expand_shards(cfg.data.shards), cfg.data, cfg.stage.history, 0, 1, DataPosition())
+    loader = build_loader(expand_shards(cfg.data.shards), cfg.data, cfg.stage.history, 0, DataPosition())
     return stage.prepare_batch(next(iter(loader)))

@@ -53,17 +53,22 @@ def test_resume_reproduces_uninterrupted_run(toy_root, tmp_path, data):
         np.testing.assert_allclose(wa[k].numpy(), wb[k].numpy(), rtol=0, atol=1e-6, err_msg=k)
 
 
-def test_resume_refuses_changed_model_config(toy_root, tmp_path):
+def test_resume_refuses_changed_model_config(toy_root, tmp_path, capsys):
     train(toy_root, tmp_path, FAST + ["trainer.max_steps=1", "run_name=compat"])
     with pytest.raises(ValueError, match=r"stage.trainables.lora.rank: 8 -> 4"):
         train(toy_root, tmp_path, FAST + ["trainer.max_steps=2", "run_name=compat", "stage.trainables.lora.rank=4"])
     # what decides the next samples and their random draws: the saved data positions would point elsewhere
-    for change, shown in (("data.batch_size=1", "data.batch_size: 2 -> 1"), ("trainer.seed=7", "trainer.seed: 43 -> 7"),
-                          ("trainer.grad_accum_steps=2", "trainer.grad_accum_steps: 1 -> 2"),
-                          ("data.num_workers=2", "data.num_workers: 0 -> 2")):
+    for change, shown in (("trainer.seed=7", "trainer.seed: 43 -> 7"),
+                          ("data.batch_size=1", r"global batch of 2 \(1 rank\(s\) x 1 micro-batch\(es\) of 2 \(single\)\), "
+                                                r"this run has 1"),
+                          ("trainer.grad_accum_steps=2", r"this run has 4 .*trainer.grad_accum_steps=1.*allow_batch_change")):
         with pytest.raises(ValueError, match=shown):
             train(toy_root, tmp_path, FAST + ["trainer.max_steps=2", "run_name=compat", change])
-    assert train(toy_root, tmp_path, FAST + ["trainer.max_steps=2", "run_name=compat"])["step"] == 2  # max_steps may grow
+    # another worker count is a new shape of the same run: the one reader is re-split over two
+    capsys.readouterr()
+    assert train(toy_root, tmp_path, FAST + ["trainer.max_steps=2", "run_name=compat", "data.num_workers=2"])["step"] == 2
+    assert "re-split from 1 to 2 reader(s)" in capsys.readouterr().out
+    assert train(toy_root, tmp_path, FAST + ["trainer.max_steps=3", "run_name=compat"])["step"] == 3  # max_steps may grow
 
 
 def _bad_shard(src: Path, dst: Path, corrupt) -> None:

@@ -43,6 +43,10 @@ from pathlib import Path
 
 import torch
 
+from safetensors.torch import load_file
+
+from helios_train import checkpoint as ckpt
+from helios_train.backends import zero_portable
 from helios_train.backends.base import Backend, PreparedRole
 from helios_train.process_guard import teardown_by_exit
 
@@ -262,7 +266,8 @@ class DeepSpeedBackend(Backend):
     def save_role(self, role: PreparedRole, directory: Path) -> None:
         # Every rank writes its ZeRO shards (optimizer state, LR scheduler, trainable weights; the
         # frozen base is not saved: it is reloaded from model.path); rank 0 also writes the plain fp32
-        # trainable tensors, which export/infer read without DeepSpeed.
+        # trainable tensors, which export/infer read without DeepSpeed, and (trainer.portable_checkpoints)
+        # the whole optimizer state, which resumes on any shape or backend (zero_portable.py).
         role.model.save_checkpoint(str(directory / f"{role.name}.deepspeed"), tag="state", save_latest=False,
                                    exclude_frozen_parameters=True)
         state = self._trainable_state(role)
@@ -270,16 +275,31 @@ class DeepSpeedBackend(Backend):
             from safetensors.torch import save_file
 
             save_file(state, str(directory / f"{role.name}.trainable.safetensors"))
+        if self.trainer_cfg.portable_checkpoints:
+            whole = zero_portable.whole_optimizer_state(role.optimizer, role.params)  # collective
+            if self.is_main:
+                ckpt.save_torch(whole, directory / f"{role.name}.optimizer.pt")
+                ckpt.save_torch(role.scheduler.state_dict(), directory / f"{role.name}.scheduler.pt")
 
     def load_role(self, role: PreparedRole, directory: Path) -> None:
+        saved = ckpt.read_json(directory / "trainer_state.json").get("shape")
+        same_shape = saved is None or (saved["launcher"], saved["world_size"], saved["zero_stage"]) == (
+            "deepspeed", self.world_size, self.zero_stage)
         path = directory / f"{role.name}.deepspeed"
-        if not (path / "state").is_dir():
-            raise FileNotFoundError(f"{path}/state: no DeepSpeed checkpoint for role {role.name!r} (was this "
-                                    "checkpoint written with another launcher? resume needs the same one)")
-        load_path, _ = role.model.load_checkpoint(str(path), tag="state", load_module_strict=False,
-                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load {path}/state")
+        if same_shape and (path / "state").is_dir():
+            load_path, _ = role.model.load_checkpoint(str(path), tag="state", load_module_strict=False,
+                                                      load_optimizer_states=True, load_lr_scheduler_states=True)
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed could not load {path}/state")
+            return
+        # Another rank count, ZeRO stage or a DDP checkpoint: whole tensors into this engine's partitions.
+        optimizer_file = directory / f"{role.name}.optimizer.pt"
+        if not optimizer_file.is_file():
+            raise FileNotFoundError(f"{optimizer_file}: no whole optimizer state for role {role.name!r}; this "
+                                    "checkpoint resumes only on the shape and backend that wrote it")
+        weights = load_file(str(directory / f"{role.name}.trainable.safetensors"))
+        zero_portable.load_whole_state(self, role, weights, ckpt.load_torch(optimizer_file))
+        role.scheduler.load_state_dict(ckpt.load_torch(directory / f"{role.name}.scheduler.pt"))
 
     def shutdown(self) -> None:
         for engine in self.engines:

@@ -1,16 +1,18 @@
-"""Resumable, rank/worker-split stream of Base-stage batches from WebDataset shards.
+"""Resumable stream of Base-stage batches from WebDataset shards, split over ranks and workers by
+reader (helios_train/data/readers.py).
 
 Ordering (deterministic from `data.seed`):
-- epoch e permutes the shard list with seed+e; the world is cut into `world_size × num_workers` slots
-  (node/rank first, then worker) and slot s reads permuted shards s, s+slots, ... — disjoint data;
+- reader q of Q reads, in epoch e, the shards `perm_e[q::Q]` — disjoint data; which reader serves
+  which micro-batch is the layout's business (readers.py), so the order can survive a change of world
+  size or accumulation;
 - inside a shard, samples pass a shuffle buffer seeded by (seed, epoch, shard), reset per shard so a
-  resumed worker only has to replay the shard it was in, never the whole epoch;
-- every worker streams epochs forever, so ranks with unequal shard counts never run dry (no DDP
+  resumed reader only has to replay the shard it was in, never the whole epoch;
+- every reader streams epochs forever, so ranks with unequal shard counts never run dry (no DDP
   hang); the trainer stops at `trainer.max_steps`.
 
-Each yielded batch carries the producing worker's read position and skip counters (`_position`),
-which the trainer keeps per *logical* worker: batch i always comes from logical worker i % W, and a
-resumed loader renumbers its physical workers so that batch order continues exactly.
+Each yielded batch carries its reader's position and skip counters (`_position`), which the trainer
+keeps per reader (`DataPosition`) and checkpoints; a resumed loader starts at the local batch the
+run stopped at, so batch order continues exactly.
 """
 from __future__ import annotations
 
@@ -19,11 +21,11 @@ import logging
 import random
 from typing import Iterator, Optional
 
-import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from helios_train.data.decoding import BadSample
+from helios_train.data.readers import ReaderLayout, fresh_position, merge_counters, resplit, resume_layout, work_list
 from helios_train.data.samples import collate, latent_sample, ode_sample, raw_sample
 from helios_train.data.shards import DAMAGED, iter_shard_samples
 
@@ -35,19 +37,6 @@ class TooManyBadSamples(RuntimeError):
     pass
 
 
-def fresh_position() -> dict:
-    return {"epoch": 0, "shard_cursor": 0, "in_shard": 0, "read": 0, "skipped": {}, "skipped_by_shard": {}}
-
-
-def check_slots(num_shards: int, world_size: int, num_workers: int) -> None:
-    slots = world_size * max(1, num_workers)
-    if num_shards < slots:
-        raise ValueError(
-            f"data: {num_shards} shard(s) cannot feed {world_size} rank(s) x {max(1, num_workers)} worker(s) = "
-            f"{slots} readers; every reader needs at least one shard. Lower data.num_workers or write more shards."
-        )
-
-
 class HistoryShardDataset(IterableDataset):
     def __init__(
         self,
@@ -55,19 +44,21 @@ class HistoryShardDataset(IterableDataset):
         data_cfg,
         history_cfg,
         rank: int = 0,
-        world_size: int = 1,
+        layout: Optional[ReaderLayout] = None,
         positions: Optional[dict[int, dict]] = None,
-        batches_consumed: int = 0,
+        first_batch: int = 0,
     ):
         super().__init__()
-        check_slots(len(shards), world_size, data_cfg.num_workers)
+        self.layout = layout or ReaderLayout(1, 1, 1)
+        if len(shards) < self.layout.readers:
+            raise ValueError(f"data: {len(shards)} shard(s) cannot feed {self.layout.describe()}; every reader "
+                             "needs a shard of its own")
         self.shards = list(shards)
         self.data_cfg = data_cfg
         self.history_cfg = history_cfg
         self.rank = rank
-        self.world_size = world_size
         self.positions = positions or {}
-        self.batches_consumed = batches_consumed
+        self.first_batch = first_batch  # local batch index the loader starts at (step × accumulation)
         self.convert = {"latents": latent_sample, "raw": raw_sample, "ode_pairs": ode_sample}[data_cfg.mode]
 
     def _shuffled(self, shard_idx: int, epoch: int, on_error) -> Iterator[dict]:
@@ -97,18 +88,30 @@ class HistoryShardDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         num_workers = info.num_workers if info is not None else 1
-        physical = info.id if info is not None else 0
-        logical = (physical + self.batches_consumed) % num_workers
-        slot, slots = self.rank * num_workers + logical, self.world_size * num_workers
-        pos = copy.deepcopy(self.positions.get(logical) or fresh_position())
+        worker = info.id if info is not None else 0
+        if self.layout.per_rank % num_workers:
+            raise ValueError(f"{num_workers} loader workers cannot split {self.layout.per_rank} readers per rank")
+        streams: dict[int, Iterator[dict]] = {}
+        i = self.first_batch + worker  # the DataLoader takes local batch i from worker i mod W (readers.py)
+        while True:
+            reader = self.layout.global_reader(self.rank, i % self.layout.per_rank)
+            if reader not in streams:
+                streams[reader] = self._reader_batches(reader)
+            yield next(streams[reader])
+            i += num_workers
+
+    def _reader_batches(self, reader: int) -> Iterator[dict]:
+        """Batches of one reader, forever: its current work list, then each epoch's share."""
+        readers = self.layout.readers
+        pos = copy.deepcopy(self.positions.get(reader) or fresh_position())
         batch: list[dict] = []
         while True:
-            order = np.random.default_rng(self.data_cfg.seed + pos["epoch"]).permutation(len(self.shards))
-            mine = [int(i) for i in order[slot::slots]]
-            while pos["shard_cursor"] < len(mine):
-                shard_idx = mine[pos["shard_cursor"]]
+            pieces = work_list(pos, self.data_cfg.seed, len(self.shards), reader, readers)
+            read_before = pos["read"]
+            while pos["cursor"] < len(pieces):
+                epoch, shard_idx, start = pieces[pos["cursor"]]
                 shard = self.shards[shard_idx]
-                skip = pos["in_shard"]
+                skip = max(start, pos["in_shard"])
                 producing = [0]  # index of the sample the shard iterator is producing
 
                 def on_error(exn: Exception, shard=shard) -> None:
@@ -118,7 +121,7 @@ class HistoryShardDataset(IterableDataset):
                         pos["read"] += 1
                         self._count_skip(pos, "unreadable_member", shard, f"{shard}: {exn}")
 
-                for i, raw in enumerate(self._shuffled(shard_idx, pos["epoch"], on_error)):
+                for i, raw in enumerate(self._shuffled(shard_idx, epoch, on_error)):
                     producing[0] = i + 1
                     if i < skip:
                         continue  # replaying the part of this shard consumed before a resume
@@ -126,62 +129,100 @@ class HistoryShardDataset(IterableDataset):
                     pos["read"] += 1
                     damaged = raw.pop(DAMAGED, None)
                     try:
-                        batch.append(self.convert(raw, self.data_cfg, self.history_cfg, pos["epoch"]))
+                        sample = self.convert(raw, self.data_cfg, self.history_cfg, epoch)
                     except BadSample as bad:
                         # A sample cut by a damaged member is one skip, under the damage (not "missing member").
                         reason, why = ("unreadable_member", f"{bad} — {damaged}") if damaged else (bad.reason, str(bad))
                         self._count_skip(pos, reason, shard, why)
                         continue
+                    sample["_epoch"] = epoch
+                    batch.append(sample)
                     if damaged:  # whole despite the damage right after it: used; the lost rest is the one skip
                         self._count_skip(pos, "unreadable_member", shard, f"after sample {raw['__key__']}: {damaged}")
                     if len(batch) == self.data_cfg.batch_size:
+                        epochs = [b.pop("_epoch") for b in batch]
                         out = collate(batch)
-                        out["_position"] = {"worker": logical, **copy.deepcopy(pos)}
+                        out["epochs"] = epochs
+                        out["_position"] = {"reader": reader, **copy.deepcopy(pos)}
                         batch = []
                         yield out
-                pos["shard_cursor"] += 1
+                pos["cursor"] += 1
                 pos["in_shard"] = 0
-            pos["epoch"] += 1
-            pos["shard_cursor"] = 0
-            if pos["read"] == 0:
-                raise TooManyBadSamples(f"worker {logical} of rank {self.rank} read no sample in a whole epoch")
+            if pos["pieces"] is not None:  # a re-split's pieces are done: the share of `epoch` follows
+                pos["pieces"] = None
+            else:
+                if pos["read"] == read_before:
+                    raise TooManyBadSamples(f"reader {reader} (rank {self.rank}) read no sample in a whole epoch")
+                pos["epoch"] += 1
+            pos["cursor"] = 0
 
 
 class DataPosition:
-    """Where each logical worker is; saved in checkpoints and fed back to `HistoryShardDataset`."""
+    """Where each reader of this rank is; saved in checkpoints and fed back to `HistoryShardDataset`.
 
-    def __init__(self, state: Optional[dict] = None):
-        state = state or {}
-        self.batches = int(state.get("batches", 0))
-        self.workers: dict[int, dict] = {int(k): v for k, v in state.get("workers", {}).items()}
+    `carried` holds the counters of readers that a re-split retired (rank 0 only), so the run's totals
+    of samples read and skipped stay whole across a resume on another shape."""
+
+    def __init__(self, layout: Optional[ReaderLayout] = None, readers: Optional[dict[int, dict]] = None,
+                 carried: Optional[dict] = None):
+        self.layout = layout or ReaderLayout(1, 1, 1)
+        self.readers: dict[int, dict] = dict(readers or {})
+        self.carried = carried or {"read": 0, "skipped": {}, "skipped_by_shard": {}}
 
     def update(self, batch: dict) -> None:
         pos = batch.pop("_position")
-        self.workers[pos.pop("worker")] = pos
-        self.batches += 1
+        self.readers[pos.pop("reader")] = pos
 
     def skip_counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for pos in self.workers.values():
+        out = dict(self.carried["skipped"])
+        for pos in self.readers.values():
             for reason, n in pos["skipped"].items():
                 out[reason] = out.get(reason, 0) + n
         return out
 
     def samples_read(self) -> int:
-        return sum(pos["read"] for pos in self.workers.values())
+        return self.carried["read"] + sum(pos["read"] for pos in self.readers.values())
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "DataPosition":
+        return cls(ReaderLayout(**state["layout"]), {int(q): p for q, p in state["readers"].items()}, state["carried"])
 
     def state_dict(self) -> dict:
-        return {"batches": self.batches, "workers": {str(k): v for k, v in self.workers.items()}}
+        return {"layout": self.layout.state_dict(), "readers": {str(k): v for k, v in self.readers.items()},
+                "carried": self.carried}
 
 
-def build_loader(shards, data_cfg, history_cfg, rank, world_size, position: DataPosition):
-    dataset = HistoryShardDataset(
-        shards, data_cfg, history_cfg, rank, world_size, position.workers, position.batches
-    )
+def resume_position(states: list[dict], num_shards: int, rank: int, world_size: int, grad_accum: int, data_cfg
+                    ) -> tuple[DataPosition, int, str, list[str]]:
+    """This rank's position on resume from every rank's saved `DataPosition.state_dict()`: the saved readers
+    continue when the new shape can carry their count, else what they left of the epochs in flight is
+    re-split over the new readers (readers.py). Returns (position, old reader count, what happened in
+    words, warnings)."""
+    positions = [DataPosition.from_state_dict(s) for s in states]
+    old = positions[0].layout
+    readers = {q: p for pos in positions for q, p in pos.readers.items()}
+    carried = merge_counters(*(pos.carried for pos in positions))
+    layout, split, warnings = resume_layout(old, num_shards, world_size, grad_accum, data_cfg.num_workers,
+                                            data_cfg.num_readers)
+    if split:
+        readers, retired, pieces = resplit(readers, old.readers, layout.readers, data_cfg.seed, num_shards)
+        carried = merge_counters(carried, retired)
+        note = (f"the {pieces} shard piece(s) left in the epochs in flight re-split from {old.readers} to "
+                f"{layout.readers} reader(s), each remaining sample read once")
+    else:
+        note = f"{layout.readers} reader(s) continue where they stopped ({layout.describe()})"
+    mine = range(rank * layout.per_rank, (rank + 1) * layout.per_rank)
+    position = DataPosition(layout, {q: readers[q] for q in mine if q in readers}, carried if rank == 0 else None)
+    return position, old.readers, note, warnings
+
+
+def build_loader(shards, data_cfg, history_cfg, rank, position: DataPosition, first_batch: int = 0):
+    workers = position.layout.worker_count(data_cfg.num_workers)
+    dataset = HistoryShardDataset(shards, data_cfg, history_cfg, rank, position.layout, position.readers, first_batch)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=None,  # batches are built inside the workers, with their positions
-        num_workers=data_cfg.num_workers,
+        num_workers=workers,
         persistent_workers=False,
-        prefetch_factor=2 if data_cfg.num_workers > 0 else None,
+        prefetch_factor=2 if workers > 0 else None,
     )
