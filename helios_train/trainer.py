@@ -92,8 +92,9 @@ class Trainer:
         self.nonfinite_total = 0
         self.shards = shards
         self.shape = current_shape(cfg, b.world_size)
+        # (no shards: the dry run, which feeds synthetic batches to run_step and never builds a loader)
         self.position = DataPosition(choose_layout(len(shards), b.world_size, tc.grad_accum_steps,
-                                                   cfg.data.num_workers, cfg.data.num_readers)[0])
+                                                   cfg.data.num_workers, cfg.data.num_readers)[0] if shards else None)
         self.resume_record: dict = {}  # logged with the first step after a resume on another shape
         self.tracker = Tracker(cfg.tracker, run_dir, cfg.run_name, plain_config, enabled=b.is_main)
         self.heartbeat = Heartbeat(b.rank, b.world_size, interval_s=tc.collective_timeout_s / 10)

@@ -33,7 +33,8 @@ def env() -> dict:
 
 
 def overrides(toy_root, out, shard, *extra):
-    return [f"toy_root={toy_root}", f"output_root={out}", f"data.shards='{shard},{shard}'", "data.batch_size=1",
+    data = [f"data.shards='{shard},{shard}'"] if shard else []
+    return [f"toy_root={toy_root}", f"output_root={out}", *data, "data.batch_size=1",
             "data.num_workers=0", "trainer.max_steps=3", "trainer.checkpoint_every=3", "validation.every=0",
             "tracker.mode=offline", *extra]
 
@@ -43,8 +44,8 @@ def test_two_process_ddp_matches_one_process_same_global_batch(toy_root, tmp_pat
     """Global batch 2 as 2 ranks × 1 sample (DDP all-reduce) vs 1 rank × 2 accumulated micro-batches.
 
     Equal by construction when the implementation is right:
-    - data: one video listed as two shards, so every reader (rank 0, rank 1, or the single process
-      reading both shards) sees the same sample whatever the shard-to-rank split;
+    - data: the toy shards; global micro-batch g of a step is read by the same reader on both shapes
+      (helios_train/data/readers.py: 2 readers, reader g serves micro-batch g whichever rank runs it);
     - randomness: each micro-batch's draws (timestep, noise, degradations, task dropout) come from a
       generator keyed by (seed, step, global micro-batch index = rank × accum + micro) — with
       `trainer.seed_per_rank=true` rank r of 2 draws exactly what micro-batch r of 1 draws;
@@ -53,13 +54,13 @@ def test_two_process_ddp_matches_one_process_same_global_batch(toy_root, tmp_pat
     Why not 1 process × batch 2: one micro-batch of 2 draws all its random numbers from one generator
     in a different order, so sample 2 would not get rank 1's draws (equal only in distribution).
     What breaks the equality: a wrong reduction (sum instead of mean, missing sync), rank-independent
-    draws (`seed_per_rank=false` would give rank 1 the draws of rank 0), or ranks reading different data.
+    draws (`seed_per_rank=false` would give rank 1 the draws of rank 0), or a reader layout that depends
+    on the world size.
     Remaining differences are float summation order (all-reduce vs accumulation): ~1e-7 relative.
     """
-    shard = one_video_shard(toy_root, tmp_path / "one.tar")
-    train(toy_root, tmp_path, overrides(toy_root, tmp_path, shard, "trainer.grad_accum_steps=2", "run_name=single"))
+    train(toy_root, tmp_path, overrides(toy_root, tmp_path, None, "trainer.grad_accum_steps=2", "run_name=single"))
     cmd = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "helios_train", "launcher=ddp",
-           *overrides(toy_root, tmp_path, shard, "run_name=ddp")]
+           *overrides(toy_root, tmp_path, None, "run_name=ddp")]
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     a = [m["loss"] for m in read_metrics(tmp_path / "single")]

@@ -115,6 +115,9 @@ def test_full_14b_dmd_fits_8x80gb_under_zero2_with_low_vram(toy_root, capsys):
     assert result["onloaded_gb"] == pytest.approx(4 * 28.68, rel=0.01)  # a generator-update step moves 4 bases
     assert result["measured_per_gpu_gb"] * 1.05 + 1 <= 80, out
     assert result["measured_per_gpu_gb"] == pytest.approx(result["planned_per_gpu_gb"], rel=0.05)
+    # the portable checkpoint (whole AdamW state gathered next to the ZeRO shards): at least the r256
+    # generator's 5 GB fp32 trainables + 10 GB moments + 5 GB EMA, and the line saying what it costs
+    assert result["checkpoint_gb"] > 20 and "ZeRO shards another" in out
 
 
 def test_sharding_rule_applied_to_measured_bytes():
