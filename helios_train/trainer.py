@@ -245,10 +245,15 @@ class Trainer:
     def _update_role(self, name: str, batches: list[dict], phase: int = 0) -> dict:
         role, b = self.roles[name], self.backend
         accum = len(batches)
-        total, logs = 0.0, {}
+        total, logs, sums = 0.0, {}, {}
         for i, batch in enumerate(batches):
             with b.accumulation_context(role, is_last_micro=(i == accum - 1)):
                 loss, logs = self.stage.loss(name, batch, self.step, self.micro_generator(phase, i))
+                # Part losses are the mean over micro-batches, as over ranks (_log_step), so a logged value
+                # does not depend on how the global batch is split; other values are the last micro-batch's.
+                for k, v in logs.items():
+                    if k.endswith(RANK_MEAN_SUFFIXES):
+                        sums[k] = sums.get(k, 0.0) + float(v) / accum
                 debug = self.cfg.trainer.debug
                 if self.step in debug.nonfinite_loss_steps and (not debug.nonfinite_roles or name in debug.nonfinite_roles):
                     loss = loss * float("nan")  # fault drill (trainer.debug), exercises the guard below
@@ -258,7 +263,7 @@ class Trainer:
         norm, stepped = b.grad_norm_and_step(role)
         finite = stepped and math.isfinite(total)
         prefix = "" if len(self.roles) == 1 else f"{name}/"
-        out = {f"{prefix}{k}": v for k, v in logs.items()}
+        out = {f"{prefix}{k}": v for k, v in {**logs, **sums}.items()}
         out.update({f"{prefix}loss": total, f"{prefix}grad_norm": norm, f"{prefix}lr": b.current_lr(role)})
         if not finite:
             keys = [k for batch in batches for k in batch.get("keys", [])]

@@ -182,6 +182,20 @@ def test_dmd_runs_on_two_processes(toy_root, base_export, tmp_path, launcher):
         else:
             torch.testing.assert_close(before[k], v, rtol=1e-5, atol=1e-7)
     assert any(not torch.equal(after[k], v) for k, v in init.items())  # and trained once active
+    # The same checkpoint-4 resumed on 1 process with accumulation 2 (global batch kept): generator, critic
+    # with its GAN heads, the EMA and the 5:1 cycle continue, and steps 5-6 equal the 2-process run's.
+    train(toy_root, tmp_path, [*dmd_overrides(toy_root, base_export)[1:], *GAN, *idle, "trainer.max_steps=6",
+                               "trainer.checkpoint_every=2", "trainer.grad_accum_steps=2", "trainer.log_every=1",
+                               f"resume={tmp_path}/dmdds/checkpoint-4", "run_name=dmd_one"])
+    one = read_metrics(tmp_path / "dmd_one")
+    assert [m["step"] for m in one] == [5, 6] and one[0]["resume/world_size_before"] == 2
+    for key in ("critic/loss", "critic/gan/d_loss", "generator/loss"):
+        np.testing.assert_allclose([m[key] for m in one if key in m], [m[key] for m in hist[4:] if key in m],
+                                   rtol=1e-5, atol=1e-6, err_msg=key)
+    ema_two = load_file(str(ckpt / "generator.ema.safetensors"))
+    ema_one = load_file(str(tmp_path / "dmd_one/checkpoint-6/generator.ema.safetensors"))
+    for k in ema_two:
+        torch.testing.assert_close(ema_one[k], ema_two[k], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow
