@@ -141,6 +141,18 @@ def torchrun_dmd(toy_root, export, out, launcher, *overrides):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+def pooled_dmd_runs(toy_root, export, out, configs: list[list[str]]) -> None:
+    """Several 2-process DMD runs in one torchrun launch (tests/matrix_worker.py), one after the other."""
+    import json
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    full = [[f"output_root={out}", "validation.every=0", *dmd_overrides(toy_root, export), *c] for c in configs]
+    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(REPO / "tests" / "matrix_worker.py"),
+           str(out / "results.json"), json.dumps(full)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["ddp"])
 def test_dmd_runs_on_two_processes(toy_root, base_export, tmp_path, launcher):
@@ -211,20 +223,18 @@ def test_zero3_dmd_equals_ddp_when_ranks_run_different_samplers(toy_root, base_e
     checkpoint with helios_train/ema.py's rule), a ZeRO-3 run resumed at step 2 ends with exactly the same EMA,
     and DDP (whole tensors per rank; stage.dmd.low_vram, the recipes' default, moving the bases — ZeRO-3 does
     not need to) gathers to the same EMA as ZeRO-3."""
-    import shutil
-
     from safetensors.torch import load_file
 
     from helios_train.ema import EMAConfig, ema_decay
 
     common = ["trainer.max_steps=5", "trainer.checkpoint_every=1", "stage.dmd.update_ratio=1",
               "stage.ema.update_after_step=0", *GAN]
-    torchrun_dmd(toy_root, base_export, tmp_path, "deepspeed_zero3", *common, "run_name=z3")
-    torchrun_dmd(toy_root, base_export, tmp_path, "ddp", *common, "run_name=ddp")
-    shutil.copytree(tmp_path / "z3", tmp_path / "resumed" / "z3")
-    for late in (3, 4, 5):
-        shutil.rmtree(tmp_path / "resumed" / "z3" / f"checkpoint-{late}")
-    torchrun_dmd(toy_root, base_export, tmp_path / "resumed", "deepspeed_zero3", *common, "run_name=z3")
+    # One torchrun for the three runs (tests/matrix_worker.py: one process group, a Trainer each); the
+    # resumed one continues z3's checkpoint-2 in a run folder of its own.
+    pooled_dmd_runs(toy_root, base_export, tmp_path, [
+        ["launcher=deepspeed_zero3", *common, "run_name=z3"],
+        ["launcher=ddp", *common, "run_name=ddp"],
+        ["launcher=deepspeed_zero3", *common, f"resume={tmp_path}/z3/checkpoint-2", "run_name=resumed/z3"]])
     z3, ddp = read_metrics(tmp_path / "z3"), read_metrics(tmp_path / "ddp")
     assert 0.5 in [m["generator/amplified_share"] for m in z3]  # a step where exactly one rank had a first chunk
     assert all(m["low_vram/onloaded_gb"] > 0 for m in ddp) and "low_vram/onloaded_gb" not in z3[0]
