@@ -1,0 +1,99 @@
+"""Sequence parallelism of the Helios transformer (Ulysses / ring attention) through diffusers' context-parallel
+hooks, with gradients exact for training (issue "sequence-parallel training"; not yet wired into the trainer).
+
+diffusers' `HeliosTransformer3DModel._cp_plan` splits the token sequence on the way into every block's attn1,
+attn2 and ffn and all-gathers it on the way out; the residual stream stays whole on every rank. Two things
+stop that plan from training as shipped (diffusers 0.42):
+- its gather's backward returns the local slice of the incoming gradient (`AllGatherFunction`,
+  diffusers/hooks/context_parallel.py). Below the first gather each rank's gradient then lacks the other
+  ranks' branch contributions, and no sum or mean over the sequence ranks recovers the gradients of the
+  parameters between branches (patch embedding, condition embedder, modulation tables, norms). Here the
+  gather's backward is its adjoint, a reduce-scatter (sum): every rank back-propagates the same loss
+  through an exact distributed graph, the sequence ranks' gradients sum to degree × the one-process
+  gradient, so a mean over all data × sequence ranks (plain DDP on the world group) is the one-process
+  data-parallel mean;
+- the output entries name blocks 0..39: a model with another depth fails (fewer) or breaks (more). The
+  split entries ("blocks.*.attn1", ...) are taken from the model's own plan, the gathers placed on the
+  same modules of the real block count.
+On CPU-only torch `enable_parallelism` divides by the accelerator count (0), so the set-up it performs is done
+here directly. Ring attention needs an attention kernel that returns the log-sum-exp (CUDA only), so CPU runs
+Ulysses with the `native` backend.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.context_parallel import apply_context_parallel
+from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
+
+GATHER_HOOK = "helios_sequence_gather"
+
+
+class ExactAllGather(torch.autograd.Function):
+    """All-gather along `dim` over `group`; backward = reduce-scatter (sum) of the gradient, its adjoint."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, dim: int, group) -> torch.Tensor:
+        ctx.dim, ctx.group = dim, group
+        world = dist.get_world_size(group)
+        moved = tensor.movedim(dim, 0).contiguous()
+        out = moved.new_empty((world * moved.shape[0], *moved.shape[1:]))
+        dist.all_gather_into_tensor(out, moved, group=group)
+        return out.movedim(0, dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        world = dist.get_world_size(ctx.group)
+        moved = grad.movedim(ctx.dim, 0).contiguous()
+        out = moved.new_empty((moved.shape[0] // world, *moved.shape[1:]))
+        dist.reduce_scatter_tensor(out, moved, op=dist.ReduceOp.SUM, group=ctx.group)
+        return out.movedim(0, ctx.dim), None, None
+
+
+class ExactGatherHook(ModelHook):
+    """Gathers a module's (sequence-split) output with `ExactAllGather` (diffusers' hook registry)."""
+
+    def __init__(self, dim: int, group):
+        super().__init__()
+        self.dim, self.group = dim, group
+
+    def post_forward(self, module, output):
+        return ExactAllGather.apply(output, self.dim, self.group)
+
+
+def _modules(root: torch.nn.Module, key: str) -> list[torch.nn.Module]:
+    """The modules a plan key names; one `*` stands for every entry of a ModuleList."""
+    if "*" not in key:
+        return [root.get_submodule(key)]
+    head, tail = (part.strip(".") for part in key.split("*", 1))
+    return [m.get_submodule(tail) if tail else m for m in root.get_submodule(head)]
+
+
+def split_plan(transformer: torch.nn.Module) -> dict:
+    """The input-splitting entries of the model's own context-parallel plan (the gathers are ours)."""
+    plan = getattr(type(transformer), "_cp_plan", None)
+    if not plan:
+        raise ValueError(f"{type(transformer).__name__} has no context-parallel plan (_cp_plan)")
+    return {key: spec for key, spec in plan.items() if isinstance(spec, dict)}
+
+
+def enable_sequence_parallel(transformer: torch.nn.Module, mesh, device: torch.device) -> ContextParallelConfig:
+    """Split `transformer`'s attention / FFN sequence over the mesh's ("ring", "ulysses") dimensions (other mesh
+    dimensions, e.g. "dp", are left to the caller); returns the context-parallel config in use."""
+    cp = ContextParallelConfig(ring_degree=mesh["ring"].size(), ulysses_degree=mesh["ulysses"].size(), mesh=mesh)
+    config = ParallelConfig(context_parallel_config=cp)
+    config.setup(dist.get_rank(), dist.get_world_size(), device, mesh=mesh)
+    transformer._parallel_config = config
+    for module in transformer.modules():  # what enable_parallelism tells every attention processor
+        processor = getattr(module, "processor", None)
+        if processor is not None and hasattr(processor, "_parallel_config"):
+            processor._parallel_config = config
+    splits = split_plan(transformer)
+    apply_context_parallel(transformer, cp, splits)
+    group = cp._flattened_mesh.get_group()
+    for key, spec in splits.items():
+        dim = spec["hidden_states"].split_dim
+        for module in _modules(transformer, key):
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(ExactGatherHook(dim, group), GATHER_HOOK)
+    return cp

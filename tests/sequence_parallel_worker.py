@@ -1,0 +1,70 @@
+"""One rank of a 2-rank Ulysses check (tests/test_sequence_parallel.py): the toy Helios transformer's loss and
+every parameter gradient with the sequence split over the ranks (helios_train/model/sequence_parallel.py),
+averaged over ranks as DDP does, against the same step in one process (a copy made before hooking).
+
+    torchrun --nproc_per_node=2 tests/sequence_parallel_worker.py OUT.json MODEL_DIR exact|stock
+
+`stock` swaps our gather for diffusers' own (`EquipartitionSharder.unshard`, whose backward keeps the local
+slice): the negative control.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]  # this checkout's helios_train
+
+
+def main() -> None:
+    import torch
+    import torch.distributed as dist
+    from diffusers import HeliosTransformer3DModel
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from helios_train.history import HistoryConfig, model_inputs
+    from helios_train.model import sequence_parallel as sp
+
+    out, model_dir, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    dist.init_process_group("gloo")
+    world = dist.get_world_size()
+    model = HeliosTransformer3DModel.from_pretrained(model_dir, subfolder="transformer", torch_dtype=torch.float32)
+    model.requires_grad_(True)
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)  # the same batch on every rank, as a sequence group sees it
+    inputs = model_inputs(torch.randn(1, 4, 9, 8, 16, generator=g), torch.randn(1, 4, 1, 8, 16, generator=g),
+                          torch.randn(1, 4, 19, 8, 16, generator=g), torch.tensor([700.0]),
+                          torch.randn(1, 16, 32, generator=g), HistoryConfig())
+    target = torch.randn(1, 4, 9, 8, 16, generator=g)
+
+    def step(m):
+        loss = torch.nn.functional.mse_loss(m(**inputs, return_dict=False)[0].float(), target)
+        loss.backward()
+        return float(loss)
+
+    ref_loss = step(reference)
+    mesh = init_device_mesh("cpu", (1, 1, world), mesh_dim_names=("dp", "ring", "ulysses"))
+    if mode == "stock":
+        from diffusers.hooks.context_parallel import EquipartitionSharder
+
+        flat = mesh["ring", "ulysses"]._flatten()
+        sp.ExactGatherHook.post_forward = lambda self, module, output: EquipartitionSharder.unshard(output, self.dim, flat)
+    sp.enable_sequence_parallel(model, mesh, torch.device("cpu"))
+    loss = step(model)
+    errors = {}
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        grad = p.grad.clone()
+        dist.all_reduce(grad)
+        grad /= world  # DDP's mean over the world group
+        errors[name] = float((grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-30))
+    if dist.get_rank() == 0:
+        out.write_text(json.dumps({"loss": loss, "reference_loss": ref_loss, "relative_grad_error": errors}))
+    dist.barrier()
+    from helios_train.process_guard import exit_process
+
+    exit_process(0)
+
+
+if __name__ == "__main__":
+    main()
