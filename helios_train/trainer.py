@@ -3,8 +3,9 @@
 A stage (helios_train/stages/) gives roles and a loss; the backend (helios_train/backends/) owns
 process groups, wrapping and optimizer stepping. Every random draw of a step comes from a generator
 keyed by (seed, step, phase, global micro-batch) (`micro_generator`), the data position is
-checkpointed per worker, so a resumed run reproduces an uninterrupted one exactly
-(tests/test_train_toy.py, tests/test_faults.py).
+checkpointed per reader, so a resumed run reproduces an uninterrupted one exactly
+(tests/test_train_toy.py, tests/test_faults.py), also on another cluster shape (helios_train/resume_shape.py,
+tests/test_resume_shape.py).
 """
 from __future__ import annotations
 
