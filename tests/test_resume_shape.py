@@ -184,3 +184,34 @@ def test_zero_and_ddp_checkpoints_resume_on_the_other_backends_and_rank_counts(t
         assert len(ref) == 4 and [m["step"] for m in read_metrics(tmp_path / run)] == [3, 4]
         np.testing.assert_allclose(_losses(tmp_path / run), ref[2:], rtol=1e-5, atol=1e-6, err_msg=run)
         _weights_close(tmp_path / run / "checkpoint-4", tmp_path / reference / "checkpoint-4")
+
+
+def test_shape_rules_refuse_what_cannot_be_honoured():
+    from helios_train.resume_shape import RunShape, ShapeError, check_resume_shape
+
+    z2 = RunShape(2, 1, 1, "deepspeed", 2)
+    assert check_resume_shape("ckpt", z2, z2, False, portable=False) is None
+    ddp_one = RunShape(1, 2, 1, "ddp", None)
+    assert check_resume_shape("ckpt", z2, ddp_one, False, portable=True) == (
+        "2 rank(s) x 1 micro-batch(es) of 1 (deepspeed zero2) -> 1 rank(s) x 2 micro-batch(es) of 1 (ddp)")
+    with pytest.raises(ShapeError, match=r"only as DeepSpeed ZeRO-2 shards of 2 rank\(s\).*portable_checkpoints=false"):
+        check_resume_shape("ckpt", z2, ddp_one, False, portable=False)
+    bigger = RunShape(4, 1, 1, "deepspeed", 2)
+    with pytest.raises(ShapeError, match=r"global batch of 2 .* this run has 4 .*grad_accum_steps=1"):
+        check_resume_shape("ckpt", z2, bigger, False, portable=True)
+    assert check_resume_shape("ckpt", z2, bigger, True, portable=True).endswith("(deepspeed zero2)")
+
+
+def test_too_few_shards_fall_back_to_per_rank_readers_and_say_so():
+    """8 shards, 4 ranks x accumulation 4 = 16 micro-batches per step: each rank's micro-batches share its 2
+    readers (the order then depends on the shape) instead of refusing a run that fits the old rule; fewer
+    shards than ranks is refused."""
+    layout, notes = choose_layout(8, 4, 4, 2, None)
+    assert (layout.readers, layout.per_rank, layout.invariant) == (8, 2, False)
+    assert "order depends on the world size" in notes[0]
+    # rank 1's batches cycle through its own readers 2 and 3
+    assert [layout.global_reader(1, i % layout.per_rank) for i in range(4)] == [2, 3, 2, 3]
+    layout, notes = choose_layout(8, 2, 2, 4, None)  # 4 micro-batches x 4 workers = 16 readers > 8 shards
+    assert (layout.readers, layout.invariant, notes[0].endswith("using 8 readers")) == (8, True, True)
+    with pytest.raises(ValueError, match="data.num_readers=3: must be a multiple of the 2 rank"):
+        choose_layout(8, 2, 1, 0, 3)
