@@ -30,6 +30,10 @@ class RunShape:
     def global_batch(self) -> int:
         return self.world_size * self.grad_accum_steps * self.batch_size
 
+    def same_partitions(self, other: "RunShape") -> bool:
+        """Whether ZeRO shards written on one shape load natively on the other (same launcher, ranks, stage)."""
+        return (self.launcher, self.world_size, self.zero_stage) == (other.launcher, other.world_size, other.zero_stage)
+
     def describe(self) -> str:
         backend = f"deepspeed zero{self.zero_stage}" if self.launcher == "deepspeed" else self.launcher
         return (f"{self.world_size} rank(s) x {self.grad_accum_steps} micro-batch(es) of {self.batch_size} "
@@ -66,8 +70,7 @@ def check_resume_shape(checkpoint, saved: RunShape, now: RunShape, allow_batch_c
             f"{max(1, saved.global_batch // (now.world_size * now.batch_size))}), or set "
             "trainer.allow_batch_change=true to continue with the new batch (the LR schedule is not rescaled).")
     sharded_only = saved.launcher == "deepspeed" and not portable
-    if sharded_only and (saved.world_size, saved.launcher, saved.zero_stage) != (
-            now.world_size, now.launcher, now.zero_stage):
+    if sharded_only and not saved.same_partitions(now):
         raise ShapeError(
             f"{checkpoint} holds its optimizer state only as DeepSpeed ZeRO-{saved.zero_stage} shards of "
             f"{saved.world_size} rank(s) (written with trainer.portable_checkpoints=false); resume it with "

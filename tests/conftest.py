@@ -58,6 +58,22 @@ def base_export(toy_root, tmp_path_factory) -> Path:
     return export(out / "b", out / "export")
 
 
+def run_pooled(configs: list[list[str]], out: Path, timeout: float = 900) -> tuple[list[dict], float]:
+    """Several training configs one after the other in ONE 2-process torchrun launch (tests/matrix_worker.py:
+    one process group, a Trainer each); returns matrix_worker's per-config results and the launch's seconds."""
+    import json
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    results = out / "results.json"
+    t0 = time.time()
+    proc = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", str(REPO / "tests" / "matrix_worker.py"),
+                           str(results), json.dumps(configs)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(results.read_text()), time.time() - t0
+
+
 def wait_until(ready, proc, what: str, timeout: float = 240) -> None:
     """Poll `ready()` while the subprocess `proc` runs; fail with its output if it ends first, kill it on timeout."""
     end = time.time() + timeout

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, run_pooled
 from helios_train.backends.deepspeed import ds_config
 from helios_train.tracking import read_metrics
 
@@ -144,16 +144,10 @@ def torchrun(toy_root, out, *overrides) -> float:
 
 
 def pooled(toy_root, out, configs: list[list[str]]) -> float:
-    """Several 2-process runs in one torchrun launch (tests/matrix_worker.py); returns the launch's seconds."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    """The configs (with this file's common keys) in one torchrun launch; returns the launch's seconds."""
     full = [[f"toy_root={toy_root}", f"output_root={out}", "validation.every=0", "data.num_workers=0",
              "trainer.checkpoint_every=2", "tracker.mode=offline", *c] for c in configs]
-    t0 = time.time()
-    proc = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", str(REPO / "tests" / "matrix_worker.py"),
-                           str(out / "results.json"), json.dumps(full)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return time.time() - t0
+    return run_pooled(full, out, timeout=600)[1]
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, compose, train
+from conftest import REPO, compose, run_pooled, train
 from helios_train.tracking import read_metrics
 
 
@@ -143,14 +143,8 @@ def torchrun_dmd(toy_root, export, out, launcher, *overrides):
 
 def pooled_dmd_runs(toy_root, export, out, configs: list[list[str]]) -> None:
     """Several 2-process DMD runs in one torchrun launch (tests/matrix_worker.py), one after the other."""
-    import json
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    full = [[f"output_root={out}", "validation.every=0", *dmd_overrides(toy_root, export), *c] for c in configs]
-    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(REPO / "tests" / "matrix_worker.py"),
-           str(out / "results.json"), json.dumps(full)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_pooled([[f"output_root={out}", "validation.every=0", *dmd_overrides(toy_root, export), *c] for c in configs],
+               out, timeout=600)
 
 
 @pytest.mark.slow

@@ -6,16 +6,13 @@ recipes on 2 processes under ddp, deepspeed_zero2 and deepspeed_zero3. Each run:
 every role's LoRA B matrices (zero at init) changed (memory patches aside: zero history), frozen weights bf16 and trainables fp32."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
-from conftest import REPO, compose
+from conftest import compose, run_pooled
 
 WIDTH_RATIO = 256 / 5120  # model=helios_14b_shape's hidden size over the 14B's
 RECIPES = ("stage_1_init", "stage_1_post", "stage_1_correct", "stage_2_init", "stage_2_post", "stage_2_correct",
@@ -106,12 +103,6 @@ def test_recipe_trains_at_production_settings(recipe, toy_root, shape_assets, tm
 @pytest.mark.parametrize("launcher", ["ddp", "deepspeed_zero2", "deepspeed_zero3"])
 def test_base_mid_dmd_recipes_on_two_processes(launcher, toy_root, shape_assets, tmp_path):
     configs = [recipe_overrides(r, toy_root, shape_assets, tmp_path, launcher) for r in DISTRIBUTED]
-    out = tmp_path / "results.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(REPO / "tests" / "matrix_worker.py"), str(out),
-           json.dumps(configs)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    results = json.loads(out.read_text())
+    results, _ = run_pooled(configs, tmp_path)
     for overrides, result in zip(configs, results):
         check_run(result, overrides)

@@ -15,7 +15,7 @@ import pytest
 import webdataset as wds
 from safetensors.torch import load_file
 
-from conftest import REPO, compose, train
+from conftest import REPO, compose, run_pooled, train
 from helios_train.data.readers import ReaderLayout, choose_layout
 from helios_train.data.video_dataset import DataPosition, build_loader, resume_position
 from helios_train.history import HistoryConfig
@@ -172,11 +172,7 @@ def test_zero_and_ddp_checkpoints_resume_on_the_other_backends_and_rank_counts(t
                base + ["launcher=deepspeed_zero3", from_z2, "run_name=z2_z3"],
                base + ["launcher=ddp", from_z2, "run_name=z2_ddp"],
                base + ["launcher=deepspeed_zero3", from_ddp, "run_name=ddp_z3"]]
-    out = tmp_path / "results.json"
-    worker = str(REPO / "tests" / "matrix_worker.py")
-    proc = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", worker, str(out), json.dumps(configs)],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_pooled(configs, tmp_path)
     train(toy_root, tmp_path, COMMON + ["launcher=deepspeed_zero2", "trainer.grad_accum_steps=2", from_z2,
                                         "run_name=z2_one"])
     for run, reference in (("z2_z3", "z2"), ("z2_ddp", "z2"), ("z2_one", "z2"), ("ddp_z3", "ddp")):

@@ -49,6 +49,7 @@ from helios_train import checkpoint as ckpt
 from helios_train.backends import zero_portable
 from helios_train.backends.base import Backend, PreparedRole
 from helios_train.process_guard import teardown_by_exit
+from helios_train.resume_shape import RunShape
 
 # Keys the trainer's loop owns; a user JSON may repeat them only with the same values.
 OWNED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
@@ -283,8 +284,9 @@ class DeepSpeedBackend(Backend):
 
     def load_role(self, role: PreparedRole, directory: Path) -> None:
         saved = ckpt.read_json(directory / "trainer_state.json").get("shape")
-        same_shape = saved is None or (saved["launcher"], saved["world_size"], saved["zero_stage"]) == (
-            "deepspeed", self.world_size, self.zero_stage)
+        now = RunShape(self.world_size, int(self.trainer_cfg.grad_accum_steps), int(self.data_cfg.batch_size),
+                       self.name, self.zero_stage)
+        same_shape = saved is None or RunShape(**saved).same_partitions(now)
         path = directory / f"{role.name}.deepspeed"
         if same_shape and (path / "state").is_dir():
             load_path, _ = role.model.load_checkpoint(str(path), tag="state", load_module_strict=False,

@@ -105,9 +105,13 @@ def fresh_position() -> dict:
             "skipped_by_shard": {}}
 
 
+def epoch_order(seed: int, epoch: int, num_shards: int) -> list[int]:
+    """Epoch `epoch`'s permutation of the shard indices."""
+    return [int(i) for i in np.random.default_rng(seed + epoch).permutation(num_shards)]
+
+
 def epoch_share(seed: int, epoch: int, num_shards: int, reader: int, readers: int) -> list[int]:
-    order = np.random.default_rng(seed + epoch).permutation(num_shards)
-    return [int(i) for i in order[reader::readers]]
+    return epoch_order(seed, epoch, num_shards)[reader::readers]
 
 
 def work_list(pos: dict, seed: int, num_shards: int, reader: int, readers: int) -> list[list[int]]:
@@ -144,9 +148,7 @@ def resplit(positions: dict[int, dict], old_readers: int, new_readers: int, seed
     pool: list[list[int]] = []
     for q, pos in old.items():
         pool += remaining_pieces(pos, seed, num_shards, q, old_readers, first_unstarted)
-    rank_in_epoch = {}
-    for e in {p[0] for p in pool}:
-        rank_in_epoch[e] = {int(s): i for i, s in enumerate(np.random.default_rng(seed + e).permutation(num_shards))}
+    rank_in_epoch = {e: {s: i for i, s in enumerate(epoch_order(seed, e, num_shards))} for e in {p[0] for p in pool}}
     pool.sort(key=lambda p: (p[0], rank_in_epoch[p[0]][p[1]]))
     new = {}
     for q in range(new_readers):

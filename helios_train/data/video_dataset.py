@@ -105,6 +105,7 @@ class HistoryShardDataset(IterableDataset):
         readers = self.layout.readers
         pos = copy.deepcopy(self.positions.get(reader) or fresh_position())
         batch: list[dict] = []
+        epochs: list[int] = []  # each batched sample's epoch (a batch may span a re-split's pieces)
         while True:
             pieces = work_list(pos, self.data_cfg.seed, len(self.shards), reader, readers)
             read_before = pos["read"]
@@ -135,16 +136,15 @@ class HistoryShardDataset(IterableDataset):
                         reason, why = ("unreadable_member", f"{bad} — {damaged}") if damaged else (bad.reason, str(bad))
                         self._count_skip(pos, reason, shard, why)
                         continue
-                    sample["_epoch"] = epoch
                     batch.append(sample)
+                    epochs.append(epoch)
                     if damaged:  # whole despite the damage right after it: used; the lost rest is the one skip
                         self._count_skip(pos, "unreadable_member", shard, f"after sample {raw['__key__']}: {damaged}")
                     if len(batch) == self.data_cfg.batch_size:
-                        epochs = [b.pop("_epoch") for b in batch]
                         out = collate(batch)
                         out["epochs"] = epochs
                         out["_position"] = {"reader": reader, **copy.deepcopy(pos)}
-                        batch = []
+                        batch, epochs = [], []
                         yield out
                 pos["cursor"] += 1
                 pos["in_shard"] = 0
@@ -167,21 +167,17 @@ class DataPosition:
                  carried: Optional[dict] = None):
         self.layout = layout or ReaderLayout(1, 1, 1)
         self.readers: dict[int, dict] = dict(readers or {})
-        self.carried = carried or {"read": 0, "skipped": {}, "skipped_by_shard": {}}
+        self.carried = carried or merge_counters()
 
     def update(self, batch: dict) -> None:
         pos = batch.pop("_position")
         self.readers[pos.pop("reader")] = pos
 
     def skip_counts(self) -> dict[str, int]:
-        out = dict(self.carried["skipped"])
-        for pos in self.readers.values():
-            for reason, n in pos["skipped"].items():
-                out[reason] = out.get(reason, 0) + n
-        return out
+        return merge_counters(self.carried, *self.readers.values())["skipped"]
 
     def samples_read(self) -> int:
-        return self.carried["read"] + sum(pos["read"] for pos in self.readers.values())
+        return merge_counters(self.carried, *self.readers.values())["read"]
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "DataPosition":
