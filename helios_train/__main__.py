@@ -41,6 +41,7 @@ def run(cfg: DictConfig) -> dict:
         run_setup.validate(cfg, dry_run=True)
         resolve_precision(cfg, device=None)  # measuring for GPUs: no probe of this machine
         run_setup.ensure_toy_assets(cfg)  # a toy model's config.json (nothing else is read)
+        run_setup.check_sequence_parallel(cfg, dry_run=True)
         return run_dry(cfg)
     trainer = build_trainer(cfg)
     try:
@@ -63,10 +64,11 @@ def build_trainer(cfg: DictConfig):
     resolve_precision(cfg, run_setup.training_device(cfg))
     is_main = int(os.environ.get("RANK", 0)) == 0
     run_setup.ensure_toy_assets(cfg)  # file-locked: every rank may call it
-    shards = run_setup.resolve_shards(cfg, run_setup.world_size())
+    shards = run_setup.resolve_shards(cfg, run_setup.data_world(cfg))
     check_model_dir(cfg.model)
     run_setup.check_data_fits_model(cfg, shards)
     run_setup.resolve_validation_defaults(cfg, shards)
+    run_setup.check_sequence_parallel(cfg)  # with the data's latent and validation sizes
     run_path = Path(cfg.output_root) / cfg.run_name
     fresh = not run_path.exists()
     # Rank 0 holds the run directory's lock from before its first write until the process ends: a second

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from helios_train.backends.sequence_groups import sequence_degree
+
 
 class ShapeError(ValueError):
     pass
@@ -25,10 +27,16 @@ class RunShape:
     batch_size: int
     launcher: str
     zero_stage: Optional[int]  # DeepSpeed only
+    sequence_degree: int = 1  # ranks per sequence group (launcher.ulysses_degree x ring_degree)
+
+    @property
+    def data_world(self) -> int:
+        """Data-parallel slots: the ranks of a sequence group train one sample together."""
+        return self.world_size // self.sequence_degree
 
     @property
     def global_batch(self) -> int:
-        return self.world_size * self.grad_accum_steps * self.batch_size
+        return self.data_world * self.grad_accum_steps * self.batch_size
 
     def same_partitions(self, other: "RunShape") -> bool:
         """Whether ZeRO shards written on one shape load natively on the other (same launcher, ranks, stage)."""
@@ -36,8 +44,9 @@ class RunShape:
 
     def describe(self) -> str:
         backend = f"deepspeed zero{self.zero_stage}" if self.launcher == "deepspeed" else self.launcher
-        return (f"{self.world_size} rank(s) x {self.grad_accum_steps} micro-batch(es) of {self.batch_size} "
-                f"({backend})")
+        ranks = f"{self.world_size} rank(s)" if self.sequence_degree == 1 else \
+            f"{self.data_world} sequence group(s) of {self.sequence_degree} rank(s)"
+        return f"{ranks} x {self.grad_accum_steps} micro-batch(es) of {self.batch_size} ({backend})"
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -46,7 +55,7 @@ class RunShape:
 def current_shape(cfg, world_size: int) -> RunShape:
     launcher = cfg.launcher.name
     return RunShape(world_size, int(cfg.trainer.grad_accum_steps), int(cfg.data.batch_size), launcher,
-                    int(cfg.launcher.zero_stage) if launcher == "deepspeed" else None)
+                    int(cfg.launcher.zero_stage) if launcher == "deepspeed" else None, sequence_degree(cfg.launcher))
 
 
 def saved_shape(state: dict, now: RunShape) -> RunShape:
@@ -67,7 +76,7 @@ def check_resume_shape(checkpoint, saved: RunShape, now: RunShape, allow_batch_c
             f"{checkpoint} was written with a global batch of {saved.global_batch} ({saved.describe()}), this run "
             f"has {now.global_batch} ({now.describe()}). Keep world x trainer.grad_accum_steps x data.batch_size "
             f"at {saved.global_batch} (e.g. trainer.grad_accum_steps="
-            f"{max(1, saved.global_batch // (now.world_size * now.batch_size))}), or set "
+            f"{max(1, saved.global_batch // (now.data_world * now.batch_size))}), or set "
             "trainer.allow_batch_change=true to continue with the new batch (the LR schedule is not rescaled).")
     sharded_only = saved.launcher == "deepspeed" and not portable
     if sharded_only and not saved.same_partitions(now):

@@ -14,6 +14,7 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from helios_train import checkpoint as ckpt
+from helios_train.backends.sequence_groups import sequence_degree
 from helios_train.data.shards import expand_shards
 from helios_train.data.readers import choose_layout
 from helios_train.lockstep import params_sharded
@@ -359,6 +360,31 @@ def prepare_run_dir(cfg: DictConfig, is_main: bool) -> tuple[Path, Optional[Path
     elif is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
     return run_dir, resume_from, config
+
+
+def check_sequence_parallel(cfg: DictConfig, dry_run: bool = False) -> None:
+    """launcher.ulysses_degree / ring_degree against the world size, the stage and every forward's token count
+    (helios_train/model/sequence_lengths.py; the dry run measures one rank of a sequence group)."""
+    from helios_train.model.sequence_lengths import check_sequence_split
+
+    try:
+        if dry_run:
+            check_sequence_split(cfg, sequence_degree(cfg.launcher), "cuda")
+        else:
+            check_sequence_split(cfg, world_size(), training_device(cfg).type)
+    except ValueError as bad:
+        raise ConfigError(str(bad)) from None
+
+
+def data_world(cfg: DictConfig) -> int:
+    """Data-parallel ranks of this launch: the world size over the sequence degree (checked to divide it)."""
+    from helios_train.backends.sequence_groups import check_world
+
+    try:
+        check_world(cfg.launcher, world_size(), training_device(cfg).type)
+    except ValueError as bad:
+        raise ConfigError(str(bad)) from None
+    return world_size() // sequence_degree(cfg.launcher)
 
 
 def training_device(cfg: DictConfig):

@@ -73,7 +73,7 @@ class Trainer:
         tc = cfg.trainer
         self.backend = build_backend(cfg.launcher, tc, cfg.data)
         b = self.backend
-        seed = tc.seed + (b.rank if tc.seed_per_rank else 0)
+        seed = tc.seed + (b.data_rank if tc.seed_per_rank else 0)  # a sequence group's ranks: one seed
         torch.manual_seed(seed)  # module init etc.; the training draws use `micro_generator`
         random.seed(seed)
         self.stage = build_stage(cfg, b.device)
@@ -94,12 +94,12 @@ class Trainer:
         self.shards = shards
         self.shape = current_shape(cfg, b.world_size)
         # (no shards: the dry run, which feeds synthetic batches to run_step and never builds a loader)
-        self.position = DataPosition(choose_layout(len(shards), b.world_size, tc.grad_accum_steps,
+        self.position = DataPosition(choose_layout(len(shards), b.data_world, tc.grad_accum_steps,
                                                    cfg.data.num_workers, cfg.data.num_readers)[0] if shards else None)
         self.resume_record: dict = {}  # logged with the first step after a resume on another shape
         self.tracker = Tracker(cfg.tracker, run_dir, cfg.run_name, plain_config, enabled=b.is_main)
         self.heartbeat = Heartbeat(b.rank, b.world_size, interval_s=tc.collective_timeout_s / 10)
-        self.throughput = Throughput(tc.perf, b.device, b.world_size)
+        self.throughput = Throughput(tc.perf, b.device, b.data_world)
         if resume_from is not None:
             self._load(resume_from)
         self.tracker.start(self.step if resume_from is not None else None)
@@ -107,8 +107,9 @@ class Trainer:
         self.run_lock = None  # the run directory lock (rank 0), released by whoever built the trainer
         self.fresh_start = resume_from is None
         self.validator = None
-        # Rank 0 renders; under ZeRO-3 every rank must run the sampler's forwards with it (lockstep.py).
-        if cfg.validation.every > 0 and (b.is_main or params_sharded(cfg)):
+        # Rank 0 renders; under ZeRO-3 every rank must run the sampler's forwards with it (lockstep.py), under
+        # sequence parallelism rank 0's sequence group (its forwards are split over the group).
+        if cfg.validation.every > 0 and (b.data_rank == 0 or params_sharded(cfg)):
             from helios_train.validation import Validator
 
             self.validator = Validator(cfg, run_dir, self.tracker, b.device)
@@ -140,7 +141,8 @@ class Trainer:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         ckpt.save_torch(rng, tmp / f"rng-rank{b.rank}.pt")
-        ckpt.write_json(self.position.state_dict(), tmp / f"data-rank{b.rank}.json")
+        if b.sequence.sequence_rank == 0:  # one data position per data-parallel slot
+            ckpt.write_json(self.position.state_dict(), tmp / f"data-rank{b.data_rank}.json")
         if b.is_main:
             state = {
                 "step": step,
@@ -208,15 +210,15 @@ class Trainer:
         """Every rank reads every rank's reader positions (video_dataset.resume_position)."""
         b, cfg = self.backend, self.cfg
         files = sorted(path.glob("data-rank*.json"))
-        if len(files) != saved.world_size:
+        if len(files) != saved.data_world:
             raise ValueError(f"{path}: {len(files)} data-rank*.json file(s), the checkpoint was written by "
-                             f"{saved.world_size} rank(s)")
+                             f"{saved.data_world} data-parallel rank(s)")
         states = [ckpt.read_json(f) for f in files]
         if any("layout" not in s for s in states):
             raise ValueError(f"{path}: data positions in the per-worker format of earlier helios-train versions; "
                              "resume it with the version that wrote it")
         self.position, old_readers, note, warnings = resume_position(
-            states, len(self.shards), b.rank, b.world_size, self.shape.grad_accum_steps, cfg.data)
+            states, len(self.shards), b.data_rank, b.data_world, self.shape.grad_accum_steps, cfg.data)
         for line in warnings if b.is_main else ():
             tqdm.write(f"[helios-train] WARNING: {line}")
         return old_readers, note
@@ -240,7 +242,7 @@ class Trainer:
         behaviour of every rank drawing the same numbers.
         """
         tc, b = self.cfg.trainer, self.backend
-        index = (b.rank if tc.seed_per_rank else 0) * tc.grad_accum_steps + micro
+        index = (b.data_rank if tc.seed_per_rank else 0) * tc.grad_accum_steps + micro
         return torch.Generator(device="cpu").manual_seed(micro_batch_key(tc.seed, self.step, phase, index))
 
     def _update_role(self, name: str, batches: list[dict], phase: int = 0) -> dict:
@@ -313,7 +315,7 @@ class Trainer:
             return {"step": self.step}
         previous_handlers = self._install_signal_handlers()
         self.heartbeat.beat(self.step)
-        loader = build_loader(self.shards, cfg.data, cfg.stage.history, b.rank, self.position,
+        loader = build_loader(self.shards, cfg.data, cfg.stage.history, b.data_rank, self.position,
                               first_batch=self.step * tc.grad_accum_steps)
         it = iter(loader)
         bar = tqdm(total=tc.max_steps, initial=self.step, disable=not b.is_main, desc=cfg.stage.name, dynamic_ncols=True)
@@ -405,13 +407,15 @@ class Trainer:
     def _log_step(self, logs: dict, batches: list[dict], dt: float) -> dict:
         b, tc = self.backend, self.cfg.trainer
         local_samples = sum(len(x["keys"]) for x in batches)
-        logs.update({"step_time_s": dt, "samples_per_s": local_samples * b.world_size / max(dt, 1e-9)})
+        logs.update({"step_time_s": dt, "samples_per_s": local_samples * b.data_world / max(dt, 1e-9)})
         logs.update(self.throughput.metrics(dt, self.stage.tokens_per_sample(batches[0]), local_samples))
         skips = self.position.skip_counts()
         # One collective for every rank-summed count and rank-averaged value (every rank has the same keys).
         means = [k for k in logs if k.endswith(RANK_MEAN_SUFFIXES)]
         counts = [f"data/skipped_{k}" for k in SKIP_REASONS] + ["data/samples_read"]
-        totals = b.all_sum([skips.get(k, 0) for k in SKIP_REASONS] + [self.position.samples_read()]
+        # (a sequence group's ranks read the same samples: its first rank counts them)
+        counted = int(b.sequence.sequence_rank == 0)
+        totals = b.all_sum([counted * skips.get(k, 0) for k in SKIP_REASONS] + [counted * self.position.samples_read()]
                            + [float(logs[k]) for k in means])
         logs.update({k: int(v) for k, v in zip(counts, totals)})
         logs.update({k: v / b.world_size for k, v in zip(means, totals[len(counts):])})

@@ -58,8 +58,8 @@ def base_export(toy_root, tmp_path_factory) -> Path:
     return export(out / "b", out / "export")
 
 
-def run_pooled(configs: list[list[str]], out: Path, timeout: float = 900) -> tuple[list[dict], float]:
-    """Several training configs one after the other in ONE 2-process torchrun launch (tests/matrix_worker.py:
+def run_pooled(configs: list[list[str]], out: Path, timeout: float = 900, nproc: int = 2) -> tuple[list[dict], float]:
+    """Several training configs one after the other in ONE `nproc`-process torchrun launch (tests/matrix_worker.py:
     one process group, a Trainer each); returns matrix_worker's per-config results and the launch's seconds."""
     import json
     import subprocess
@@ -67,7 +67,7 @@ def run_pooled(configs: list[list[str]], out: Path, timeout: float = 900) -> tup
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     results = out / "results.json"
     t0 = time.time()
-    proc = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", str(REPO / "tests" / "matrix_worker.py"),
+    proc = subprocess.run(["torchrun", "--standalone", f"--nproc_per_node={nproc}", str(REPO / "tests" / "matrix_worker.py"),
                            str(results), json.dumps(configs)], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 
 from helios_train import checkpoint as ckpt
+from helios_train.backends.sequence_groups import SequenceGroups, check_world
 
 
 @dataclass
@@ -56,13 +57,35 @@ class Backend:
                 f"launcher=single but WORLD_SIZE={self.world_size}: use launcher=ddp (or deepspeed) under torchrun"
             )
         self.device = resolve_device(trainer_cfg.device, self.local_rank)
+        check_world(launcher_cfg, self.world_size, self.device.type)
+        # No sequence parallelism until a distributed backend has its process group (then `SequenceGroups.build`).
+        self.sequence = SequenceGroups(rank=self.rank, world_size=self.world_size)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def data_rank(self) -> int:
+        """The data-parallel slot this rank trains: its reader, seed and random draws (= rank without
+        sequence parallelism; the ranks of one sequence group share it)."""
+        return self.sequence.data_rank
+
+    @property
+    def data_world(self) -> int:
+        """Data-parallel slots: samples per step are data_world × accumulation × batch size."""
+        return self.sequence.data_world
+
+    def split_sequence(self, module: torch.nn.Module) -> None:
+        """Split the transformer's attention / FFN sequence over this rank's sequence group (a no-op at degree 1)."""
+        if self.sequence.degree > 1:
+            from helios_train.model.sequence_parallel import enable_sequence_parallel
+
+            enable_sequence_parallel(module, self.sequence.mesh, self.device)
+
     # -- roles -------------------------------------------------------------------------------
     def prepare(self, name, module, optimizer, scheduler, max_grad_norm, multi_forward: bool = False) -> PreparedRole:
+        self.split_sequence(module)
         params = [p for p in module.parameters() if p.requires_grad]
         return PreparedRole(name, module, module, optimizer, scheduler, max_grad_norm, params)
 

@@ -14,6 +14,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
 from helios_train.backends.base import Backend, PreparedRole
+from helios_train.backends.sequence_groups import SequenceGroups
 from helios_train.process_guard import teardown_by_exit
 
 
@@ -50,6 +51,8 @@ class DDPBackend(Backend):
                 timeout=datetime.timedelta(seconds=trainer_cfg.collective_timeout_s),
                 device_id=self.device if self.device.type == "cuda" else None,
             )
+        # DDP stays on the world group under sequence parallelism (helios_train/backends/sequence_groups.py).
+        self.sequence = SequenceGroups.build(launcher_cfg, self.rank, self.world_size, self.device.type)
 
     def prepare(self, name, module, optimizer, scheduler, max_grad_norm, multi_forward: bool = False) -> PreparedRole:
         role = super().prepare(name, module, optimizer, scheduler, max_grad_norm)

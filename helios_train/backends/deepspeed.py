@@ -48,6 +48,7 @@ from safetensors.torch import load_file
 from helios_train import checkpoint as ckpt
 from helios_train.backends import zero_portable
 from helios_train.backends.base import Backend, PreparedRole
+from helios_train.backends.sequence_groups import SequenceGroups
 from helios_train.process_guard import teardown_by_exit
 from helios_train.resume_shape import RunShape
 
@@ -160,6 +161,9 @@ class DeepSpeedBackend(Backend):
         self.owns_process_group = not torch.distributed.is_initialized()
         deepspeed.init_distributed(dist_backend=backend,
                                        timeout=datetime.timedelta(seconds=trainer_cfg.collective_timeout_s))
+        # ZeRO partitions and averages over the world group, right under sequence parallelism too
+        # (helios_train/backends/sequence_groups.py).
+        self.sequence = SequenceGroups.build(launcher_cfg, self.rank, self.world_size, self.device.type)
         self.trainer_cfg = trainer_cfg
         self.data_cfg = data_cfg
         self.zero_stage = int(launcher_cfg.zero_stage)
@@ -168,6 +172,7 @@ class DeepSpeedBackend(Backend):
     # -- roles -------------------------------------------------------------------------------
     def prepare(self, name, module, optimizer, scheduler, max_grad_norm, multi_forward: bool = False) -> PreparedRole:
         # multi_forward needs nothing special: ZeRO's reduce hooks fire once per parameter per backward.
+        self.split_sequence(module)
         params = [p for p in module.parameters() if p.requires_grad]
         config = ds_config(self.launcher_cfg, self.trainer_cfg, self.data_cfg, self.world_size, max_grad_norm)
         kwargs = {"model": module, "model_parameters": params, "config": config}

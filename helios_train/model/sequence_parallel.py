@@ -1,5 +1,6 @@
 """Sequence parallelism of the Helios transformer (Ulysses / ring attention) through diffusers' context-parallel
-hooks, with gradients exact for training (issue "sequence-parallel training"; not yet wired into the trainer).
+hooks, with gradients exact for training. The trainer applies it to every role's transformer when
+`launcher.ulysses_degree` × `launcher.ring_degree` > 1 (helios_train/backends/sequence_groups.py forms the mesh).
 
 diffusers' `HeliosTransformer3DModel._cp_plan` splits the token sequence on the way into every block's attn1,
 attn2 and ffn and all-gathers it on the way out; the residual stream stays whole on every rank. Two things
@@ -51,12 +52,28 @@ class ExactAllGather(torch.autograd.Function):
         return out.movedim(0, ctx.dim), None, None
 
 
-class ExactGatherHook(ModelHook):
-    """Gathers a module's (sequence-split) output with `ExactAllGather` (diffusers' hook registry)."""
+class SequenceLengthError(ValueError):
+    pass
 
-    def __init__(self, dim: int, group):
+
+class ExactGatherHook(ModelHook):
+    """Gathers a module's (sequence-split) output with `ExactAllGather` (diffusers' hook registry). Registered
+    after diffusers' split hook, so it runs first: a length the degree does not divide is refused here with
+    its module and numbers (diffusers' split only asserts, and the assert vanishes under `python -O`)."""
+
+    def __init__(self, name: str, dim: int, group):
         super().__init__()
-        self.dim, self.group = dim, group
+        self.name, self.dim, self.group = name, dim, group
+
+    def pre_forward(self, module, *args, **kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        n = dist.get_world_size(self.group)
+        if hidden.shape[self.dim] % n:
+            raise SequenceLengthError(
+                f"{self.name}: a sequence of {hidden.shape[self.dim]} tokens cannot be split over {n} ranks "
+                f"(launcher.ulysses_degree x launcher.ring_degree); choose a degree that divides the token counts "
+                "python -m helios_train ... plan=true lists, or another resolution / history layout")
+        return args, kwargs
 
     def post_forward(self, module, output):
         return ExactAllGather.apply(output, self.dim, self.group)
@@ -78,9 +95,26 @@ def split_plan(transformer: torch.nn.Module) -> dict:
     return {key: spec for key, spec in plan.items() if isinstance(spec, dict)}
 
 
+def check_model(transformer: torch.nn.Module, ring: int, ulysses: int) -> None:
+    """What the model itself must allow for the degrees (token counts are checked per forward, above)."""
+    config = transformer.config
+    heads = int(config.num_attention_heads)
+    if heads % ulysses:
+        divisors = [d for d in range(2, heads + 1) if heads % d == 0]
+        raise ValueError(f"launcher.ulysses_degree={ulysses}: Ulysses gives each rank a whole number of the "
+                         f"model's {heads} attention heads; use one of {divisors}")
+    if getattr(config, "is_amplify_history", False):
+        # its attention processor takes the history length from the local (split) sequence
+        raise ValueError("sequence parallelism with a model whose is_amplify_history=true is not supported "
+                         "(off in every official Helios config)")
+    if ring * ulysses > 1 and getattr(transformer, "_parallel_config", None) is not None:
+        raise ValueError(f"{type(transformer).__name__} is already split over a sequence group")
+
+
 def enable_sequence_parallel(transformer: torch.nn.Module, mesh, device: torch.device) -> ContextParallelConfig:
     """Split `transformer`'s attention / FFN sequence over the mesh's ("ring", "ulysses") dimensions (other mesh
     dimensions, e.g. "dp", are left to the caller); returns the context-parallel config in use."""
+    check_model(transformer, mesh["ring"].size(), mesh["ulysses"].size())
     cp = ContextParallelConfig(ring_degree=mesh["ring"].size(), ulysses_degree=mesh["ulysses"].size(), mesh=mesh)
     config = ParallelConfig(context_parallel_config=cp)
     config.setup(dist.get_rank(), dist.get_world_size(), device, mesh=mesh)
@@ -94,6 +128,7 @@ def enable_sequence_parallel(transformer: torch.nn.Module, mesh, device: torch.d
     group = cp._flattened_mesh.get_group()
     for key, spec in splits.items():
         dim = spec["hidden_states"].split_dim
-        for module in _modules(transformer, key):
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(ExactGatherHook(dim, group), GATHER_HOOK)
+        for i, module in enumerate(_modules(transformer, key)):
+            hook = ExactGatherHook(key.replace("*", str(i)), dim, group)
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, GATHER_HOOK)
     return cp

@@ -1,0 +1,71 @@
+"""The token counts of every transformer forward a run makes, and whether a sequence degree splits them —
+checked before any work (the model itself refuses at its first forward, helios_train/model/sequence_parallel.py).
+
+Under diffusers' Helios plan attn1 and the FFN split the whole sequence (history + noisy tokens) and attn2
+the noisy tokens, so both counts must divide by ulysses_degree × ring_degree at every geometry the run
+meets: the training latents, each pyramid level (Mid, Distilled), the GAN's crop (DMD) and the validation
+size. At 48×80 latents with history 16/2/1: 11040 / 8640 tokens at full size, 2940 / 540 at the lowest
+pyramid level — 8 divides the first, not the second.
+"""
+from __future__ import annotations
+
+
+def _geometries(cfg, model) -> dict[str, tuple[int, int]]:
+    """{label: (latent height, width)} of the transformer forwards of the configured stage and validation."""
+    from helios_train.activation_memory import _gan_crop_hw, latent_hw
+
+    out = {"training latents": latent_hw(cfg)}
+    if cfg.stage.name == "distilled" and cfg.stage.objective == "dmd" and cfg.stage.gan.enabled:
+        out["GAN crop"] = _gan_crop_hw(cfg, model)
+    v = cfg.validation
+    if v.every > 0 and v.height and v.width:
+        out["validation"] = (int(v.height) // 8, int(v.width) // 8)
+    return out
+
+
+def forward_lengths(cfg, model) -> dict[str, tuple[int, int]]:
+    """{forward: (whole sequence, noisy tokens)} for every distinct forward geometry of the run."""
+    from helios_train.history import token_counts
+    from helios_train.pyramid import level_token_counts
+
+    hist_cfg = cfg.stage.history
+    pyramid = cfg.stage.name in ("mid", "distilled")
+    out = {}
+    for label, hw in _geometries(cfg, model).items():
+        counts = token_counts(model, hw, hist_cfg)
+        out[f"{label} {hw[0]}x{hw[1]}"] = (counts["total"], counts["noisy"])
+        if pyramid and label != "GAN crop":  # the GAN scores full-level crops
+            levels = level_token_counts(hw, int(hist_cfg.latent_window_size), patch=tuple(model.config.patch_size))
+            for k, noisy in enumerate(levels[:-1]):
+                out[f"{label} {hw[0]}x{hw[1]}, pyramid level {k}"] = (counts["history"] + noisy, noisy)
+    return out
+
+
+def indivisible(cfg, model, degree: int) -> list[str]:
+    """The forwards whose token counts `degree` does not divide, described for an error message."""
+    return [f"{name}: {total} tokens ({noisy} noisy)" for name, (total, noisy) in forward_lengths(cfg, model).items()
+            if total % degree or noisy % degree]
+
+
+def check_sequence_split(cfg, world_size: int, device_type: str) -> None:
+    """Every rule of `launcher.ulysses_degree` / `ring_degree` that the config, the world size and the model's
+    config.json decide (ValueError naming the key, the numbers and the fix); nothing is loaded."""
+    from helios_train.backends.sequence_groups import check_world, degrees
+    from helios_train.model.sequence_parallel import check_model
+    from helios_train.plan import build_meta_transformer
+
+    check_world(cfg.launcher, world_size, device_type)
+    ring, ulysses = degrees(cfg.launcher)
+    if ring * ulysses == 1:
+        return
+    if cfg.stage.name == "mid" and cfg.stage.pyramid.execution == "packed":
+        raise ValueError("stage.pyramid.execution=packed with sequence parallelism: the packed forward runs its own "
+                         "attention over segment boundaries, which the sequence split does not cover; use "
+                         "stage.pyramid.execution=per_segment or batch_levels")
+    model = build_meta_transformer(cfg.model)
+    check_model(model, ring, ulysses)
+    bad = indivisible(cfg, model, ring * ulysses)
+    if bad:
+        raise ValueError(f"launcher.ulysses_degree={ulysses} x launcher.ring_degree={ring} = {ring * ulysses} does not "
+                         f"divide the token counts of these forwards: {'; '.join(bad)}. Choose a degree that "
+                         "divides them, or another resolution (data.latent_height/width, validation.height/width)")
