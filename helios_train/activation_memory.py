@@ -24,6 +24,16 @@ with S(g) = saved·tokens·batch·D, B(g) = backward·tokens·batch·D, N = no-g
 Coefficients: dry runs of the 14B geometry at 48×80 latents, bf16: stage_1_init at batch 2 and 1, 40 and
 4 blocks, checkpointing on and off; single forwards with and without grad at 4 and 8 blocks. The README's
 "Will it fit?" table compares this model with the dry run for every official recipe.
+
+Sequence parallelism (degree N = launcher.ulysses_degree × ring_degree > 1; dry runs of one rank of a simulated
+group, stage_1_init at 4 and 8 blocks, N = 2, 4, 8): diffusers' Helios plan splits tokens only inside attn1,
+attn2 and the FFN, so the saved block inputs and everything outside the blocks stay whole on every rank
+(measured: 2.01 per block at every N). What divides is inside a block:
+  backward     SP_BACKWARD + SP_BACKWARD_SPLIT / N       (measured 115.6 / 103.3 / 97.7 at N = 2 / 4 / 8; the
+                                                          N = 1 figure above has no all-to-all / gather buffers)
+  full block   FULL_BLOCK · (SP_FULL_SHARED + (1 − SP_FULL_SHARED) / N)   without checkpointing
+  no-grad      NO_GRAD_BASE scaled like the backward (SP_BACKWARD + SP_BACKWARD_SPLIT / N) / BACKWARD — not
+               measured on its own; the DMD dry run at N = 2 checks the phase peaks it enters
 """
 from __future__ import annotations
 
@@ -35,6 +45,9 @@ FULL_BLOCK = 113.2
 BACKWARD = 150.5
 NO_GRAD_BASE = 75.0
 NO_GRAD_PER_BLOCK = 1.1
+SP_BACKWARD = 92.1
+SP_BACKWARD_SPLIT = 44.8
+SP_FULL_SHARED = 0.564
 
 
 @dataclass
@@ -94,19 +107,30 @@ def phases(cfg, model, trainable: dict[str, int]) -> dict[str, Phase]:
     return {"generator": gen, "critic": critic}
 
 
+def coefficients(checkpointing: bool, sequence_degree: int = 1) -> tuple[float, float, float]:
+    """(saved per block, backward, no-grad base) per token and hidden unit at a sequence degree (docstring)."""
+    n = sequence_degree
+    if n == 1:
+        return (SAVED_PER_BLOCK if checkpointing else FULL_BLOCK), BACKWARD, NO_GRAD_BASE
+    backward = SP_BACKWARD + SP_BACKWARD_SPLIT / n
+    block = SAVED_PER_BLOCK if checkpointing else FULL_BLOCK * (SP_FULL_SHARED + (1 - SP_FULL_SHARED) / n)
+    return block, backward, NO_GRAD_BASE * backward / BACKWARD
+
+
 def phase_peak(phase: Phase, model, checkpointing: bool, act_bytes: int = 2,
-               grads_transient: bool = True) -> dict[str, float]:
-    """Peak transient bytes of a phase: {"activations", "gradients"} at the peak (module docstring)."""
+               grads_transient: bool = True, sequence_degree: int = 1) -> dict[str, float]:
+    """Peak transient bytes of a phase on one rank: {"activations", "gradients"} at the peak (module docstring)."""
     c = model.config
     d, layers = c.num_attention_heads * c.attention_head_dim, c.num_layers
     scale = d * act_bytes / 2
-    saved_coef = OUTSIDE_BLOCKS + (SAVED_PER_BLOCK if checkpointing else FULL_BLOCK) * layers
+    block, backward_coef, no_grad_base = coefficients(checkpointing, sequence_degree)
+    saved_coef = OUTSIDE_BLOCKS + block * layers
 
     def saved(forwards):
         return scale * saved_coef * sum(t * n for t, n in forwards)
 
     def backward(forward):
-        return scale * BACKWARD * forward[0] * forward[1]
+        return scale * backward_coef * forward[0] * forward[1]
 
     grads = 4.0 * phase.trainable if grads_transient else 0.0
     all_saved = saved(phase.grad)
@@ -119,6 +143,6 @@ def phase_peak(phase: Phase, model, checkpointing: bool, act_bytes: int = 2,
         candidates.append((all_saved + saved([g]) + backward(g), 0.0))
     if phase.no_grad:
         largest = max(t * n for t, n in phase.no_grad)
-        candidates.append((all_saved + scale * (NO_GRAD_BASE + NO_GRAD_PER_BLOCK * layers) * largest, 0.0))
+        candidates.append((all_saved + scale * (no_grad_base + NO_GRAD_PER_BLOCK * layers) * largest, 0.0))
     act, g = max(candidates, key=lambda x: x[0] + x[1])
     return {"activations": act, "gradients": g}

@@ -33,6 +33,7 @@ applied to the measured bytes, rows as in helios_train/plan.py):
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -75,6 +76,7 @@ def dry_run_config(cfg):
     d.tracker.mode = "disabled"
     d.validation.every = 0
     d.data.num_workers = 0
+    d.launcher.ulysses_degree = d.launcher.ring_degree = 1  # the split is applied by `measure` (one rank's share)
     if d.stage.name == "distilled" and d.stage.objective == "dmd" and not d.stage.dmd.real_score_path:
         d.stage.dmd.real_score_path = d.model.path  # the teacher has the generator's architecture
     if cfg.launcher.name == "deepspeed" and int(cfg.launcher.zero_stage) == 3:
@@ -155,7 +157,9 @@ def _warm_up_optimizers(trainer) -> None:
 
 def measure(cfg) -> dict:
     """Build the stage on fake weights, run one step, return the measured components (bytes)."""
+    from helios_train.backends.sequence_groups import SimulatedSequenceGroup
     from helios_train.model.fake_weights import FakeWeights, transformer_config
+    from helios_train.model.sequence_parallel import enable_sequence_parallel
     from helios_train.model.loading import use_weights_source
     from helios_train.step_memory import StepMemory
     from helios_train.trainer import Trainer
@@ -167,12 +171,16 @@ def measure(cfg) -> dict:
 
         restore_torch_linear()
     weights = FakeWeights()
-    with use_weights_source(weights), tempfile.TemporaryDirectory() as tmp:
+    with use_weights_source(weights), tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         trainer = Trainer(dcfg, Path(tmp), [], None, {}, optimizer_foreach=True)
+        modules = list({id(r.module): r.module for r in trainer.roles.values()}.values())
+        # launcher.ulysses_degree: rank 0 of a sequence group (each rank holds the whole sample, splits inside)
+        split = stack.enter_context(SimulatedSequenceGroup(cfg.launcher))
+        for module in modules if split.mesh is not None else ():
+            enable_sequence_parallel(module, split.mesh, torch.device("cpu"))
         batch = synthetic_batch(dcfg, int(tcfg.get("in_channels", 16)), int(tcfg.get("text_dim", 4096)))
         trainer.step = measured_step(dcfg)
         _warm_up_optimizers(trainer)
-        modules = list({id(r.module): r.module for r in trainer.roles.values()}.values())
         ema = getattr(trainer.stage, "ema", None)
         ema_tensors = list(ema.shadow.values()) if ema is not None else []
         mem = StepMemory()
@@ -295,6 +303,10 @@ def report(cfg, measured: dict, planned: dict, rows: dict, cpu: float) -> str:
                      f"GB); this step moved {lv['onloaded_bytes'] / GB:.1f} GB host→device; pinned host copies "
                      f"{lv['host_bytes'] / GB:.1f} GB per GPU process")
     lines.append(checkpoint_line(measured, planned["backend"]))
+    if planned["sequence_degree"] > 1:
+        from helios_train.plan import traffic_line
+
+        lines.append(traffic_line(planned) + " (planned; one rank measured, its peers simulated)")
     lines.append(f"  {measured['host_reads']} reads of a fake value answered 0 (no numbers are computed: shapes only)")
     return "\n".join(lines)
 

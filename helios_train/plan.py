@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from helios_train.activation_memory import phase_peak, phases
+from helios_train.backends.sequence_groups import sequence_degree
 
 GB = 1e9
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -205,19 +206,28 @@ def act_bytes(cfg) -> int:
 def plan(cfg, backend: str | None = None) -> dict:
     """The plan of the configured stage under `backend` (default: the launcher's), in bytes:
     {"rows", "phases" (each phase's peak transient), "roles", "ema", "offloaded_cpu", "total"}."""
+    from helios_train.activation_memory import latent_hw
+    from helios_train.history import token_counts
+    from helios_train.sequence_traffic import step_bytes
+
     backend = backend or backend_of(cfg)
     roles, ema, model = stage_roles(cfg)
     trainable = {r.name: r.trainable for r in roles}
+    degree = sequence_degree(cfg.launcher)
+    stage_phases = phases(cfg, model, trainable)
     transient = {name: phase_peak(ph, model, cfg.model.gradient_checkpointing, act_bytes(cfg),
-                                  grads_transient=not backend.startswith("deepspeed"))
-                 for name, ph in phases(cfg, model, trainable).items()}
+                                  grads_transient=not backend.startswith("deepspeed"), sequence_degree=degree)
+                 for name, ph in stage_phases.items()}
+    history = token_counts(model, latent_hw(cfg), cfg.stage.history)["history"]
+    traffic = step_bytes(stage_phases, history, model, degree, cfg.model.gradient_checkpointing, act_bytes(cfg))
     low_vram = cfg.stage.name == "distilled" and cfg.stage.objective == "dmd" and cfg.stage.dmd.low_vram
     rows = per_gpu(roles, backend, cfg.plan_gpus, ema, model.config.num_layers, low_vram=low_vram,
                    ema_sharded=cfg.stage.ema.sharded)
     rows["activations"] = max(t["activations"] + t["gradients"] for t in transient.values())
     rows, cpu = apply_offload(rows, cfg.launcher, backend)
     return {"backend": backend, "rows": rows, "phases": transient, "roles": roles, "ema": ema,
-            "offloaded_cpu": cpu, "total": sum(rows.values()), "num_layers": model.config.num_layers}
+            "offloaded_cpu": cpu, "total": sum(rows.values()), "num_layers": model.config.num_layers,
+            "sequence_degree": degree, "sequence_traffic": traffic}
 
 
 def report(title: str, result: dict, budget_gb: float) -> str:
@@ -228,7 +238,15 @@ def report(title: str, result: dict, budget_gb: float) -> str:
         lines.append(f"  {'(offloaded to CPU)':<20} {result['offloaded_cpu'] / GB:8.2f}   per GPU process, host memory")
     verdict = "fits" if total / GB <= budget_gb else "does NOT fit"
     lines.append(f"  {'total':<20} {total / GB:8.2f}   -> {verdict} in {budget_gb:.0f} GB")
+    if result.get("sequence_degree", 1) > 1:
+        lines.append(traffic_line(result))
     return "\n".join(lines)
+
+
+def traffic_line(result: dict) -> str:
+    parts = ", ".join(f"{name} {v / GB:.1f}" for name, v in result["sequence_traffic"].items())
+    return (f"  sequence split (degree {result['sequence_degree']}): each rank sends "
+            f"{sum(result['sequence_traffic'].values()) / GB:.1f} GB per micro-batch ({parts}; helios_train/sequence_traffic.py)")
 
 
 def run_plan(cfg, backend: str | None = None) -> dict:
@@ -241,6 +259,7 @@ def run_plan(cfg, backend: str | None = None) -> dict:
                  cfg.plan_gpu_memory_gb))
     gb = {k: v / GB for k, v in result["rows"].items()}
     return {"per_gpu_gb": result["total"] / GB, "offloaded_cpu": result["offloaded_cpu"] / GB,
+            "sequence_traffic_gb": sum(result["sequence_traffic"].values()) / GB,
             "frozen": sum(r.frozen for r in result["roles"] if r.shares_base_with is None),
             "trainable": sum(r.trainable for r in result["roles"]), **gb}
 

@@ -90,6 +90,25 @@ def test_recipe_dry_runs_at_14b_width_agree_with_the_planner(toy_root, capsys, r
         assert result["onloaded_gb"] == pytest.approx(4 * 3.38, rel=0.01) and "one frozen base" in out
 
 
+def test_sequence_parallel_dry_run_measures_one_rank_of_a_group(toy_root, capsys):
+    """launcher.ulysses_degree=2 at the 14B width (4 blocks, 48×80): rank 0 of a simulated group runs the split
+    forwards on fake tensors. Its activations are smaller than without the split but not halved (the residual
+    stream and the saved block inputs stay whole), the planner's sequence-parallel model agrees, the traffic line
+    is printed, and the fake process group is gone afterwards."""
+    import torch.distributed as dist
+
+    common = ["experiment=stage_1_init", "model=helios_14b", "data=webdataset", SHARDS.format(root=toy_root),
+              "+model.transformer_overrides.num_layers=4", "launcher=ddp"]
+    whole, _ = _dry(toy_root, common, capsys)
+    split, out = _dry(toy_root, [*common, "launcher.ulysses_degree=2"], capsys)
+    assert not dist.is_initialized()
+    assert "sequence split (degree 2): each rank sends" in out
+    ratio = split["measured_activations_gb"] / whole["measured_activations_gb"]
+    assert 0.6 < ratio < 0.9, ratio  # measured 0.79
+    assert split["measured_activations_gb"] == pytest.approx(split["planned_activations_gb"], rel=0.03)
+    assert split["measured/frozen weights"] == whole["measured/frozen weights"]  # weights are not split
+
+
 @pytest.mark.slow
 def test_full_14b_base_dry_run_matches_the_planner(toy_root, capsys):
     """All 40 blocks of the 14B model, the recipe users run first: LoRA r128, batch 2, DDP on 8 GPUs."""

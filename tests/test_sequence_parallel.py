@@ -15,6 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import REPO, compose, run_pooled, train
+from data_prep.toy_data import ensure_toy_assets
 from helios_train.tracking import read_metrics
 
 
@@ -61,7 +62,10 @@ def _runs(toy_root, base_export) -> dict[str, list[str]]:
     return {"base": ["stage=base", "trainer.max_steps=4", "trainer.checkpoint_every=2"],
             "mid": ["stage=mid", "trainer.max_steps=2", "model.gradient_checkpointing=true"],
             "dmd": [*_dmd(toy_root, base_export), "trainer.max_steps=2"],
-            "base_bf16": ["stage=base", "trainer.max_steps=2", *bf16]}
+            "base_bf16": ["stage=base", "trainer.max_steps=2", *bf16],
+            # ZeRO-3 gathering every block's weights (the 14B-shaped toy's are above its persistence threshold)
+            # inside the split forwards, at the recipe's production settings (bf16 + autocast, checkpointing)
+            "zero3_shape": ["experiment=stage_1_init", "model=helios_14b_shape", "trainer.max_steps=2"]}
 
 
 def _losses(run_dir) -> dict[str, list[float]]:
@@ -106,23 +110,29 @@ def test_training_steps_with_ulysses_equal_one_process_and_data_parallel_groups_
     common = [f"toy_root={toy_root}", f"output_root={tmp_path}", "validation.every=0", "data.num_workers=0",
               "tracker.mode=offline"]
     base4 = runs["base"]
-    run_pooled([[*common, *o, *SP2, f"run_name={name}_sp"] for name, o in runs.items()]
+    ensure_toy_assets(toy_root, spec="helios_14b_shape")
+
+    def split(name):
+        return ["launcher=deepspeed_zero3", "launcher.ulysses_degree=2"] if name.startswith("zero3") else SP2
+
+    run_pooled([[*common, *o, *split(name), f"run_name={name}_sp"] for name, o in runs.items()]
                + [[*common, *base4, "launcher=ddp", "run_name=base_ddp"]], tmp_path, timeout=900)
     run_pooled([[*common, *base4, *SP2, "trainer.max_steps=2", "run_name=base_2x2"],
                 [*common, *base4, *SP2, "run_name=base_2x2"]], tmp_path, timeout=600, nproc=4)
     for name, o in runs.items():
         train(toy_root, tmp_path, [*o, "data.num_workers=0", f"run_name={name}_one"])
-    last = {"base": 4, "mid": 2, "dmd": 2, "base_bf16": 2}
+    last = {"base": 4, "mid": 2, "dmd": 2, "base_bf16": 2, "zero3_shape": 2}
     for name in runs:
         # bf16: the gathers and reduce-scatters round in bf16 where one process accumulates in a different order
-        tol = dict(rtol=2e-3, atol=1e-5) if name == "base_bf16" else dict(FP32_EXACT)
+        bf16 = name in ("base_bf16", "zero3_shape")
+        tol = dict(rtol=2e-3, atol=1e-5) if bf16 else dict(FP32_EXACT)
         if name == "dmd":  # the generator's gradient is a difference of two critic scores and the critic's
             # gradient norm is ~3e3: fp32 noise of step 1 shows at 2e-5 in step 2's critic loss and at 2e-4 in
             # the generator's gradient norm (the building-block test holds every gradient of one step to 1e-6)
             tol.update(rtol=1e-4, norm_rtol=1e-3)
         _assert_same(_losses(tmp_path / f"{name}_sp"), _losses(tmp_path / f"{name}_one"), **tol)
         _assert_same_weights(tmp_path / f"{name}_sp/checkpoint-{last[name]}",
-                             tmp_path / f"{name}_one/checkpoint-{last[name]}", 5e-3 if name == "base_bf16" else 5e-5)
+                             tmp_path / f"{name}_one/checkpoint-{last[name]}", 5e-3 if bf16 else 5e-5)
     sp_metrics = read_metrics(tmp_path / "base_sp")
     assert [m["data/samples_read"] for m in sp_metrics] == [2, 4, 6, 8]  # the group's samples counted once
     # 2 x 2 (4 ranks, 4 samples a step) = 2-process DDP; steps 3-4 after its own resume included

@@ -105,3 +105,34 @@ def sequence_mesh(device_type: str, data_parallel: int, ring: int, ulysses: int)
     from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh(device_type, (data_parallel, ring, ulysses), mesh_dim_names=("dp", "ring", "ulysses"))
+
+
+class SimulatedSequenceGroup:
+    """One rank of a sequence group whose peers are simulated: torch's fake process group answers every
+    collective with a buffer of the right shape and sends nothing. The dry run measures a rank's memory with
+    it (helios_train/dry_run.py); only Ulysses, whose CPU kernels run on fake tensors."""
+
+    def __init__(self, launcher_cfg):
+        self.ring, self.ulysses = degrees(launcher_cfg)
+        self.mesh = None
+
+    def __enter__(self):
+        import torch.distributed as dist
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        if self.ring > 1:
+            raise SequenceConfigError(f"launcher.ring_degree={self.ring}: the dry run measures Ulysses only (ring "
+                                      "attention runs CUDA kernels); measure launcher.ulysses_degree instead")
+        if self.ulysses > 1:
+            if dist.is_initialized():
+                raise RuntimeError("a sequence-parallel dry run needs a process without a process group")
+            dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=self.ulysses)
+            self.mesh = sequence_mesh("cpu", 1, 1, self.ulysses)
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        if self.mesh is not None:
+            dist.destroy_process_group()
+        return False

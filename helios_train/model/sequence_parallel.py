@@ -29,6 +29,9 @@ from diffusers.hooks.context_parallel import apply_context_parallel
 from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
 
 GATHER_HOOK = "helios_sequence_gather"
+# torch 2.13 renamed the tensor collectives (the old names warn on every call); older torch has only the old ones
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 class ExactAllGather(torch.autograd.Function):
@@ -40,7 +43,7 @@ class ExactAllGather(torch.autograd.Function):
         world = dist.get_world_size(group)
         moved = tensor.movedim(dim, 0).contiguous()
         out = moved.new_empty((world * moved.shape[0], *moved.shape[1:]))
-        dist.all_gather_into_tensor(out, moved, group=group)
+        _all_gather(out, moved, group=group)
         return out.movedim(0, dim)
 
     @staticmethod
@@ -48,7 +51,7 @@ class ExactAllGather(torch.autograd.Function):
         world = dist.get_world_size(ctx.group)
         moved = grad.movedim(ctx.dim, 0).contiguous()
         out = moved.new_empty((moved.shape[0] // world, *moved.shape[1:]))
-        dist.reduce_scatter_tensor(out, moved, op=dist.ReduceOp.SUM, group=ctx.group)
+        _reduce_scatter(out, moved, op=dist.ReduceOp.SUM, group=ctx.group)
         return out.movedim(0, ctx.dim), None, None
 
 
