@@ -25,15 +25,19 @@ Coefficients: dry runs of the 14B geometry at 48×80 latents, bf16: stage_1_init
 4 blocks, checkpointing on and off; single forwards with and without grad at 4 and 8 blocks. The README's
 "Will it fit?" table compares this model with the dry run for every official recipe.
 
-Sequence parallelism (degree N = launcher.ulysses_degree × ring_degree > 1; dry runs of one rank of a simulated
-group, stage_1_init at 4 and 8 blocks, N = 2, 4, 8): diffusers' Helios plan splits tokens only inside attn1,
-attn2 and the FFN, so the saved block inputs and everything outside the blocks stay whole on every rank
-(measured: 2.01 per block at every N). What divides is inside a block:
-  backward     SP_BACKWARD + SP_BACKWARD_SPLIT / N       (measured 115.6 / 103.3 / 97.7 at N = 2 / 4 / 8; the
-                                                          N = 1 figure above has no all-to-all / gather buffers)
-  full block   FULL_BLOCK · (SP_FULL_SHARED + (1 − SP_FULL_SHARED) / N)   without checkpointing
-  no-grad      NO_GRAD_BASE scaled like the backward (SP_BACKWARD + SP_BACKWARD_SPLIT / N) / BACKWARD — not
-               measured on its own; the DMD dry run at N = 2 checks the phase peaks it enters
+Sequence parallelism (degree N = launcher.ulysses_degree × ring_degree > 1): dry runs of one rank of a
+simulated group (stage_1_init, 14B width, 4 and 8 blocks, N = 2, 4, 8, checkpointing on and off). Everything
+outside the blocks (embeddings, modulation, RoPE) stays whole on every rank. Per plan:
+  split_once   the residual stream is split: saved per block SAVED_PER_BLOCK / N (FULL_BLOCK / N without
+               checkpointing; measured 0.99 / 0.53 and 51.8 / 26.3 at N = 2 / 4); a block's backward
+               transient SPLIT_ONCE_BACKWARD[N] (measured 91.4 / 57.0 / 46.5 at N = 2 / 4 / 8; linear in
+               1/N between the measured degrees, the last segment's slope beyond them)
+  per_branch   diffusers' plan splits only inside attn1 / attn2 / FFN: saved block inputs stay whole
+               (2.01 per block at every N); backward SP_BACKWARD + SP_BACKWARD_SPLIT / N (measured 115.6 /
+               103.3 / 97.7); full block FULL_BLOCK · (SP_FULL_SHARED + (1 − SP_FULL_SHARED) / N)
+  no-grad      NO_GRAD_BASE scaled as the backward is — not measured on its own; the DMD dry run at N = 2
+               checks the phase peaks it enters
+(At N = 1 there are no all-to-all / gather buffers, so its backward is not on either curve.)
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ NO_GRAD_PER_BLOCK = 1.1
 SP_BACKWARD = 92.1
 SP_BACKWARD_SPLIT = 44.8
 SP_FULL_SHARED = 0.564
+SPLIT_ONCE_BACKWARD = {1: BACKWARD, 2: 91.4, 4: 57.0, 8: 46.5}
 
 
 @dataclass
@@ -107,23 +112,39 @@ def phases(cfg, model, trainable: dict[str, int]) -> dict[str, Phase]:
     return {"generator": gen, "critic": critic}
 
 
-def coefficients(checkpointing: bool, sequence_degree: int = 1) -> tuple[float, float, float]:
+def _split_once_backward(n: int) -> float:
+    """SPLIT_ONCE_BACKWARD at degree n: linear in 1/n between measured degrees (docstring)."""
+    known = sorted(SPLIT_ONCE_BACKWARD)
+    if n in SPLIT_ONCE_BACKWARD:
+        return SPLIT_ONCE_BACKWARD[n]
+    lo, hi = ([k for k in known if k < n][-1], next((k for k in known if k > n), None))
+    if hi is None:
+        lo, hi = known[-2], known[-1]
+    y_lo, y_hi = SPLIT_ONCE_BACKWARD[lo], SPLIT_ONCE_BACKWARD[hi]
+    return y_hi + (y_lo - y_hi) * (1 / n - 1 / hi) / (1 / lo - 1 / hi)
+
+
+def coefficients(checkpointing: bool, sequence_degree: int = 1, plan: str = "split_once") -> tuple[float, float, float]:
     """(saved per block, backward, no-grad base) per token and hidden unit at a sequence degree (docstring)."""
     n = sequence_degree
     if n == 1:
         return (SAVED_PER_BLOCK if checkpointing else FULL_BLOCK), BACKWARD, NO_GRAD_BASE
-    backward = SP_BACKWARD + SP_BACKWARD_SPLIT / n
-    block = SAVED_PER_BLOCK if checkpointing else FULL_BLOCK * (SP_FULL_SHARED + (1 - SP_FULL_SHARED) / n)
+    if plan == "split_once":
+        backward = _split_once_backward(n)
+        block = (SAVED_PER_BLOCK if checkpointing else FULL_BLOCK) / n
+    else:
+        backward = SP_BACKWARD + SP_BACKWARD_SPLIT / n
+        block = SAVED_PER_BLOCK if checkpointing else FULL_BLOCK * (SP_FULL_SHARED + (1 - SP_FULL_SHARED) / n)
     return block, backward, NO_GRAD_BASE * backward / BACKWARD
 
 
 def phase_peak(phase: Phase, model, checkpointing: bool, act_bytes: int = 2,
-               grads_transient: bool = True, sequence_degree: int = 1) -> dict[str, float]:
+               grads_transient: bool = True, sequence_degree: int = 1, plan: str = "split_once") -> dict[str, float]:
     """Peak transient bytes of a phase on one rank: {"activations", "gradients"} at the peak (module docstring)."""
     c = model.config
     d, layers = c.num_attention_heads * c.attention_head_dim, c.num_layers
     scale = d * act_bytes / 2
-    block, backward_coef, no_grad_base = coefficients(checkpointing, sequence_degree)
+    block, backward_coef, no_grad_base = coefficients(checkpointing, sequence_degree, plan)
     saved_coef = OUTSIDE_BLOCKS + block * layers
 
     def saved(forwards):

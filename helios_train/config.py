@@ -199,6 +199,9 @@ class LauncherConfig:
     # over ulysses_degree x ring_degree ranks (1 = off); ring needs CUDA (an attention kernel with log-sum-exp).
     ulysses_degree: int = 1
     ring_degree: int = 1
+    # where the sequence is split: split_once (each rank's share of history and noisy tokens from the first block
+    # to the last) | per_branch (diffusers' _cp_plan: inside every attn / FFN only); helios_train/model/sequence_parallel.py
+    sequence_plan: str = "split_once"
 
 
 @dataclass

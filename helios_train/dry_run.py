@@ -177,7 +177,7 @@ def measure(cfg) -> dict:
         # launcher.ulysses_degree: rank 0 of a sequence group (each rank holds the whole sample, splits inside)
         split = stack.enter_context(SimulatedSequenceGroup(cfg.launcher))
         for module in modules if split.mesh is not None else ():
-            enable_sequence_parallel(module, split.mesh, torch.device("cpu"))
+            enable_sequence_parallel(module, split.mesh, torch.device("cpu"), cfg.launcher.sequence_plan)
         batch = synthetic_batch(dcfg, int(tcfg.get("in_channels", 16)), int(tcfg.get("text_dim", 4096)))
         trainer.step = measured_step(dcfg)
         _warm_up_optimizers(trainer)

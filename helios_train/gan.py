@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helios_train.model.fake_weights import same_mode_as
+from helios_train.model.sequence_parallel import full_sequence
 
 
 @dataclass
@@ -248,7 +249,7 @@ class NoisyHiddenStateTap:
         self.grid = tuple(int(s) for s in output.shape[2:])
         self._captured = {}
 
-    def _consumer_hook(self, index: int, context_arg: int):
+    def _consumer_hook(self, index: int, context_arg: int, between_blocks: bool):
         def hook(module, args, kwargs):
             if index in self._captured or self.grid is None:
                 return
@@ -257,6 +258,8 @@ class NoisyHiddenStateTap:
             t, h, w = self.grid
             if context is not None and int(context) != t * h * w:
                 raise RuntimeError(f"noisy token count {int(context)} != patch grid {self.grid}")
+            if between_blocks:  # under sequence parallelism a block hands the next only this rank's tokens
+                hidden = full_sequence(self.model, hidden, t * h * w)
             self._captured[index] = noisy_tokens_to_grid(hidden, self.grid)
         return hook
 
@@ -267,7 +270,8 @@ class NoisyHiddenStateTap:
         for i in self.block_indices:
             # block(hidden, text, temb, rotary_emb, original_context_length); norm_out(hidden, temb, context)
             consumer, ctx_arg = (m.blocks[i + 1], 4) if i < last else (m.norm_out, 2)
-            self._handles.append(consumer.register_forward_pre_hook(self._consumer_hook(i, ctx_arg), with_kwargs=True))
+            self._handles.append(consumer.register_forward_pre_hook(self._consumer_hook(i, ctx_arg, i < last),
+                                                                    with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:

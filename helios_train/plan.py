@@ -216,10 +216,12 @@ def plan(cfg, backend: str | None = None) -> dict:
     degree = sequence_degree(cfg.launcher)
     stage_phases = phases(cfg, model, trainable)
     transient = {name: phase_peak(ph, model, cfg.model.gradient_checkpointing, act_bytes(cfg),
-                                  grads_transient=not backend.startswith("deepspeed"), sequence_degree=degree)
+                                  grads_transient=not backend.startswith("deepspeed"), sequence_degree=degree,
+                                  plan=cfg.launcher.sequence_plan)
                  for name, ph in stage_phases.items()}
     history = token_counts(model, latent_hw(cfg), cfg.stage.history)["history"]
-    traffic = step_bytes(stage_phases, history, model, degree, cfg.model.gradient_checkpointing, act_bytes(cfg))
+    traffic = step_bytes(stage_phases, history, model, degree, cfg.model.gradient_checkpointing, act_bytes(cfg),
+                         cfg.launcher.sequence_plan)
     low_vram = cfg.stage.name == "distilled" and cfg.stage.objective == "dmd" and cfg.stage.dmd.low_vram
     rows = per_gpu(roles, backend, cfg.plan_gpus, ema, model.config.num_layers, low_vram=low_vram,
                    ema_sharded=cfg.stage.ema.sharded)
@@ -227,7 +229,7 @@ def plan(cfg, backend: str | None = None) -> dict:
     rows, cpu = apply_offload(rows, cfg.launcher, backend)
     return {"backend": backend, "rows": rows, "phases": transient, "roles": roles, "ema": ema,
             "offloaded_cpu": cpu, "total": sum(rows.values()), "num_layers": model.config.num_layers,
-            "sequence_degree": degree, "sequence_traffic": traffic}
+            "sequence_degree": degree, "sequence_plan": cfg.launcher.sequence_plan, "sequence_traffic": traffic}
 
 
 def report(title: str, result: dict, budget_gb: float) -> str:
@@ -245,7 +247,7 @@ def report(title: str, result: dict, budget_gb: float) -> str:
 
 def traffic_line(result: dict) -> str:
     parts = ", ".join(f"{name} {v / GB:.1f}" for name, v in result["sequence_traffic"].items())
-    return (f"  sequence split (degree {result['sequence_degree']}): each rank sends "
+    return (f"  sequence split (degree {result['sequence_degree']}, {result['sequence_plan']}): each rank sends "
             f"{sum(result['sequence_traffic'].values()) / GB:.1f} GB per micro-batch ({parts}; helios_train/sequence_traffic.py)")
 
 

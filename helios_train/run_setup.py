@@ -37,6 +37,7 @@ CHOICES = {
     "data.mode": ("latents", "raw", "ode_pairs"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "launcher.name": ("single", "ddp", "deepspeed"),
+    "launcher.sequence_plan": ("split_once", "per_branch"),
     "tracker.mode": ("online", "offline", "disabled"),
     "stage.dmd.generator_schedule": ("own_updates", "official"),
 }

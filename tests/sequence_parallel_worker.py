@@ -2,10 +2,11 @@
 every parameter gradient with the sequence split over the ranks (helios_train/model/sequence_parallel.py),
 averaged over ranks as DDP does, against the same step in one process (a copy made before hooking).
 
-    torchrun --nproc_per_node=2 tests/sequence_parallel_worker.py OUT.json MODEL_DIR exact|stock
+    torchrun --nproc_per_node=2 tests/sequence_parallel_worker.py OUT.json MODEL_DIR split_once|per_branch|stock
 
-`stock` swaps our gather for diffusers' own (`EquipartitionSharder.unshard`, whose backward keeps the local
-slice): the negative control.
+`split_once` / `per_branch`: launcher.sequence_plan's two plans; `stock` = per_branch with diffusers' own gather
+(`EquipartitionSharder.unshard`, whose backward keeps the local slice): the negative control. Also recorded:
+the token count block 1 receives and every attention module's query length (what each rank really holds).
 """
 from __future__ import annotations
 
@@ -50,7 +51,10 @@ def main() -> None:
 
         flat = mesh["ring", "ulysses"]._flatten()
         sp.ExactGatherHook.post_forward = lambda self, module, output: EquipartitionSharder.unshard(output, self.dim, flat)
-    sp.enable_sequence_parallel(model, mesh, torch.device("cpu"))
+    seen = {"block1": [], "attn1_rows": []}
+    model.blocks[1].register_forward_pre_hook(lambda m, args: seen["block1"].append(args[0].shape[1]))
+    model.blocks[1].attn1.to_q.register_forward_hook(lambda m, args, out: seen["attn1_rows"].append(out.shape[1]))
+    sp.enable_sequence_parallel(model, mesh, torch.device("cpu"), "split_once" if mode == "split_once" else "per_branch")
     loss = step(model)
     errors = {}
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
@@ -59,7 +63,7 @@ def main() -> None:
         grad /= world  # DDP's mean over the world group
         errors[name] = float((grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-30))
     if dist.get_rank() == 0:
-        out.write_text(json.dumps({"loss": loss, "reference_loss": ref_loss, "relative_grad_error": errors}))
+        out.write_text(json.dumps({"loss": loss, "reference_loss": ref_loss, "relative_grad_error": errors, **seen}))
     dist.barrier()
     from helios_train.process_guard import exit_process
 

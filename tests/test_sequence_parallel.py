@@ -32,13 +32,16 @@ def _run(toy_root, tmp_path, mode: str) -> dict:
 @pytest.mark.slow
 def test_ulysses_two_ranks_give_the_one_process_loss_and_gradients(toy_root, tmp_path):
     """Every parameter's gradient, averaged over the 2 sequence ranks as DDP averages over the world group, equals
-    the one-process gradient to fp32 noise (measured 1.2e-6 relative) — including the parameters outside
-    attention/FFN (patch embedding, condition embedder, norms, modulation tables), which the stock gather
-    (backward = local slice) gets wrong by ~50 % here."""
-    exact = _run(toy_root, tmp_path, "exact")
-    assert exact["loss"] == pytest.approx(exact["reference_loss"], rel=1e-6)
-    errors = exact["relative_grad_error"]
-    assert len(errors) > 50 and max(errors.values()) < 1e-4, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+    the one-process gradient to fp32 noise (measured 1.2e-6 relative) under both plans — including the parameters
+    outside attention/FFN (patch embedding, condition embedder, norms, modulation tables), which diffusers' stock
+    gather (backward = local slice) gets wrong by ~50 % here. split_once hands every block half the 368 tokens;
+    per_branch keeps the residual stream whole and splits inside attention only."""
+    for plan, block_tokens in (("split_once", 184), ("per_branch", 368)):
+        result = _run(toy_root, tmp_path, plan)
+        assert result["loss"] == pytest.approx(result["reference_loss"], rel=1e-6)
+        errors = result["relative_grad_error"]
+        assert len(errors) > 50 and max(errors.values()) < 1e-4, (plan, sorted(errors.items(), key=lambda kv: -kv[1])[:5])
+        assert set(result["block1"]) == {block_tokens} and set(result["attn1_rows"]) == {184}, (plan, result)
     stock = _run(toy_root, tmp_path, "stock")
     assert stock["loss"] == pytest.approx(stock["reference_loss"], rel=1e-6)  # the forward is right either way
     wrong = {k for k, v in stock["relative_grad_error"].items() if v > 0.1}
@@ -63,6 +66,8 @@ def _runs(toy_root, base_export) -> dict[str, list[str]]:
             "mid": ["stage=mid", "trainer.max_steps=2", "model.gradient_checkpointing=true"],
             "dmd": [*_dmd(toy_root, base_export), "trainer.max_steps=2"],
             "base_bf16": ["stage=base", "trainer.max_steps=2", *bf16],
+            # diffusers' plan (split inside attention / FFN only) through the trainer too
+            "base_per_branch": ["stage=base", "trainer.max_steps=2", "launcher.sequence_plan=per_branch"],
             # ZeRO-3 gathering every block's weights (the 14B-shaped toy's are above its persistence threshold)
             # inside the split forwards, at the recipe's production settings (bf16 + autocast, checkpointing)
             "zero3_shape": ["experiment=stage_1_init", "model=helios_14b_shape", "trainer.max_steps=2"]}
@@ -101,9 +106,10 @@ def _assert_same_weights(a, b, rel: float) -> None:
 @pytest.mark.slow
 def test_training_steps_with_ulysses_equal_one_process_and_data_parallel_groups_equal_ddp(
         toy_root, base_export, tmp_path):
-    """Base (fp32 and bf16 + gradient checkpointing), Mid (pyramid segments, checkpointing) and DMD (generator
-    rollout, critic, GAN heads) with each sample's sequence over 2 ranks: per-step losses, gradient norms and the
-    trained weights equal one process on the same batch. 4 ranks as 2 data-parallel slots x 2 sequence ranks
+    """Base (fp32, bf16 + gradient checkpointing, diffusers' per_branch plan), Mid (pyramid segments, checkpointing),
+    DMD (generator rollout, critic, GAN heads tapping split blocks) and ZeRO-3 on the 14B-shaped toy at the
+    stage_1_init settings, each sample's sequence over 2 ranks: per-step losses, gradient norms and the trained
+    weights equal one process on the same batch. 4 ranks as 2 data-parallel slots x 2 sequence ranks
     (resumed from its own checkpoint-2) equal 2-process DDP on the same global batch; the 2-rank sequence run's
     checkpoint-2 resumes on one process."""
     runs = _runs(toy_root, base_export)
@@ -121,7 +127,7 @@ def test_training_steps_with_ulysses_equal_one_process_and_data_parallel_groups_
                 [*common, *base4, *SP2, "run_name=base_2x2"]], tmp_path, timeout=600, nproc=4)
     for name, o in runs.items():
         train(toy_root, tmp_path, [*o, "data.num_workers=0", f"run_name={name}_one"])
-    last = {"base": 4, "mid": 2, "dmd": 2, "base_bf16": 2, "zero3_shape": 2}
+    last = {"base": 4, "mid": 2, "dmd": 2, "base_bf16": 2, "base_per_branch": 2, "zero3_shape": 2}
     for name in runs:
         # bf16: the gathers and reduce-scatters round in bf16 where one process accumulates in a different order
         bf16 = name in ("base_bf16", "zero3_shape")

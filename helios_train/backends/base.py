@@ -81,7 +81,7 @@ class Backend:
         if self.sequence.degree > 1:
             from helios_train.model.sequence_parallel import enable_sequence_parallel
 
-            enable_sequence_parallel(module, self.sequence.mesh, self.device)
+            enable_sequence_parallel(module, self.sequence.mesh, self.device, self.launcher_cfg.sequence_plan)
 
     # -- roles -------------------------------------------------------------------------------
     def prepare(self, name, module, optimizer, scheduler, max_grad_norm, multi_forward: bool = False) -> PreparedRole:

@@ -63,7 +63,7 @@ def check_sequence_split(cfg, world_size: int, device_type: str) -> None:
                          "attention over segment boundaries, which the sequence split does not cover; use "
                          "stage.pyramid.execution=per_segment or batch_levels")
     model = build_meta_transformer(cfg.model)
-    check_model(model, ring, ulysses)
+    check_model(model, ring, ulysses, cfg.launcher.sequence_plan)
     bad = indivisible(cfg, model, ring * ulysses)
     if bad:
         raise ValueError(f"launcher.ulysses_degree={ulysses} x launcher.ring_degree={ring} = {ring * ulysses} does not "
