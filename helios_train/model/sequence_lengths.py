@@ -1,9 +1,9 @@
 """The token counts of every transformer forward a run makes, and whether a sequence degree splits them —
 checked before any work (the model itself refuses at its first forward, helios_train/model/sequence_parallel.py).
 
-Under diffusers' Helios plan attn1 and the FFN split the whole sequence (history + noisy tokens) and attn2
-the noisy tokens, so both counts must divide by ulysses_degree × ring_degree at every geometry the run
-meets: the training latents, each pyramid level (Mid, Distilled), the GAN's crop (DMD) and the validation
+Both plans (helios_train/model/sequence_parallel.py) need the history and the noisy token counts to divide by
+ulysses_degree × ring_degree — `split_once` gives each rank an equal share of each, diffusers' `per_branch`
+splits the whole sequence (attn1, FFN) and the noisy tokens (attn2) — at every geometry the run meets: the training latents, each pyramid level (Mid, Distilled), the GAN's crop (DMD) and the validation
 size. At 48×80 latents with history 16/2/1: 11040 / 8640 tokens at full size, 2940 / 540 at the lowest
 pyramid level — 8 divides the first, not the second.
 """
