@@ -77,7 +77,7 @@ class Backend:
         return self.sequence.data_world
 
     def split_sequence(self, module: torch.nn.Module) -> None:
-        """Split the transformer's attention / FFN sequence over this rank's sequence group (a no-op at degree 1)."""
+        """Split the transformer's token sequence over this rank's sequence group (a no-op at degree 1)."""
         if self.sequence.degree > 1:
             from helios_train.model.sequence_parallel import enable_sequence_parallel
 

@@ -4,8 +4,8 @@
 With a sequence degree N the world's W ranks form a (dp, ring, ulysses) device mesh of shape
 (W / N, ring, ulysses): ranks N·d … N·d + N − 1 are one sequence group, which trains data-parallel
 slot d — the same samples and the same random draws on each of its ranks (the trainer keys its reader,
-its seed and `micro_generator` by `data_rank`), while the transformer splits every attention / FFN
-token sequence over them (helios_train/model/sequence_parallel.py). Contiguous groups keep a group on
+its seed and `micro_generator` by `data_rank`), while the transformer splits each sample's tokens over
+them (helios_train/model/sequence_parallel.py, `launcher.sequence_plan`). Contiguous groups keep a group on
 one node, where its all-to-alls are cheapest.
 
 Gradients need no group of their own: with the exact gather every rank back-propagates the same loss
