@@ -101,7 +101,7 @@ def mid_step_times(toy_root: Path, size: str, n: int = 10) -> dict[str, tuple[fl
     import tempfile
 
     from diffusers import HeliosTransformer3DModel
-    from tests.conftest import compose
+    from helios_train.config import compose
 
     from helios_train.stages.mid import MidStage
 

@@ -76,7 +76,7 @@ def time_decord(jobs, workers: int, n: int) -> float:
 
 
 def time_loader(shards, mode: str, workers: int, n: int, overrides=()) -> float:
-    from tests.conftest import compose
+    from helios_train.config import compose
 
     from helios_train.data.readers import choose_layout
     from helios_train.data.video_dataset import DataPosition, build_loader

@@ -77,7 +77,7 @@ def _trim() -> None:
 
 def _compose(config: str, toy_root: Path, out: Path):
     sys.path.insert(0, str(REPO))
-    from tests.conftest import compose
+    from helios_train.config import compose
 
     common = [f"toy_root={toy_root}", f"output_root={out}", f"run_name={config}", "tracker.mode=disabled",
               "validation.every=0", "trainer.perf.count_flops=false", "data.num_workers=0",

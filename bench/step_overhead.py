@@ -65,7 +65,7 @@ def make_assets(root: Path, kwargs: dict, h: int, w: int, text_dim: int) -> None
 
 def ours(root: Path, steps: int, h: int, w: int) -> list[float]:
     sys.argv = sys.argv[:1]
-    from tests.conftest import compose
+    from helios_train.config import compose
 
     from helios_train.__main__ import run
 

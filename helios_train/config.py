@@ -25,7 +25,6 @@ from helios_train.pyramid import PyramidConfig
 from helios_train.task_dropout import TaskDropoutConfig
 from helios_train.throughput import PerfConfig
 from helios_train.timesteps import TimestepConfig
-from helios_train.validation import ValidationConfig
 
 # The Hydra config tree (`conf/`); HELIOS_CONF_DIR points elsewhere (an installed copy, a user's own tree).
 CONF_DIR = os.environ.get("HELIOS_CONF_DIR", str(Path(__file__).resolve().parent.parent / "conf"))
@@ -205,6 +204,29 @@ class LauncherConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """`validation.*` (helios_train/validation.py renders)."""
+    every: int = 500  # steps between validations; 0 disables validation
+    at_first_step: bool = True  # official first_step_valid
+    # None: the lines of `prompts_file`, else the first `num_data_prompts` captions of the first shard
+    # (what the run trains on), else the official Tokyo prompt. Resolved at start-up (run_setup).
+    prompts: Optional[list[str]] = None
+    prompts_file: Optional[str] = None
+    num_data_prompts: int = 2
+    num_frames: int = 99  # 3 chunks: enough for the drift curve
+    # None: the data's resolution (latent size × 8), else the official 384×640.
+    height: Optional[int] = None
+    width: Optional[int] = None
+    seed: int = 42
+    steps: Optional[int] = None  # None = the variant's default (helios_train/variants.py)
+    pyramid_steps: Optional[list[int]] = None
+    guidance: Optional[float] = None
+    use_ema: bool = False  # render with the EMA weights when the stage keeps an EMA (official: false)
+    # How long the other ranks wait (outside any collective) for rank 0's render before the job ends.
+    wait_timeout_s: float = 3600.0
+
+
+@dataclass
 class TrackerConfig:
     name: str = "wandb"
     mode: str = "offline"  # online | offline | disabled
@@ -236,6 +258,17 @@ class Config:
     dry_run: bool = False
     plan_gpus: int = 8
     plan_gpu_memory_gb: float = 80.0
+
+
+def compose(overrides=()):
+    """The config `python -m helios_train <overrides>` runs, composed with Hydra's compose API (notebooks,
+    benches, tests): e.g. `compose(["experiment=stage_1_init", "model=helios_14b"])`."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
 
 
 def register_configs() -> None:

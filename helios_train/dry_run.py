@@ -1,5 +1,6 @@
 """`python -m helios_train <overrides> dry_run=true` — one real training step of the stage at full size on
 fake tensors: the measured memory of the production configuration, on a machine without its GPUs.
+(`python -m helios_train.dry_run`: the same for every official recipe, as a table against the planner.)
 
 What runs is the trainer's own step (`Trainer.run_step`): the stage's roles built by the stage
 (transformers from model.path's config.json, or the class defaults = the 14B geometry, with the
@@ -368,3 +369,20 @@ def comparison_table(cfgs: list, labels: list[str], backends=("ddp", "deepspeed_
                          f"{total / planned['total']:.2f} |")
         print(lines[-1], flush=True)
     return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    """`python -m helios_train.dry_run [--recipes ...]`: the README's planned-vs-measured table of every official
+    recipe at 14B (one dry run per recipe: minutes each)."""
+    import argparse
+
+    from helios_train.plan import RECIPES, recipe_config
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
+    a = ap.parse_args(argv)
+    print(comparison_table([recipe_config(r) for r in a.recipes], a.recipes))
+
+
+if __name__ == "__main__":
+    main()

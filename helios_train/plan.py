@@ -2,7 +2,7 @@
 
     python -m helios_train experiment=stage_1_init model=helios_14b launcher=deepspeed_zero2 plan=true [plan_gpus=8]
     python -m helios_train.plan              # every official recipe at 14B under ddp / zero2 / zero3
-    python -m helios_train.plan --measure    # … next to the dry run's measured figures (minutes)
+    python -m helios_train.dry_run           # … next to the dry run's measured figures (minutes)
 
 No weights are read: the transformer is built from its config.json (or the class's 14B defaults when
 `model.path` has none) under `torch.device("meta")`, and the stage's trainable policy is applied with
@@ -277,16 +277,12 @@ def summary_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def recipe_config(recipe: str, extra: list[str] = ()):
-    from hydra import compose, initialize_config_dir
-
-    from helios_train.config import CONF_DIR, register_configs
+    """An official recipe at 14B (class defaults: no weights read), resolved for GPUs."""
+    from helios_train.config import compose
     from helios_train.precision import resolve_precision
 
-    register_configs()
     data = [] if recipe == "stage_3_ode" else ["data=webdataset"]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"experiment={recipe}", "model=helios_14b",
-                                                       "model.path=/nonexistent", *data, *extra])
+    cfg = compose([f"experiment={recipe}", "model=helios_14b", "model.path=/nonexistent", *data, *extra])
     resolve_precision(cfg, device=None)
     return cfg
 
@@ -295,14 +291,8 @@ def main(argv=None) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--measure", action="store_true", help="also run each recipe's dry run (minutes per recipe)")
     ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
     a = ap.parse_args(argv)
-    if a.measure:
-        from helios_train.dry_run import comparison_table
-
-        print(comparison_table([recipe_config(r) for r in a.recipes], a.recipes))
-        return
     results = {}
     for recipe in a.recipes:
         cfg = recipe_config(recipe)

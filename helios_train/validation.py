@@ -9,42 +9,20 @@ frame-to-frame change relative to chunk 0 — drift shows up as lines leaving 1.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from helios_train.config import ValidationConfig
 from helios_train.precision import forward_autocast, mixed_precision
 from helios_train.progress import chunk_progress
 from helios_train.variants import DEFAULTS, SamplerSettings, build_pipeline, round_frames
 
 TOKYO = ("A stylish woman walks down a Tokyo street filled with warm glowing neon and animated city signage. She "
          "wears a black leather jacket, a long red dress, and black boots, and carries a black purse.")
-
-
-@dataclass
-class ValidationConfig:
-    every: int = 500  # steps between validations; 0 disables validation
-    at_first_step: bool = True  # official first_step_valid
-    # None: the lines of `prompts_file`, else the first `num_data_prompts` captions of the first shard
-    # (what the run trains on), else the official Tokyo prompt. Resolved at start-up (run_setup).
-    prompts: Optional[list[str]] = None
-    prompts_file: Optional[str] = None
-    num_data_prompts: int = 2
-    num_frames: int = 99  # 3 chunks: enough for the drift curve
-    # None: the data's resolution (latent size × 8), else the official 384×640.
-    height: Optional[int] = None
-    width: Optional[int] = None
-    seed: int = 42
-    steps: Optional[int] = None  # None = the variant's default (helios_train/variants.py)
-    pyramid_steps: Optional[list[int]] = None
-    guidance: Optional[float] = None
-    use_ema: bool = False  # render with the EMA weights when the stage keeps an EMA (official: false)
-    # How long the other ranks wait (outside any collective) for rank 0's render before the job ends.
-    wait_timeout_s: float = 3600.0
 
 
 def drift_stats(frames: np.ndarray, chunk: int = 33) -> dict[str, list[float]]:

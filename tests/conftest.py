@@ -27,15 +27,10 @@ def toy_root(tmp_path_factory) -> Path:
 
 
 def compose(overrides: list[str]):
-    """Compose the real config tree the way `python -m helios_train` does."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """Compose the real config tree the way `python -m helios_train` does (helios_train.config.compose)."""
+    from helios_train.config import compose as compose_config
 
-    from helios_train.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+    return compose_config(overrides)
 
 
 def train(toy_root: Path, out: Path, overrides: list[str]) -> dict:
