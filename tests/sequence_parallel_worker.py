@@ -2,7 +2,7 @@
 every parameter gradient with the sequence split over the ranks (helios_train/model/sequence_parallel.py),
 averaged over ranks as DDP does, against the same step in one process (a copy made before hooking).
 
-    torchrun --nproc_per_node=2 tests/sequence_parallel_worker.py OUT.json MODEL_DIR split_once|per_branch|stock
+    torchrun --nproc_per_node=2 tests/sequence_parallel_worker.py OUT.json MODEL_DIR split_once,per_branch,stock
 
 `split_once` / `per_branch`: launcher.sequence_plan's two plans; `stock` = per_branch with diffusers' own gather
 (`EquipartitionSharder.unshard`, whose backward keeps the local slice): the negative control. Also recorded:
@@ -27,12 +27,12 @@ def main() -> None:
     from helios_train.history import HistoryConfig, model_inputs
     from helios_train.model import sequence_parallel as sp
 
-    out, model_dir, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    out, model_dir, modes = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(",")
     dist.init_process_group("gloo")
     world = dist.get_world_size()
-    model = HeliosTransformer3DModel.from_pretrained(model_dir, subfolder="transformer", torch_dtype=torch.float32)
-    model.requires_grad_(True)
-    reference = copy.deepcopy(model)
+    pristine = HeliosTransformer3DModel.from_pretrained(model_dir, subfolder="transformer", torch_dtype=torch.float32)
+    pristine.requires_grad_(True)
+    reference = copy.deepcopy(pristine)
     g = torch.Generator().manual_seed(0)  # the same batch on every rank, as a sequence group sees it
     inputs = model_inputs(torch.randn(1, 4, 9, 8, 16, generator=g), torch.randn(1, 4, 1, 8, 16, generator=g),
                           torch.randn(1, 4, 19, 8, 16, generator=g), torch.tensor([700.0]),
@@ -46,24 +46,29 @@ def main() -> None:
 
     ref_loss = step(reference)
     mesh = init_device_mesh("cpu", (1, 1, world), mesh_dim_names=("dp", "ring", "ulysses"))
-    if mode == "stock":
-        from diffusers.hooks.context_parallel import EquipartitionSharder
+    results = {}
+    for mode in modes:  # (stock last: it swaps the gather hook's method)
+        model = copy.deepcopy(pristine)  # a fresh copy per plan: a model is split once
+        if mode == "stock":
+            from diffusers.hooks.context_parallel import EquipartitionSharder
 
-        flat = mesh["ring", "ulysses"]._flatten()
-        sp.ExactGatherHook.post_forward = lambda self, module, output: EquipartitionSharder.unshard(output, self.dim, flat)
-    seen = {"block1": [], "attn1_rows": []}
-    model.blocks[1].register_forward_pre_hook(lambda m, args: seen["block1"].append(args[0].shape[1]))
-    model.blocks[1].attn1.to_q.register_forward_hook(lambda m, args, out: seen["attn1_rows"].append(out.shape[1]))
-    sp.enable_sequence_parallel(model, mesh, torch.device("cpu"), "split_once" if mode == "split_once" else "per_branch")
-    loss = step(model)
-    errors = {}
-    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
-        grad = p.grad.clone()
-        dist.all_reduce(grad)
-        grad /= world  # DDP's mean over the world group
-        errors[name] = float((grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-30))
+            flat = mesh["ring", "ulysses"]._flatten()
+            sp.ExactGatherHook.post_forward = lambda self, module, output: EquipartitionSharder.unshard(output, self.dim,
+                                                                                                      flat)
+        seen = {"block1": [], "attn1_rows": []}
+        model.blocks[1].register_forward_pre_hook(lambda m, args: seen["block1"].append(args[0].shape[1]))
+        model.blocks[1].attn1.to_q.register_forward_hook(lambda m, args, out: seen["attn1_rows"].append(out.shape[1]))
+        sp.enable_sequence_parallel(model, mesh, torch.device("cpu"), "split_once" if mode == "split_once" else "per_branch")
+        loss = step(model)
+        errors = {}
+        for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+            grad = p.grad.clone()
+            dist.all_reduce(grad)
+            grad /= world  # DDP's mean over the world group
+            errors[name] = float((grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-30))
+        results[mode] = {"loss": loss, "reference_loss": ref_loss, "relative_grad_error": errors, **seen}
     if dist.get_rank() == 0:
-        out.write_text(json.dumps({"loss": loss, "reference_loss": ref_loss, "relative_grad_error": errors, **seen}))
+        out.write_text(json.dumps(results))
     dist.barrier()
     from helios_train.process_guard import exit_process
 
