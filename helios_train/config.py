@@ -194,8 +194,8 @@ class LauncherConfig:
     offload_optimizer: bool = False  # deepspeed (ZeRO-2/3): optimizer state in CPU memory
     offload_param: bool = False  # deepspeed (ZeRO-3 only): parameters in CPU memory
     deepspeed_config: Optional[str] = None  # deepspeed: JSON merged over the generated config
-    # Sequence parallelism (helios_train/backends/sequence_groups.py): each sample's attention / FFN tokens split
-    # over ulysses_degree x ring_degree ranks (1 = off); ring needs CUDA (an attention kernel with log-sum-exp).
+    # Sequence parallelism (helios_train/backends/sequence_groups.py): each sample's tokens split over
+    # ulysses_degree x ring_degree ranks (1 = off); ring needs CUDA (an attention kernel with log-sum-exp).
     ulysses_degree: int = 1
     ring_degree: int = 1
     # where the sequence is split: split_once (each rank's share of history and noisy tokens from the first block

@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from helios_train.model.fake_weights import same_mode_as
-from helios_train.model.sequence_parallel import full_sequence
 
 
 @dataclass
@@ -259,6 +258,9 @@ class NoisyHiddenStateTap:
             if context is not None and int(context) != t * h * w:
                 raise RuntimeError(f"noisy token count {int(context)} != patch grid {self.grid}")
             if between_blocks:  # under sequence parallelism a block hands the next only this rank's tokens
+                # (imported here: diffusers' hook machinery would load with every `import helios_train.config`)
+                from helios_train.model.sequence_parallel import full_sequence
+
                 hidden = full_sequence(self.model, hidden, t * h * w)
             self._captured[index] = noisy_tokens_to_grid(hidden, self.grid)
         return hook

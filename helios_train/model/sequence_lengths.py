@@ -3,8 +3,8 @@ checked before any work (the model itself refuses at its first forward, helios_t
 
 Both plans (helios_train/model/sequence_parallel.py) need the history and the noisy token counts to divide by
 ulysses_degree × ring_degree — `split_once` gives each rank an equal share of each, diffusers' `per_branch`
-splits the whole sequence (attn1, FFN) and the noisy tokens (attn2) — at every geometry the run meets: the training latents, each pyramid level (Mid, Distilled), the GAN's crop (DMD) and the validation
-size. At 48×80 latents with history 16/2/1: 11040 / 8640 tokens at full size, 2940 / 540 at the lowest
+splits the whole sequence (attn1, FFN) and the noisy tokens (attn2) — at every geometry the run meets: the
+training latents, each pyramid level (Mid, Distilled), the GAN's crop (DMD) and the validation size. At 48×80 latents with history 16/2/1: 11040 / 8640 tokens at full size, 2940 / 540 at the lowest
 pyramid level — 8 divides the first, not the second.
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ def check_sequence_split(cfg, world_size: int, device_type: str) -> None:
     if cfg.stage.name == "mid" and cfg.stage.pyramid.execution == "packed":
         raise ValueError("stage.pyramid.execution=packed with sequence parallelism: the packed forward runs its own "
                          "attention over segment boundaries, which the sequence split does not cover; use "
-                         "stage.pyramid.execution=per_segment or batch_levels")
+                         "stage.pyramid.execution=separate or batch_levels")
     model = build_meta_transformer(cfg.model)
     check_model(model, ring, ulysses, cfg.launcher.sequence_plan)
     bad = indivisible(cfg, model, ring * ulysses)

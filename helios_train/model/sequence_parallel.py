@@ -82,8 +82,8 @@ class ExactGatherHook(ModelHook):
         if hidden.shape[self.dim] % n:
             raise SequenceLengthError(
                 f"{self.name}: a sequence of {hidden.shape[self.dim]} tokens cannot be split over {n} ranks "
-                f"(launcher.ulysses_degree x launcher.ring_degree); choose a degree that divides the token counts "
-                "python -m helios_train ... plan=true lists, or another resolution / history layout")
+                f"(launcher.ulysses_degree x launcher.ring_degree); choose a degree that divides every forward's "
+                "token counts (the start-up check names the forwards), or another resolution / history layout")
         return args, kwargs
 
     def post_forward(self, module, output):
@@ -177,7 +177,7 @@ def check_model(transformer: torch.nn.Module, ring: int, ulysses: int, plan: str
         # its attention processor takes the history length from the local (split) sequence
         raise ValueError("launcher.sequence_plan=per_branch with a model whose is_amplify_history=true: its "
                          "attention would scale the wrong keys; use launcher.sequence_plan=split_once")
-    if ring * ulysses > 1 and getattr(transformer, "_parallel_config", None) is not None:
+    if getattr(transformer, "_parallel_config", None) is not None:
         raise ValueError(f"{type(transformer).__name__} is already split over a sequence group")
 
 
