@@ -365,3 +365,29 @@ def test_validation_renders_the_data_unless_told_otherwise(toy_root, tmp_path):
     (tmp_path / "none.txt").write_text("\n")
     with pytest.raises(ConfigError, match="validation.prompts_file .*none.txt: no prompt"):
         resolved([f"validation.prompts_file={tmp_path / 'none.txt'}"])
+
+
+def test_resume_from_the_last_batch_of_an_epoch_continues_into_the_next(toy_root):
+    """A checkpoint taken on an epoch's last batch (CI met it: a SIGTERM landed on step 24 of the toy's one
+    reader) resumes with the next epoch's first batch, not with "read no sample in a whole epoch": the
+    resumed pass over the finished epoch reads nothing new, and that is not an empty epoch."""
+    cfg = compose([f"toy_root={toy_root}", "data.batch_size=1", "data.num_workers=0"]).data
+    shards = [str(p) for p in sorted((toy_root / "latents").glob("latent-*.tar"))]
+
+    def batches(positions=None):
+        for batch in HistoryShardDataset(shards, cfg, HistoryConfig(), positions=positions):
+            yield batch["keys"], batch.pop("_position")
+
+    straight = batches()
+    epoch0 = []
+    for keys, pos in straight:
+        if pos["epoch"] == 1:
+            first_of_epoch1 = keys
+            break
+        epoch0.append((keys, pos))
+    saved = json.loads(json.dumps(epoch0[-1][1]))  # the last batch of epoch 0, as a checkpoint stores it
+    saved.pop("reader")
+    resumed = batches(positions={0: saved})
+    keys, pos = next(resumed)
+    assert (keys, pos["epoch"]) == (first_of_epoch1, 1)
+    assert next(resumed)[0] == next(straight)[0]

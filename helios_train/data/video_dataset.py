@@ -109,6 +109,9 @@ class HistoryShardDataset(IterableDataset):
         while True:
             pieces = work_list(pos, self.data_cfg.seed, len(self.shards), reader, readers)
             read_before = pos["read"]
+            # A pass resumed at the epoch's end (checkpoint on its last batch) reads nothing new: only a
+            # pass from the start of the work list can prove the epoch empty.
+            whole_pass = pos["cursor"] == 0 and pos["in_shard"] == 0
             while pos["cursor"] < len(pieces):
                 epoch, shard_idx, start = pieces[pos["cursor"]]
                 shard = self.shards[shard_idx]
@@ -151,7 +154,7 @@ class HistoryShardDataset(IterableDataset):
             if pos["pieces"] is not None:  # a re-split's pieces are done: the share of `epoch` follows
                 pos["pieces"] = None
             else:
-                if pos["read"] == read_before:
+                if whole_pass and pos["read"] == read_before:
                     raise TooManyBadSamples(f"reader {reader} (rank {self.rank}) read no sample in a whole epoch")
                 pos["epoch"] += 1
             pos["cursor"] = 0
