@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from helios_train.history import HistoryConfig, model_inputs  # noqa: E402
+from helios_train.algorithms.history import HistoryConfig, model_inputs  # noqa: E402
 
 TOY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=32, freq_dim=32,
            ffn_dim=64, num_layers=2, rope_dim=(4, 6, 6))
@@ -73,7 +73,7 @@ STEP_SIZES = {
 
 def mid_forward_flops(model, hw, c, d, dev, mode: str, ratios=(1, 2, 1)) -> float:
     """Forward FLOPs of one Mid training micro-batch (batch 1, one segment per draw) by execution mode."""
-    from helios_train.stages.packed import packed_forward
+    from helios_train.model.packed_forward import packed_forward
 
     h, w = hw
     shapes = [(h // f, w // f) for f, r in zip((4, 2, 1), ratios) for _ in range(r)]
@@ -138,7 +138,7 @@ def wall_time_per_chunk(model_dir: Path, repeats: int = 2) -> dict[str, float]:
     from diffusers import AutoencoderKLWan, HeliosTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    from helios_train.variants import DEFAULTS, build_pipeline, call_kwargs
+    from helios_train.sampling.variants import DEFAULTS, build_pipeline, call_kwargs
 
     parts = (HeliosTransformer3DModel.from_pretrained(model_dir, subfolder="transformer"),
              AutoencoderKLWan.from_pretrained(model_dir, subfolder="vae"),
@@ -175,7 +175,7 @@ def main() -> None:
     only = set(args.only.split(","))
     if only - set(SECTIONS):
         ap.error(f"--only: unknown section(s) {sorted(only - set(SECTIONS))}; expected {SECTIONS}")
-    from data_prep.toy_data import ensure_toy_assets
+    from helios_train.data.toy_assets import ensure_toy_assets
 
     assets = ensure_toy_assets(REPO / "checkpoints/_toy")
     if "flops" in only:

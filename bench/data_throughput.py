@@ -4,7 +4,7 @@
     python bench/data_throughput.py --videos /data/clips [--captions meta.json] [--height 384 --width 640]
 
 `--videos`: your own mp4 clips, made into raw shards at the training resolution by
-data_prep/videos_to_shards.py (captions from a toy_filter.json-style file, or the file name) and timed
+helios_train/data/videos_to_shards.py (captions from a toy_filter.json-style file, or the file name) and timed
 next to the toy clips; the latents row there reads latent shards of the production geometry
 (16 × 9 × h/8 × w/8 per chunk, a 512 × 4096 fp32 prompt embedding) — what a Helios-14B latent shard holds.
 
@@ -80,7 +80,7 @@ def time_loader(shards, mode: str, workers: int, n: int, overrides=()) -> float:
 
     from helios_train.data.readers import choose_layout
     from helios_train.data.video_dataset import DataPosition, build_loader
-    from helios_train.history import HistoryConfig
+    from helios_train.algorithms.history import HistoryConfig
 
     cfg = compose(["data=toy_raw" if mode == "raw" else "data=toy", f"data.num_workers={workers}",
                    "data.batch_size=1", "data.shards=x", *overrides]).data
@@ -99,7 +99,7 @@ def user_clip_shards(videos: Path, captions: Path | None, out: Path, height: int
     import json
     import os
 
-    from data_prep.videos_to_shards import read_captions, videos_to_shards
+    from helios_train.data.videos_to_shards import read_captions, videos_to_shards
 
     if captions is not None:
         records = read_captions(captions)
@@ -168,7 +168,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=640)
     ap.add_argument("--user-samples", type=int, default=16, help="samples timed per row on --videos")
     a = ap.parse_args()
-    from data_prep.toy_data import ensure_toy_assets
+    from helios_train.data.toy_assets import ensure_toy_assets
 
     workers = [int(x) for x in a.workers.split(",")]
     assets = ensure_toy_assets(Path(a.toy_root))

@@ -13,7 +13,7 @@ flash-attn is installed; `model.compile_blocks` off/on), after 2 warm-up steps, 
 (CUDA-synchronised wall time between step starts):
   step time; tokens/s, noisy and history; achieved TFLOP/s (torch FlopCounterMode on a step) and MFU
   against the device's dense bf16 peak (detected from its name); peak allocated memory next to the
-  planner's figure and the dry run's (the same step on fake tensors, helios_train/dry_run.py).
+  planner's figure and the dry run's (the same step on fake tensors, helios_train/planning/dry_run.py).
 Then the cost of the DMD stage's low-VRAM offload (stage.dmd.low_vram): the measured pinned host→device
 bandwidth and the seconds it adds to a 14B DMD step.
 Without CUDA it says so and exits 0.
@@ -61,7 +61,7 @@ def compose_config(folder: Path, device: str, attention: str, compile_blocks: bo
     from hydra import compose, initialize_config_dir
 
     from helios_train.config import CONF_DIR, register_configs
-    from helios_train.precision import resolve_precision
+    from helios_train.runtime.precision import resolve_precision
 
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -75,7 +75,7 @@ def compose_config(folder: Path, device: str, attention: str, compile_blocks: bo
 
 def fitting_blocks(folder: Path, budget_gb: float, hw) -> int:
     """The most 14B blocks whose planned single-GPU step fits `budget_gb`."""
-    from helios_train.plan import plan
+    from helios_train.planning.plan import plan
 
     cfg = compose_config(folder, "cpu", "native", False, hw)
     lo, hi = 1, 40  # memory grows with depth: bisect
@@ -87,10 +87,10 @@ def fitting_blocks(folder: Path, budget_gb: float, hw) -> int:
 
 
 def measure_variant(cfg, steps: int = 3, warmup: int = 2) -> dict:
-    from helios_train import dry_run as D
+    from helios_train.planning import dry_run as D
     from helios_train.model.fake_weights import RandomWeights, transformer_config
     from helios_train.model.loading import use_weights_source
-    from helios_train.trainer import Trainer
+    from helios_train.training.trainer import Trainer
 
     device = torch.device(cfg.trainer.device)
     dcfg = D.dry_run_config(cfg)
@@ -128,10 +128,10 @@ def measure_variant(cfg, steps: int = 3, warmup: int = 2) -> dict:
 
 def offload_cost(device: str, gb_per_base: float, switches: int = 6) -> dict:
     """stage.dmd.low_vram's cost on this machine: host→device onload bandwidth of FrozenBaseResidency (pinned
-    copies, helios_train/low_vram.py) on two bases of `gb_per_base` frozen bf16 tensors (256 MB each), and what
+    copies, helios_train/model/low_vram.py) on two bases of `gb_per_base` frozen bf16 tensors (256 MB each), and what
     that adds to a 14B DMD step: a generator-update step moves 4 bases (28.68 GB each), a critic-only step 2,
     so 2.4 bases per step on average at the official 5:1 ratio."""
-    from helios_train.low_vram import FrozenBaseResidency
+    from helios_train.model.low_vram import FrozenBaseResidency
 
     per = int(min(gb_per_base, 0.256) * GB) // 2
     count = max(1, int(gb_per_base * GB) // (per * 2))
@@ -167,8 +167,8 @@ def main(argv=None) -> int:
         print("gpu_check: no CUDA device on this machine — nothing to measure (run it where a GPU is; "
               "--allow-cpu checks the code path at toy size)")
         return 0
-    from helios_train.dry_run import measure
-    from helios_train.plan import plan
+    from helios_train.planning.dry_run import measure
+    from helios_train.planning.plan import plan
 
     t0 = time.perf_counter()
     device = "cuda" if cuda else "cpu"

@@ -93,9 +93,9 @@ def _compose(config: str, toy_root: Path, out: Path):
 def worker(config: str, toy_root: Path, profile: bool) -> dict:
     import torch
 
-    from helios_train import run_setup
+    from helios_train.training import run_setup
     from helios_train.data.video_dataset import build_loader
-    from helios_train.trainer import Trainer
+    from helios_train.training.trainer import Trainer
 
     out: dict = {"config": config, "profile": profile}
     _trim()
@@ -216,8 +216,8 @@ def measure(config: str, toy_root: Path, profile: bool) -> dict:
 
 def planner_14b() -> dict[str, tuple[float, float]]:
     """Per-GPU GB of Base r128 (stage_1_init) and DMD r256 (stage_3_post, EMA off so ZeRO-3 is comparable)
-    on 8 GPUs from `python -m helios_train.plan`'s functions."""
-    from helios_train.plan import BACKENDS, GB, plan, recipe_config
+    on 8 GPUs from `python -m helios_train.planning.plan`'s functions."""
+    from helios_train.planning.plan import BACKENDS, GB, plan, recipe_config
 
     base, dmd = recipe_config("stage_1_init"), recipe_config("stage_3_post", ["stage.ema.enabled=false"])
     return {be: (plan(base, be)["total"] / GB, plan(dmd, be)["total"] / GB) for be in BACKENDS}
@@ -290,7 +290,7 @@ def report(results: dict[str, dict], profiled: dict[str, dict], planner: dict | 
     lines += [f"  {name}: {HOLDS[k]}" for name, k in (("Base", "base"), ("DMD", "dmd"))]
     lines.append(f"  trainables per role: Base {b['roles']}, DMD {d['roles']}")
     if planner:
-        lines.append("\n14B planner (python -m helios_train.plan: Base LoRA r128 vs DMD LoRA r256, bf16, "
+        lines.append("\n14B planner (python -m helios_train.planning.plan: Base LoRA r128 vs DMD LoRA r256, bf16, "
                      "8 GPUs, GB per GPU incl. estimated activations):")
         lines.append(f"  {'backend':<18} {'Base':>8} {'DMD':>8} {'DMD/Base':>9}")
         lines += [f"  {be:<18} {x:8.1f} {y:8.1f} {y / x:9.2f}" for be, (x, y) in planner.items()]
@@ -321,7 +321,7 @@ def main() -> None:
         print("RESULT " + json.dumps(res))
         return
     sys.path.insert(0, str(REPO))
-    from data_prep.toy_data import ensure_toy_assets
+    from helios_train.data.toy_assets import ensure_toy_assets
 
     ensure_toy_assets(args.toy_root)
     print(run(args.toy_root.resolve(), not args.no_planner))

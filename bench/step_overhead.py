@@ -78,7 +78,7 @@ def ours(root: Path, steps: int, h: int, w: int) -> list[float]:
         "validation.every=0",
     ])
     cfg.trainer.checkpoint_every = 10**9
-    from helios_train.trainer import Trainer
+    from helios_train.training.trainer import Trainer
 
     starts, run_step = [], Trainer.run_step
 
@@ -103,7 +103,7 @@ def bare(root: Path, steps: int, h: int, w: int, text_dim: int) -> list[float]:
     from diffusers import HeliosTransformer3DModel
     from peft import LoraConfig
 
-    from helios_train.history import HistoryConfig, model_inputs
+    from helios_train.algorithms.history import HistoryConfig, model_inputs
 
     model = HeliosTransformer3DModel.from_pretrained(root / "model", subfolder="transformer")
     model.requires_grad_(False)

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 # First, before the imports (seconds) and the model load (minutes at 14B): a killed launcher takes this
-# worker with it, and SIGTERM/SIGUSR1 end it cleanly (helios_train/process_guard.py).
+# worker with it, and SIGTERM/SIGUSR1 end it cleanly (helios_train/runtime/process_guard.py).
 if __name__ == "__main__":
-    from helios_train import process_guard as _guard
+    from helios_train.runtime import process_guard as _guard
 
     _guard.guard_parent()
     _guard.install_early_stop()
@@ -25,18 +25,18 @@ register_configs()
 
 def run(cfg: DictConfig) -> dict:
     """Everything `python -m helios_train` does for a composed config: plan, dry run, or train."""
-    from helios_train.precision import resolve_precision
-    from helios_train.tracking import wandb_env_defaults
+    from helios_train.runtime.precision import resolve_precision
+    from helios_train.training.tracking import wandb_env_defaults
 
     wandb_env_defaults()
     if cfg.plan:
-        from helios_train.plan import run_plan
+        from helios_train.planning.plan import run_plan
 
         resolve_precision(cfg, device=None)  # planning for GPUs: no probe of this machine
         return run_plan(cfg)
     if cfg.dry_run:
-        from helios_train import run_setup
-        from helios_train.dry_run import run_dry
+        from helios_train.training import run_setup
+        from helios_train.planning.dry_run import run_dry
 
         run_setup.validate(cfg, dry_run=True)
         resolve_precision(cfg, device=None)  # measuring for GPUs: no probe of this machine
@@ -53,12 +53,12 @@ def run(cfg: DictConfig) -> dict:
 
 def build_trainer(cfg: DictConfig):
     """Every check and set-up step before the first training step, then the Trainer (not started)."""
-    from helios_train import run_setup
+    from helios_train.training import run_setup
     from helios_train.model.loading import check_model_dir
-    from helios_train.precision import resolve_precision
-    from helios_train.numerics import apply_thread_count
-    from helios_train.run_lock import RunLock
-    from helios_train.trainer import Trainer
+    from helios_train.runtime.precision import resolve_precision
+    from helios_train.runtime.numerics import apply_thread_count
+    from helios_train.runtime.run_lock import RunLock
+    from helios_train.training.trainer import Trainer
 
     run_setup.validate(cfg)
     resolve_precision(cfg, run_setup.training_device(cfg))
@@ -72,7 +72,7 @@ def build_trainer(cfg: DictConfig):
     run_path = Path(cfg.output_root) / cfg.run_name
     fresh = not run_path.exists()
     # Rank 0 holds the run directory's lock from before its first write until the process ends: a second
-    # trainer on the same directory stops here, naming the holder (helios_train/run_lock.py).
+    # trainer on the same directory stops here, naming the holder (helios_train/runtime/run_lock.py).
     lock = RunLock.acquire(run_path) if is_main else None
     try:
         run_dir, resume_from, config = run_setup.prepare_run_dir(cfg, is_main)
@@ -106,7 +106,7 @@ def main(cfg: DictConfig) -> None:
     logging.getLogger("helios_train").setLevel(logging.INFO)
     multi_process = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if multi_process:
-        from helios_train.process_guard import will_exit_without_teardown
+        from helios_train.runtime.process_guard import will_exit_without_teardown
 
         will_exit_without_teardown()
     result = run(cfg)
@@ -114,8 +114,8 @@ def main(cfg: DictConfig) -> None:
         print(done_line(result), flush=True)
     if multi_process:
         # Every rank passed the final barrier with everything written: leave without the process-group
-        # destructors that can deadlock at interpreter exit (helios_train/process_guard.py).
-        from helios_train.process_guard import exit_process
+        # destructors that can deadlock at interpreter exit (helios_train/runtime/process_guard.py).
+        from helios_train.runtime.process_guard import exit_process
 
         exit_process(0)
 

@@ -15,16 +15,16 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from helios_train.anti_drift import AntiDriftConfig
-from helios_train.dmd import DMDConfig
-from helios_train.ema import EMAConfig
-from helios_train.gan import GanConfig
-from helios_train.ode_regression import OdeConfig
-from helios_train.history import HistoryConfig
-from helios_train.pyramid import PyramidConfig
-from helios_train.task_dropout import TaskDropoutConfig
-from helios_train.throughput import PerfConfig
-from helios_train.timesteps import TimestepConfig
+from helios_train.algorithms.anti_drift import AntiDriftConfig
+from helios_train.algorithms.dmd import DMDConfig
+from helios_train.algorithms.ema import EMAConfig
+from helios_train.algorithms.gan import GanConfig
+from helios_train.algorithms.ode_regression import OdeConfig
+from helios_train.algorithms.history import HistoryConfig
+from helios_train.algorithms.pyramid import PyramidConfig
+from helios_train.algorithms.task_dropout import TaskDropoutConfig
+from helios_train.training.throughput import PerfConfig
+from helios_train.algorithms.timesteps import TimestepConfig
 
 # The Hydra config tree (`conf/`); HELIOS_CONF_DIR points elsewhere (an installed copy, a user's own tree).
 CONF_DIR = os.environ.get("HELIOS_CONF_DIR", str(Path(__file__).resolve().parent.parent / "conf"))
@@ -67,8 +67,8 @@ class ModelConfig:
     transformer_path: Optional[str] = None  # overrides <path>/<transformer_subfolder>
     transformer_subfolder: str = "transformer"
     build_toy: bool = False  # build the tiny random checkpoint at `path` when missing
-    toy_spec: str = "toy"  # which tiny architecture build_toy builds: toy | helios_14b_shape (data_prep/toy_checkpoint.py)
-    weight_dtype: str = "fp32"  # frozen base weights: fp32 | bf16 (trainables always fp32; helios_train/precision.py)
+    toy_spec: str = "toy"  # which tiny architecture build_toy builds: toy | helios_14b_shape (helios_train/data/toy_checkpoint.py)
+    weight_dtype: str = "fp32"  # frozen base weights: fp32 | bf16 (trainables always fp32; helios_train/runtime/precision.py)
     gradient_checkpointing: bool = False
     text_max_length: int = 512
     # Speed options (GPU runs; all work on CPU too): diffusers attention dispatcher backend
@@ -84,7 +84,7 @@ class ModelConfig:
 
 @dataclass
 class ToyDataConfig:
-    # The toy videos' size and count are fixed by data_prep/toy_videos.py (the assets are cached per
+    # The toy videos' size and count are fixed by helios_train/data/toy_videos.py (the assets are cached per
     # toy_root, so a per-run size would silently reuse another size's clips); only the seed is a knob.
     seed: int = 0
 
@@ -158,7 +158,7 @@ class TrainerConfig:
     grad_accum_steps: int = 1
     optim: OptimConfig = field(default_factory=OptimConfig)
     # auto (bf16 autocast exactly when model.weight_dtype=bf16, the official setting) | no | bf16;
-    # impossible combinations fail at start-up (helios_train/precision.py)
+    # impossible combinations fail at start-up (helios_train/runtime/precision.py)
     mixed_precision: str = "auto"
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 43
@@ -168,13 +168,13 @@ class TrainerConfig:
     checkpoints_total_limit: Optional[int] = None
     max_consecutive_nonfinite: int = 5
     # Seconds a rank waits in a collective for a silent peer before the job ends naming it
-    # (helios_train/heartbeat.py). Longer than any one-rank pause between collectives (checkpoint write).
+    # (helios_train/runtime/heartbeat.py). Longer than any one-rank pause between collectives (checkpoint write).
     collective_timeout_s: float = 600.0
     # CPU threads per process (torch.set_num_threads). null: on resume the checkpoint's count (bit-exact
     # resume depends on it), else OMP_NUM_THREADS or torch's default.
     num_threads: Optional[int] = None
     # Resume may change world size, accumulation and backend but keeps the global batch (world ×
-    # accumulation × data.batch_size) unless this is true (helios_train/resume_shape.py).
+    # accumulation × data.batch_size) unless this is true (helios_train/backends/run_shape.py).
     allow_batch_change: bool = False
     # Under DeepSpeed also write whole (gathered) optimizer state next to the ZeRO shards, so the checkpoint
     # resumes on another rank count, ZeRO stage or DDP; false = ZeRO shards only (resume needs the same shape).
@@ -205,7 +205,7 @@ class LauncherConfig:
 
 @dataclass
 class ValidationConfig:
-    """`validation.*` (helios_train/validation.py renders)."""
+    """`validation.*` (helios_train/sampling/validation.py renders)."""
     every: int = 500  # steps between validations; 0 disables validation
     at_first_step: bool = True  # official first_step_valid
     # None: the lines of `prompts_file`, else the first `num_data_prompts` captions of the first shard
@@ -218,7 +218,7 @@ class ValidationConfig:
     height: Optional[int] = None
     width: Optional[int] = None
     seed: int = 42
-    steps: Optional[int] = None  # None = the variant's default (helios_train/variants.py)
+    steps: Optional[int] = None  # None = the variant's default (helios_train/sampling/variants.py)
     pyramid_steps: Optional[list[int]] = None
     guidance: Optional[float] = None
     use_ema: bool = False  # render with the EMA weights when the stage keeps an EMA (official: false)
@@ -254,7 +254,7 @@ class Config:
     # plan=true: print the per-GPU memory plan of this stage/model/launcher (meta device, no weights) and exit.
     plan: bool = False
     # dry_run=true: one real training step of this configuration at full size on fake tensors (no weights
-    # read, no memory allocated); prints measured vs planned memory per GPU (helios_train/dry_run.py).
+    # read, no memory allocated); prints measured vs planned memory per GPU (helios_train/planning/dry_run.py).
     dry_run: bool = False
     plan_gpus: int = 8
     plan_gpu_memory_gb: float = 80.0

@@ -19,7 +19,7 @@ CONF_DIR = str(REPO / "conf")
 @pytest.fixture(scope="session")
 def toy_root(tmp_path_factory) -> Path:
     """Toy checkpoint + raw and latent shards, built once for the whole session."""
-    from data_prep.toy_data import ensure_toy_assets
+    from helios_train.data.toy_assets import ensure_toy_assets
 
     root = tmp_path_factory.mktemp("toy")
     ensure_toy_assets(root, seed=0)
@@ -46,7 +46,7 @@ def train(toy_root: Path, out: Path, overrides: list[str]) -> dict:
 @pytest.fixture(scope="session")
 def base_export(toy_root, tmp_path_factory) -> Path:
     """A 2-step toy Base run exported: the DMD tests' generator and teacher/critic base."""
-    from helios_train.export import export
+    from helios_train.sampling.export import export
 
     out = tmp_path_factory.mktemp("dmd_base")
     train(toy_root, out, ["trainer.max_steps=2", "trainer.checkpoint_every=2", "data.num_workers=0", "run_name=b"])

@@ -34,7 +34,7 @@ def role_summary(trainer) -> dict:
 def run_one(overrides: list[str]) -> dict:
     from conftest import compose
     from helios_train.__main__ import build_trainer
-    from helios_train.tracking import read_metrics
+    from helios_train.training.tracking import read_metrics
 
     cfg = compose(overrides)
     trainer = build_trainer(cfg)
@@ -62,7 +62,7 @@ def main() -> None:
         out.write_text(json.dumps(results, indent=1))
     dist.barrier()
     # Leave as the entry point does: no process-group destructor at interpreter exit (process_guard.py).
-    from helios_train.process_guard import exit_process
+    from helios_train.runtime.process_guard import exit_process
 
     exit_process(0)
 

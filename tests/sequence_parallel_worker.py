@@ -24,7 +24,7 @@ def main() -> None:
     from diffusers import HeliosTransformer3DModel
     from torch.distributed.device_mesh import init_device_mesh
 
-    from helios_train.history import HistoryConfig, model_inputs
+    from helios_train.algorithms.history import HistoryConfig, model_inputs
     from helios_train.model import sequence_parallel as sp
 
     out, model_dir, modes = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(",")
@@ -70,7 +70,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         out.write_text(json.dumps(results))
     dist.barrier()
-    from helios_train.process_guard import exit_process
+    from helios_train.runtime.process_guard import exit_process
 
     exit_process(0)
 

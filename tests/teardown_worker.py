@@ -19,7 +19,7 @@ from helios_train.config import LauncherConfig, TrainerConfig  # noqa: E402
 
 
 def main() -> None:
-    from helios_train.process_guard import will_exit_without_teardown
+    from helios_train.runtime.process_guard import will_exit_without_teardown
 
     if "--plain-exit" not in sys.argv:
         will_exit_without_teardown()
@@ -39,7 +39,7 @@ def main() -> None:
     print(f"rank {backend.rank} done", flush=True)
     if "--plain-exit" in sys.argv:
         return
-    from helios_train.process_guard import exit_process
+    from helios_train.runtime.process_guard import exit_process
 
     exit_process(0)
 

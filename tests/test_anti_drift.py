@@ -1,4 +1,4 @@
-"""Tests for helios_train.anti_drift (official helios/utils/utils_helios_base.py: `corrupt_history_latents`,
+"""Tests for helios_train.algorithms.anti_drift (official helios/utils/utils_helios_base.py: `corrupt_history_latents`,
 `downsample_corrupt`, `add_saturation_to_history_latents`, `corrupt_model_input`).
 
 Statistical checks state their tolerance; each bound is ≥ 4.5 standard deviations of the estimate.
@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from helios_train.anti_drift import (
+from helios_train.algorithms.anti_drift import (
     AntiDriftConfig, add_saturation, corrupt_history, corrupt_target, history_segments,
 )
 

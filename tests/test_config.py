@@ -55,14 +55,14 @@ def test_unknown_group_option_fails_naming_it():
 
 
 def test_unknown_stage_name_fails_before_work():
-    from helios_train.run_setup import validate
+    from helios_train.training.run_setup import validate
 
     with pytest.raises(ValueError, match="stage.name='dream'"):
         validate(compose(["stage.name=dream"]))
 
 
 def test_bad_choice_and_geometry_fail_naming_value():
-    from helios_train.run_setup import ConfigError, validate
+    from helios_train.training.run_setup import ConfigError, validate
 
     with pytest.raises(ConfigError, match="data.mode='video'"):
         validate(compose(["data.mode=video"]))
@@ -71,7 +71,7 @@ def test_bad_choice_and_geometry_fail_naming_value():
 
 
 def test_validation_geometry_fails_naming_value():
-    from helios_train.run_setup import ConfigError, validate
+    from helios_train.training.run_setup import ConfigError, validate
 
     with pytest.raises(ConfigError, match="validation.height=100"):
         validate(compose(["validation.height=100"]))
@@ -80,7 +80,7 @@ def test_validation_geometry_fails_naming_value():
 
 
 def test_distilled_objective_and_data_must_agree_before_work(tmp_path):
-    from helios_train.run_setup import ConfigError, validate
+    from helios_train.training.run_setup import ConfigError, validate
 
     with pytest.raises(ConfigError, match="stage.objective=ode with data.mode=latents"):
         validate(compose(["stage=distilled", "stage.objective=ode"]))
@@ -95,7 +95,7 @@ def test_distilled_objective_and_data_must_agree_before_work(tmp_path):
     with pytest.raises(ConfigError, match="stage.ema.sharded=false with launcher.zero_stage=3"):
         validate(compose(["stage=distilled", f"stage.dmd.real_score_path={tmp_path}", "launcher=deepspeed_zero3",
                           "stage.ema.sharded=false"]))
-    # the EMA under ZeRO-3 is the sharded one (helios_train/ema_shards.py): valid
+    # the EMA under ZeRO-3 is the sharded one (helios_train/training/ema_shards.py): valid
     validate(compose(["stage=distilled", f"stage.dmd.real_score_path={tmp_path}", "launcher=deepspeed_zero3"]))
     with pytest.raises(ConfigError, match="idle_head_updates=false needs launcher=single"):
         validate(compose(["stage=distilled", f"stage.dmd.real_score_path={tmp_path}", "launcher=deepspeed_zero2",
@@ -158,7 +158,7 @@ def test_every_config_key_is_read_by_some_code():
     ("+learning_rate=1", "learning_rate", None),
 ])
 def test_keys_appended_with_plus_fail_naming_the_key_and_the_nearest_valid_one(override, named, suggested):
-    from helios_train.run_setup import ConfigError, validate
+    from helios_train.training.run_setup import ConfigError, validate
 
     cfg = compose([override])
     with pytest.raises(ConfigError) as err:

@@ -13,11 +13,11 @@ import torch
 import webdataset as wds
 
 from conftest import compose, train
-from data_prep.toy_videos import encode_mp4, render_video
+from helios_train.data.toy_videos import encode_mp4, render_video
 from helios_train.data.shards import ShardSpecError, expand_shards
 from helios_train.data.readers import ReaderLayout, choose_layout
 from helios_train.data.video_dataset import DataPosition, HistoryShardDataset, TooManyBadSamples, build_loader
-from helios_train.history import HistoryConfig
+from helios_train.algorithms.history import HistoryConfig
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,8 @@ def clip_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def prepared(clip_folder, toy_root, tmp_path_factory):
-    from data_prep.encode_latents import encode_shards
-    from data_prep.videos_to_shards import videos_to_shards
+    from helios_train.data.encode_latents import encode_shards
+    from helios_train.data.videos_to_shards import videos_to_shards
 
     out = tmp_path_factory.mktemp("prepared")
     raw = videos_to_shards(clip_folder, clip_folder / "meta.json", out / "raw", height=192, width=320,
@@ -67,7 +67,7 @@ def test_videos_to_shards_filters_and_resizes(prepared, clip_folder):
 
 
 def _v2s(folder, captions, out):
-    from data_prep.videos_to_shards import videos_to_shards
+    from helios_train.data.videos_to_shards import videos_to_shards
 
     return videos_to_shards(folder, captions, out, height=192, width=320, min_frames=99, per_shard=2, bucket=(384, 640))
 
@@ -77,7 +77,7 @@ def test_videos_to_shards_reruns_follow_the_inputs(clip_folder, tmp_path, capsys
     Changed clip or caption: that shard only is rebuilt. A shard without manifest: rebuilt."""
     import shutil
 
-    from data_prep.videos_to_shards import main
+    from helios_train.data.videos_to_shards import main
 
     clips, out = tmp_path / "clips", tmp_path / "raw"
     shutil.copytree(clip_folder, clips)
@@ -117,8 +117,8 @@ def test_videos_to_shards_reruns_follow_the_inputs(clip_folder, tmp_path, capsys
 
 
 def test_caption_file_errors_name_the_file_and_record(tmp_path):
-    from data_prep.videos_to_shards import read_captions
-    from helios_train.prompt_file import InputError
+    from helios_train.data.videos_to_shards import read_captions
+    from helios_train.runtime.prompt_file import InputError
 
     cases = {"bad.json": ('[{"path": "a.mp4",}]', "bad.json: not valid JSON at line 1"),
              "obj.json": ('{"path": "a.mp4"}', "expected a JSON list"),
@@ -252,8 +252,8 @@ def test_missing_shard_and_empty_glob_fail_at_startup_naming_path(toy_root, tmp_
 
 
 def test_text_and_stats_tools(toy_root, tmp_path):
-    from data_prep.encode_text import encode_text
-    from data_prep.latent_stats import latent_stats
+    from helios_train.data.encode_text import encode_text
+    from helios_train.data.latent_stats import latent_stats
 
     (tmp_path / "p.txt").write_text("a red circle\n\nanother blue square on a gray background\n")
     s = encode_text(tmp_path / "p.txt", tmp_path / "text", toy_root / "model", per_shard=1, text_max_length=32)
@@ -344,7 +344,7 @@ def test_webdataset_defaults_fit_the_toy_model_and_wrong_shards_fail_before_the_
 def test_validation_renders_the_data_unless_told_otherwise(toy_root, tmp_path):
     """Production defaults (validation.prompts/height/width null): the first shard's captions at the data's
     resolution; validation.prompts_file lines instead; a bad prompts file names itself at start-up."""
-    from helios_train.run_setup import ConfigError, check_data_fits_model, resolve_validation_defaults
+    from helios_train.training.run_setup import ConfigError, check_data_fits_model, resolve_validation_defaults
 
     shard = str(toy_root / "latents/latent-000003.tar")
     unset = ["data=webdataset", f"data.shards={shard}", "model=toy", "validation.every=5", "validation.prompts=null",

@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 
 from conftest import REPO, train
-from helios_train.tracking import read_metrics
+from helios_train.training.tracking import read_metrics
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, run_pooled
 from helios_train.backends.deepspeed import ds_config
-from helios_train.tracking import read_metrics
+from helios_train.training.tracking import read_metrics
 
 
 def launcher(stage=2, **kw):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO, compose, run_pooled, train
-from helios_train.tracking import read_metrics
+from helios_train.training.tracking import read_metrics
 
 
 def dmd_overrides(toy_root, export):
@@ -19,7 +19,7 @@ def dmd_overrides(toy_root, export):
 
 
 def test_critic_equals_teacher_at_init_and_teacher_ignores_critic_updates(toy_root, base_export):
-    from helios_train.history import HistoryConfig, model_inputs
+    from helios_train.algorithms.history import HistoryConfig, model_inputs
     from helios_train.stages.distilled import DistilledStage
 
     stage = DistilledStage(compose(dmd_overrides(toy_root, base_export)), torch.device("cpu"))
@@ -69,7 +69,7 @@ def test_update_ratio_and_exact_resume_mid_cycle(toy_root, base_export, tmp_path
     for k in ea:
         torch.testing.assert_close(ea[k], eb[k], rtol=0, atol=1e-6)
     assert any(not torch.equal(ea[k], live[k]) for k in ea)  # the average lags the live weights
-    from helios_train.export import export
+    from helios_train.sampling.export import export
 
     out = export(tmp_path / "straight", tmp_path / "ema_export", use_ema=True)
     import json
@@ -108,7 +108,7 @@ def test_gan_only_from_start_step_runs_past_it_and_resumes_exactly(toy_root, bas
     h2, h4 = heads(2), heads(4)
     assert h2 and any(not torch.equal(h2[k], h4[k]) for k in h2)  # trained once active
     split = read_metrics(tmp_path / "split")
-    # The resumed run keeps the checkpointed FLOP counts (helios_train/throughput.py): it counts exactly the steps
+    # The resumed run keeps the checkpointed FLOP counts (helios_train/training/throughput.py): it counts exactly the steps
     # the uninterrupted run counted (a count perturbs that step's kernels, which would break the exact resume
     # below) and logs the same per-step FLOPs.
     assert [m.get("perf/step_tflop") for m in split[3:]] == [m.get("perf/step_tflop") for m in hist[3:]]
@@ -172,7 +172,7 @@ def test_dmd_runs_on_two_processes(toy_root, base_export, tmp_path, launcher):
     # flat buffers hold zeros) AdamW steps them on zeros: only the weight decay (1e-3 · lr) moves them.
     from safetensors.torch import load_file
 
-    from helios_train.checkpoint import trainable_state
+    from helios_train.runtime.checkpoint import trainable_state
     from helios_train.stages.distilled import DistilledStage
 
     cfg = compose(dmd_overrides(toy_root, base_export) + GAN)
@@ -208,18 +208,18 @@ def test_dmd_runs_on_two_processes(toy_root, base_export, tmp_path, launcher):
 def test_zero3_dmd_equals_ddp_when_ranks_run_different_samplers(toy_root, base_export, tmp_path):
     """ZeRO-3 gathers weights with collectives inside every forward and backward, so ranks must run
     identical sequences; a rank with a first chunk runs the amplified sampler (4 steps per level, not 2).
-    Unpadded, such a step hung in its backward. With helios_train/lockstep.py it runs, and — padding
+    Unpadded, such a step hung in its backward. With helios_train/backends/lockstep.py it runs, and — padding
     being discarded forwards and zero-weighted graphs — it trains exactly like DDP (GAN included).
 
-    The same runs check the generator EMA sharded over the 2 ranks (helios_train/ema_shards.py): under ZeRO-3
+    The same runs check the generator EMA sharded over the 2 ranks (helios_train/training/ema_shards.py): under ZeRO-3
     each rank averages its partition of every trainable tensor; gathered into the checkpoint it equals the EMA
     one process computes on whole tensors from the same live weights (recomputed here from every step's
-    checkpoint with helios_train/ema.py's rule), a ZeRO-3 run resumed at step 2 ends with exactly the same EMA,
+    checkpoint with helios_train/algorithms/ema.py's rule), a ZeRO-3 run resumed at step 2 ends with exactly the same EMA,
     and DDP (whole tensors per rank; stage.dmd.low_vram, the recipes' default, moving the bases — ZeRO-3 does
     not need to) gathers to the same EMA as ZeRO-3."""
     from safetensors.torch import load_file
 
-    from helios_train.ema import EMAConfig, ema_decay
+    from helios_train.algorithms.ema import EMAConfig, ema_decay
 
     common = ["trainer.max_steps=5", "trainer.checkpoint_every=1", "stage.dmd.update_ratio=1",
               "stage.ema.update_after_step=0", *GAN]
@@ -260,7 +260,7 @@ def test_zero3_dmd_equals_ddp_when_ranks_run_different_samplers(toy_root, base_e
     assert any(not torch.allclose(gathered[k], live[k]) for k in live)  # an average, not the live weights
     # Before stage.gan.start_step (2) no rank gives the heads a gradient; officially (ZeRO's flat buffers hold
     # zeros) AdamW steps them on zeros, so only the weight decay (1e-3 · lr) moves them from their init.
-    from helios_train.checkpoint import trainable_state
+    from helios_train.runtime.checkpoint import trainable_state
     from helios_train.stages.distilled import DistilledStage
 
     cfg = compose(dmd_overrides(toy_root, base_export) + GAN)
@@ -284,7 +284,7 @@ def test_critic_reads_the_secondary_section(toy_root):
     import webdataset as wds
 
     from helios_train.data.samples import latent_sample
-    from helios_train.history import HistoryConfig
+    from helios_train.algorithms.history import HistoryConfig
     from helios_train.stages.distilled import critic_section
 
     cfg = compose([f"toy_root={toy_root}", "stage=distilled"])
@@ -304,7 +304,7 @@ def test_critic_reads_the_secondary_section(toy_root):
 def test_a_diverging_generator_stops_the_run_while_the_critic_stays_finite(toy_root, base_export, tmp_path):
     """The non-finite guard counts per role: a finite critic phase right after a NaN generator phase must not
     reset the generator's count, or a diverged generator would never stop a DMD run."""
-    from helios_train.trainer import NonFiniteLossError
+    from helios_train.training.trainer import NonFiniteLossError
 
     with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite steps of role 'generator'"):
         train(toy_root, tmp_path, dmd_overrides(toy_root, base_export)[1:] + [
@@ -321,7 +321,7 @@ def test_flops_are_counted_per_kind_of_step_and_match_each_steps_own_count(toy_r
     was off on every critic-only and GAN step)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from helios_train.trainer import Trainer
+    from helios_train.training.trainer import Trainer
 
     truth: dict[int, float] = {}
     update_role = Trainer._update_role

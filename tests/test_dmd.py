@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from helios_train.dmd import (DMDConfig, beta_annealing, critic_flow_loss, dmd_gradient, dmd_loss, sample_critic_t,
+from helios_train.algorithms.dmd import (DMDConfig, beta_annealing, critic_flow_loss, dmd_gradient, dmd_loss, sample_critic_t,
                               sample_generator_t, shifted_timesteps)
 
 

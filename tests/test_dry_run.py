@@ -30,10 +30,10 @@ def test_fake_step_allocates_what_the_real_step_allocates(toy_root):
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import MemoryProfileTimeline
 
-    from data_prep.toy_data import ensure_toy_assets
-    from helios_train import dry_run as D
-    from helios_train.precision import resolve_precision
-    from helios_train.trainer import Trainer
+    from helios_train.data.toy_assets import ensure_toy_assets
+    from helios_train.planning import dry_run as D
+    from helios_train.runtime.precision import resolve_precision
+    from helios_train.training.trainer import Trainer
 
     ensure_toy_assets(toy_root, spec="helios_14b_shape")
     cfg = compose([f"toy_root={toy_root}", "experiment=stage_1_init", "model=helios_14b_shape"])
@@ -142,7 +142,7 @@ def test_full_14b_dmd_fits_8x80gb_under_zero2_with_low_vram(toy_root, capsys):
 
 
 def test_sharding_rule_applied_to_measured_bytes():
-    from helios_train.dry_run import measured_rows
+    from helios_train.planning.dry_run import measured_rows
 
     gb = 1e9
     measured = {"roles": {"g": dict(frozen_bytes=10 * gb, trainable_bytes=2 * gb, adamw_bytes=4 * gb, ddp_wrapped=True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helios_train.ema import EMA, EMAConfig, ema_decay
+from helios_train.algorithms.ema import EMA, EMAConfig, ema_decay
 
 
 def test_decay_schedule_matches_spec():

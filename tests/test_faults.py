@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import REPO, train, wait_until
-from helios_train.tracking import read_metrics
+from helios_train.training.tracking import read_metrics
 
 
 def launch(toy_root: Path, out: Path, *overrides: str) -> subprocess.Popen:
@@ -82,7 +82,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one_naming_the_fil
     """A COMPLETE-marked checkpoint whose safetensors file was truncated afterwards (a full disk, a bad copy):
     resume=auto warns naming the file and resumes from the previous checkpoint; resume=<that dir> and export of
     it fail naming it; the resumed run then equals an uninterrupted one."""
-    from helios_train.export import export
+    from helios_train.sampling.export import export
 
     common = ["trainer.checkpoint_every=2", "data.num_workers=0", "trainer.log_every=1"]
     train(toy_root, tmp_path, common + ["trainer.max_steps=4", "run_name=straight"])
@@ -123,7 +123,7 @@ def test_nonfinite_loss_is_skipped_counted_and_aborts_after_limit(toy_root, tmp_
     hist = read_metrics(tmp_path / "nan1")
     assert result["step"] == 4 and hist[-1]["nonfinite_skipped_total"] == 1
     assert not np.isfinite(hist[1]["loss"]) and np.isfinite(hist[2]["loss"])
-    from helios_train.trainer import NonFiniteLossError
+    from helios_train.training.trainer import NonFiniteLossError
 
     with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite"):
         train(toy_root, tmp_path, ["trainer.max_steps=6", "run_name=nan2", "trainer.max_consecutive_nonfinite=3",
@@ -151,7 +151,7 @@ def test_checkpoint_directory_operations_never_leave_a_bad_checkpoint_to_choose(
     instant the newest checkpoint that resume would choose is whole, and the next start clears the debris."""
     import shutil
 
-    from helios_train import checkpoint as ckpt
+    from helios_train.runtime import checkpoint as ckpt
 
     run = tmp_path / "run"
     run.mkdir()

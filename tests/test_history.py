@@ -1,4 +1,4 @@
-"""Tests for helios_train.history (official helios/dataset/dataloader_history_latents_dist.py:prepare_stage1_latent,
+"""Tests for helios_train.algorithms.history (official helios/dataset/dataloader_history_latents_dist.py:prepare_stage1_latent,
 helios/utils/utils_helios_base.py:prepare_stage1_clean_input_from_latents, helios/modules/transformer_helios.py)."""
 import os
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import HeliosTransformer3DModel
 
-from helios_train.history import (
+from helios_train.algorithms.history import (
     HistoryConfig, assemble_history_sample, frame_indices, model_inputs, split_history, token_counts,
 )
 

@@ -31,7 +31,7 @@ def decoded(path: Path) -> np.ndarray:
 def test_t2v_i2v_v2v_write_mp4s_with_expected_frames(base_run, tmp_path, capsys):
     from PIL import Image
 
-    from helios_train.infer import main
+    from helios_train.sampling.infer import main
 
     t2v = main(["--checkpoint", str(base_run), "--prompt", "a red circle", "--num-frames", "40",
                 "--out", str(tmp_path / "t2v"), *TINY])[0]
@@ -56,9 +56,9 @@ def test_t2v_i2v_v2v_write_mp4s_with_expected_frames(base_run, tmp_path, capsys)
 def test_export_loads_in_diffusers_and_matches_infer_entry(base_run, tmp_path):
     from diffusers import HeliosPipeline
 
-    from helios_train.export import export
-    from helios_train.infer import generate, load_pipeline
-    from helios_train.variants import DEFAULTS, SamplerSettings
+    from helios_train.sampling.export import export
+    from helios_train.sampling.infer import generate, load_pipeline
+    from helios_train.sampling.variants import DEFAULTS, SamplerSettings
 
     out = export(base_run, tmp_path / "exported")
     manifest = json.loads((out / "helios_export.json").read_text())
@@ -111,10 +111,10 @@ def test_validation_logs_videos_and_drift_to_offline_wandb(toy_root, tmp_path, c
 def test_bad_inputs_fail_naming_the_file_before_any_model_loads(tmp_path, capsys):
     """An empty prompt file, a file that is not an image, a video that does not decode: each stops the command
     with the file's path — with a checkpoint path that does not exist, so any model load would fail first."""
-    from data_prep.encode_text import encode_text
-    from data_prep.ode_pairs import make_ode_pairs
-    from helios_train.infer import main
-    from helios_train.prompt_file import InputError
+    from helios_train.data.encode_text import encode_text
+    from helios_train.sampling.ode_pair_capture import make_ode_pairs
+    from helios_train.sampling.infer import main
+    from helios_train.runtime.prompt_file import InputError
 
     nowhere = str(tmp_path / "no_checkpoint")
     empty = tmp_path / "empty.txt"

@@ -1,4 +1,4 @@
-"""stage.dmd.low_vram (helios_train/low_vram.py): one frozen base on the device at a time, numbers unchanged;
+"""stage.dmd.low_vram (helios_train/model/low_vram.py): one frozen base on the device at a time, numbers unchanged;
 and the GAN's L_G keeps only ∂L_G/∂x, never the critic's graph, through the generator backward."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import compose, train
-from helios_train.tracking import read_metrics
+from helios_train.training.tracking import read_metrics
 from test_distilled_stage import GAN, dmd_overrides
 
 
@@ -22,7 +22,7 @@ def _lora_like(seed: int) -> torch.nn.Module:
 
 
 def test_one_base_resident_values_round_trip_and_an_offloaded_base_cannot_run():
-    from helios_train.low_vram import FrozenBaseResidency
+    from helios_train.model.low_vram import FrozenBaseResidency
 
     a, b = _lora_like(0), _lora_like(1)
     frozen_a = [p.detach().clone() for p in a[0].parameters()]

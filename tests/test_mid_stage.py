@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO, compose, train
-from helios_train.tracking import read_metrics
+from helios_train.training.tracking import read_metrics
 
 MODES = ("separate", "batch_levels", "packed")
 
@@ -77,7 +77,7 @@ def test_every_segment_sees_the_same_conditioned_history(toy_root):
         for k, v in seen[0].items():
             assert torch.equal(v, other[k])
     x0, history, _ = stage.condition(batch, torch.Generator().manual_seed(11))  # same draws, same order
-    from helios_train.history import split_history
+    from helios_train.algorithms.history import split_history
 
     short, mid, long_ = split_history(x0, history, stage.cfg.stage.history)
     assert torch.equal(seen[0]["latents_history_short"], short) and torch.equal(seen[0]["latents_history_long"], long_)
@@ -89,8 +89,8 @@ def test_mid_token_budget_from_real_patch_layers():
     memory patches; 2-init = 23100, 2-post = 18540."""
     from diffusers import HeliosTransformer3DModel
 
-    from helios_train.history import HistoryConfig, _run_patch, token_counts
-    from helios_train.pyramid import level_token_counts
+    from helios_train.algorithms.history import HistoryConfig, _run_patch, token_counts
+    from helios_train.algorithms.pyramid import level_token_counts
 
     with torch.device("meta"):
         model = HeliosTransformer3DModel()
@@ -103,7 +103,7 @@ def test_mid_token_budget_from_real_patch_layers():
 
 
 def test_tokens_per_sample_counts_every_segment(toy_root):
-    from helios_train.history import token_counts
+    from helios_train.algorithms.history import token_counts
 
     stage = mid_stage(toy_root)
     hist = token_counts(stage.transformer, (8, 16), stage.cfg.stage.history)["history"]
@@ -144,7 +144,7 @@ def test_execution_modes_give_the_same_loss_and_gradients(toy_root, checkpointin
 
 def test_packed_attention_is_block_diagonal(toy_root):
     """Perturbing the level-0 draw changes no other segment's prediction in the packed pass."""
-    from helios_train.stages.packed import packed_forward
+    from helios_train.model.packed_forward import packed_forward
 
     stage = mid_stage(toy_root, "stage.pyramid.execution=packed")
     b = toy_batch()
@@ -160,8 +160,8 @@ def test_packed_attention_is_block_diagonal(toy_root):
 
 
 def test_packed_processor_leaves_the_stock_forward_unchanged(toy_root):
-    from helios_train.history import model_inputs
-    from helios_train.stages.packed import SegmentAttnProcessor, install_segment_attention
+    from helios_train.algorithms.history import model_inputs
+    from helios_train.model.packed_forward import SegmentAttnProcessor, install_segment_attention
 
     stage = mid_stage(toy_root)
     b = toy_batch()
@@ -211,7 +211,7 @@ def test_stage_2_recipes_pin_the_official_values(name, expect):
 
 @pytest.mark.slow
 def test_toy_mid_run_from_base_export_trains(toy_root, tmp_path):
-    from helios_train.export import export
+    from helios_train.sampling.export import export
 
     train(toy_root, tmp_path, ["trainer.max_steps=6", "trainer.checkpoint_every=6", "data.num_workers=0",
                                "run_name=base"])
@@ -228,7 +228,7 @@ def test_toy_mid_run_from_base_export_trains(toy_root, tmp_path):
     # Validation of a Mid checkpoint goes through HeliosPyramidPipeline with CFG-Zero* on.
     record = json.loads((tmp_path / "mid/validation.jsonl").read_text().splitlines()[-1])
     assert record["step"] == 40 and len(record["drift"]["motion"]) == 3
-    from helios_train.variants import DEFAULTS, build_pipeline
+    from helios_train.sampling.variants import DEFAULTS, build_pipeline
 
     assert DEFAULTS["mid"].cfg_zero_star
     pipe = build_pipeline("mid", *[None] * 4)

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import compose, train
-from helios_train.history import HistoryConfig
-from helios_train.ode_pairs import recording_scheduler, sigma_of
-from helios_train.ode_regression import OdeConfig, ode_regression_loss
-from helios_train.rollout import calculate_mu
-from helios_train.tracking import read_metrics
+from helios_train.algorithms.history import HistoryConfig
+from helios_train.sampling.ode_trajectory import recording_scheduler, sigma_of
+from helios_train.algorithms.ode_regression import OdeConfig, ode_regression_loss
+from helios_train.algorithms.rollout import calculate_mu
+from helios_train.training.tracking import read_metrics
 
 # official get_ode-pairs.py `selected_target_timesteps`: the student's timesteps at 384×640 (level-0 latents 12×20), amplified chunk 0 and later chunks
 CHUNK0 = [[998.53, 902.22, 833.96, 783.07], [742.82, 640.00, 547.19, 462.995], [385.41, 328.62, 253.99, 151.53]]
@@ -56,7 +56,7 @@ def test_ode_sigma_is_the_nearest_entry_of_the_levels_shifted_table():
     argmin |t_min + σ·(t_max − t_min) − t| (convert_flow_pred_to_x0) — not the exact inverse of t."""
     from diffusers import HeliosDMDScheduler
 
-    from helios_train.ode_pairs import PYRAMID
+    from helios_train.sampling.ode_trajectory import PYRAMID
 
     sch = HeliosDMDScheduler(**PYRAMID)
     for k, hw in enumerate([(12, 20), (24, 40), (48, 80)]):
@@ -90,7 +90,7 @@ def test_teacher_still_ends_where_the_unrecorded_teacher_ends():
 
 @pytest.fixture(scope="module")
 def ode_shards(toy_root, tmp_path_factory):
-    from data_prep.ode_pairs import make_ode_pairs
+    from helios_train.sampling.ode_pair_capture import make_ode_pairs
 
     out = tmp_path_factory.mktemp("ode")
     prompts = out / "prompts.txt"
@@ -176,7 +176,7 @@ def test_ode_loss_is_zero_for_the_exact_velocity_and_uses_the_teacher_history():
     # a velocity that is off by δ gives 0.5·mean((σδ)²)·80, i.e. the regression target really is the level end
     loss_zero_v, _ = ode_regression_loss(lambda x, t, a, b: torch.zeros_like(x), batch, OdeConfig(), hcfg,
                                          torch.Generator().manual_seed(1))
-    from helios_train.ode_regression import pick
+    from helios_train.algorithms.ode_regression import pick
 
     manual = []
     for c, k, j in pick(batch, OdeConfig(), torch.Generator().manual_seed(1)):

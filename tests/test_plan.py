@@ -19,7 +19,7 @@ def real_counts(cfg, policy) -> tuple[int, int]:
 
 @pytest.mark.parametrize("stage", ["base", "mid"])
 def test_planner_counts_match_real_toy_model(toy_root, stage):
-    from helios_train.plan import count_role
+    from helios_train.planning.plan import count_role
 
     cfg = compose([f"toy_root={toy_root}", f"stage={stage}"])
     frozen, trainable, _ = count_role(cfg.model, cfg.stage.trainables)
@@ -28,7 +28,7 @@ def test_planner_counts_match_real_toy_model(toy_root, stage):
 
 def test_dmd_role_counts_match_real_toy_models(toy_root):
     """The DMD roles as the Distilled stage builds them (generator policy, critic LoRA without patches)."""
-    from helios_train.plan import count_role, dmd_policies
+    from helios_train.planning.plan import count_role, dmd_policies
 
     cfg = compose([f"toy_root={toy_root}", "stage=distilled", "stage.trainables.lora.rank=8",
                    "stage.dmd.critic_lora_rank=4"])
@@ -43,8 +43,8 @@ def test_gan_heads_priced_as_the_stage_builds_them(toy_root):
     """The planner's GAN-head count equals the heads the Distilled stage attaches to a real toy critic."""
     from diffusers import HeliosTransformer3DModel
 
-    from helios_train.gan import attach_gan_heads
-    from helios_train.plan import count_role, dmd_policies, gan_head_params
+    from helios_train.algorithms.gan import attach_gan_heads
+    from helios_train.planning.plan import count_role, dmd_policies, gan_head_params
 
     cfg = compose([f"toy_root={toy_root}", "stage=distilled", "stage.gan.enabled=true", "stage.gan.head_width=32",
                    "stage.gan.groups=8"])
@@ -57,7 +57,7 @@ def test_gan_heads_priced_as_the_stage_builds_them(toy_root):
 def test_14b_lora_counts_match_spec():
     """`lora_rank` 128 (official stage_1_*.yaml) / 256 (stage_2_*, stage_3_*): ≈ 0.62 B LoRA parameters at r128
     and ≈ 1.25 B at r256 (+ ~24 M memory patches)."""
-    from helios_train.plan import count_role
+    from helios_train.planning.plan import count_role
 
     cfg = compose(["experiment=stage_1_init", "model=helios_14b", "model.path=/nonexistent"])
     frozen, trainable, model = count_role(cfg.model, cfg.stage.trainables)
@@ -71,7 +71,7 @@ def test_14b_lora_counts_match_spec():
 
 
 def test_per_gpu_formulas():
-    from helios_train.plan import REDUCE_BUCKET, RolePlan, per_gpu
+    from helios_train.planning.plan import REDUCE_BUCKET, RolePlan, per_gpu
 
     g = RolePlan("g", frozen=8_000, trainable=800, weight_bytes=2, ddp_wrapped=False)
     c = RolePlan("c", frozen=8_000, trainable=400, weight_bytes=2)
@@ -93,7 +93,7 @@ def test_per_gpu_formulas():
 def test_offload_moves_rows_to_cpu():
     from types import SimpleNamespace as NS
 
-    from helios_train.plan import RolePlan, apply_offload, per_gpu
+    from helios_train.planning.plan import RolePlan, apply_offload, per_gpu
 
     rows = per_gpu([RolePlan("g", 1000, 100, 2)], "deepspeed_zero3", 2)
     gpu, cpu = apply_offload(rows, NS(offload_optimizer=True, offload_param=True), "deepspeed_zero3")
@@ -116,7 +116,7 @@ def test_plan_entry_prints_and_returns_fit(toy_root, capsys):
 
 
 def test_dmd_plan_zero3_fits_and_ddp_does_not():
-    from helios_train.plan import GB, plan, recipe_config
+    from helios_train.planning.plan import GB, plan, recipe_config
 
     cfg = recipe_config("stage_3_post", ["stage.ema.enabled=false", "stage.dmd.low_vram=false"])
     out = {b: plan(cfg, b) for b in ("ddp", "deepspeed_zero2", "deepspeed_zero3")}
@@ -132,7 +132,7 @@ def test_dmd_plan_zero3_fits_and_ddp_does_not():
 def test_official_stage3_recipes_fit_80gb_under_zero2_with_low_vram(recipe):
     """As released (stage.dmd.low_vram=true, EMA on and sharded): one base resident instead of two, the EMA
     1/8 per GPU; ZeRO-2 on 8 GPUs then plans under 80 GB, as the official runs on H100s (official issue #127)."""
-    from helios_train.plan import GB, plan, recipe_config
+    from helios_train.planning.plan import GB, plan, recipe_config
 
     cfg = recipe_config(recipe)
     assert cfg.stage.dmd.low_vram and cfg.stage.ema.enabled and cfg.stage.ema.sharded

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import compose, train
-from helios_train.precision import PrecisionError, check_precision, mixed_precision
+from helios_train.runtime.precision import PrecisionError, check_precision, mixed_precision
 
 
 def test_auto_follows_the_weight_dtype_and_14b_needs_no_override():
@@ -41,7 +41,7 @@ def test_deepspeed_fp16_json_is_refused(tmp_path):
 
 def test_a_device_without_bf16_is_refused_before_any_work(monkeypatch, toy_root, tmp_path):
     """The CPU probe passes on this machine; a device whose probe fails stops the run with both keys named."""
-    import helios_train.precision as precision
+    import helios_train.runtime.precision as precision
 
     assert precision.bf16_problem(torch.device("cpu")) is None
     monkeypatch.setattr(precision, "bf16_problem", lambda device: "no bf16 kernels on this test device")
@@ -67,7 +67,7 @@ def bf16_run(toy_root, tmp_path_factory) -> Path:
 
 
 def test_bf16_run_trains_validates_and_keeps_trainables_fp32(bf16_run, toy_root):
-    from helios_train.tracking import read_metrics
+    from helios_train.training.tracking import read_metrics
 
     metrics = read_metrics(bf16_run)
     assert len(metrics) == 2 and all(m["loss"] == m["loss"] and m["grad_norm"] > 0 for m in metrics)
@@ -82,10 +82,10 @@ def test_bf16_run_trains_validates_and_keeps_trainables_fp32(bf16_run, toy_root)
 
 
 def test_bf16_checkpoint_and_export_sample_in_bf16_with_an_fp32_vae(bf16_run, tmp_path):
-    from helios_train.export import export
-    from helios_train.infer import generate, load_pipeline
+    from helios_train.sampling.export import export
+    from helios_train.sampling.infer import generate, load_pipeline
     from helios_train.model.loading import keeps_fp32
-    from helios_train.variants import DEFAULTS
+    from helios_train.sampling.variants import DEFAULTS
 
     exported = export(bf16_run, tmp_path / "export")  # default dtype: the run's model.weight_dtype
     assert json.loads((exported / "helios_export.json").read_text())["dtype"] == "bf16"
@@ -103,7 +103,7 @@ def test_bf16_checkpoint_and_export_sample_in_bf16_with_an_fp32_vae(bf16_run, tm
 
 
 def test_ode_pairs_record_in_bf16(bf16_run, tmp_path):
-    from data_prep.ode_pairs import make_ode_pairs
+    from helios_train.sampling.ode_pair_capture import make_ode_pairs
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle moves\n")
@@ -114,7 +114,7 @@ def test_ode_pairs_record_in_bf16(bf16_run, tmp_path):
 
     sample = next(iter(wds.WebDataset(str(tmp_path / "ode" / "ode-000-000000.tar"), shardshuffle=False)))
     assert json.loads(sample["json"])["dtype"] == "bf16"
-    from data_prep.ode_pairs import load_teacher
+    from helios_train.sampling.ode_pair_capture import load_teacher
 
     teacher = load_teacher(str(bf16_run), "cpu", torch.bfloat16)
     assert teacher.transformer.dtype == torch.bfloat16 and teacher.vae.dtype == torch.float32

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, compose, train, wait_until
-from helios_train.tracking import read_metrics
+from helios_train.training.tracking import read_metrics
 
 COMMON = ["data.num_workers=0", "trainer.log_every=1", "validation.every=0"]
 
@@ -108,10 +108,10 @@ def test_a_second_trainer_on_the_same_run_directory_stops_naming_the_first(toy_r
 
 def test_a_lock_left_by_a_dead_holder_is_taken_over(tmp_path):
     """flock dies with its holder: a run directory whose last trainer was SIGKILLed is free again at once."""
-    from helios_train.run_lock import RunDirectoryLocked, RunLock
+    from helios_train.runtime.run_lock import RunDirectoryLocked, RunLock
 
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
-                               "from pathlib import Path; from helios_train.run_lock import RunLock;"
+                               "from pathlib import Path; from helios_train.runtime.run_lock import RunLock;"
                                "RunLock.acquire(Path(sys.argv[2])); print('held', flush=True); time.sleep(60)",
                                str(REPO), str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -212,7 +212,7 @@ def test_resumed_history_continues_after_the_checkpoint_in_metrics_and_wandb(toy
 def test_resume_adopts_the_checkpoints_thread_count(toy_root, tmp_path, capsys):
     import torch
 
-    from helios_train.numerics import apply_thread_count
+    from helios_train.runtime.numerics import apply_thread_count
 
     threads = torch.get_num_threads()
     try:

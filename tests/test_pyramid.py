@@ -1,4 +1,4 @@
-"""Tests for helios_train.pyramid (official helios/scheduler/scheduling_helios.py, `prepare_stage2_clean_input` in
+"""Tests for helios_train.algorithms.pyramid (official helios/scheduler/scheduling_helios.py, `prepare_stage2_clean_input` in
 helios/utils/utils_helios_base.py, `inference_with_trajectory_stage2` in helios/utils/utils_helios_post.py)."""
 import os
 
@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helios_train.pyramid import (
+from helios_train.algorithms.pyramid import (
     PyramidConfig, PyramidSchedule, block_noise, build_levels, downsample_clean, level_token_counts,
     nearest_up2, noise_pyramid, sample_all_levels, sample_level_inputs, upsample_renoise,
 )

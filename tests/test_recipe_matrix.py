@@ -27,8 +27,8 @@ def scaled(rank: int) -> int:
 @pytest.fixture(scope="module")
 def shape_assets(toy_root, tmp_path_factory) -> dict:
     """The helios_14b_shape checkpoint + latent shards, and ODE pairs recorded from it (as a Mid teacher)."""
-    from data_prep.ode_pairs import make_ode_pairs
-    from data_prep.toy_data import ensure_toy_assets
+    from helios_train.sampling.ode_pair_capture import make_ode_pairs
+    from helios_train.data.toy_assets import ensure_toy_assets
 
     assets = ensure_toy_assets(toy_root, spec="helios_14b_shape")
     out = tmp_path_factory.mktemp("ode14b")
@@ -78,7 +78,7 @@ def check_run(result: dict, overrides: list[str]) -> None:
             assert set(e.keys()) == set(t.keys())
             assert all(e.get_slice(k).get_shape() == t.get_slice(k).get_shape() for k in t.keys())
     if distilled and cfg.stage.objective == "dmd":
-        from helios_train.lockstep import params_sharded
+        from helios_train.backends.lockstep import params_sharded
 
         # stage.dmd.low_vram (the recipes' default) really moved the bases — except under ZeRO-3, which shards them
         assert (result["onloaded_gb"] > 0) == (cfg.stage.dmd.low_vram and not params_sharded(cfg))
@@ -94,7 +94,7 @@ def test_recipe_trains_at_production_settings(recipe, toy_root, shape_assets, tm
     result = run_one(overrides)
     check_run(result, overrides)
     if recipe == "stage_3_post_gan_version":
-        from helios_train.tracking import read_metrics
+        from helios_train.training.tracking import read_metrics
 
         assert all(m["critic/gan/active"] == 1.0 for m in read_metrics(Path(result["run_dir"])))
 

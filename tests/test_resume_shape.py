@@ -1,4 +1,4 @@
-"""Resume on another cluster shape (helios_train/resume_shape.py, helios_train/data/readers.py).
+"""Resume on another cluster shape (helios_train/backends/run_shape.py, helios_train/data/readers.py).
 
 Data-level tests read the real toy shards through the real loader (DataLoader workers included);
 the run-level tests train on real torchrun / DeepSpeed processes on gloo.
@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from conftest import REPO, compose, run_pooled, train
 from helios_train.data.readers import ReaderLayout, choose_layout
 from helios_train.data.video_dataset import DataPosition, build_loader, resume_position
-from helios_train.history import HistoryConfig
-from helios_train.tracking import read_metrics
+from helios_train.algorithms.history import HistoryConfig
+from helios_train.training.tracking import read_metrics
 
 
 def _shards(toy_root: Path) -> list[str]:
@@ -183,7 +183,7 @@ def test_zero_and_ddp_checkpoints_resume_on_the_other_backends_and_rank_counts(t
 
 
 def test_shape_rules_refuse_what_cannot_be_honoured():
-    from helios_train.resume_shape import RunShape, ShapeError, check_resume_shape
+    from helios_train.backends.run_shape import RunShape, ShapeError, check_resume_shape
 
     z2 = RunShape(2, 1, 1, "deepspeed", 2)
     assert check_resume_shape("ckpt", z2, z2, False, portable=False) is None

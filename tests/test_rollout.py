@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helios_train.history import HistoryConfig, model_inputs
-from helios_train.rollout import pyramid_rollout
-from helios_train.variants import build_pipeline
+from helios_train.algorithms.history import HistoryConfig, model_inputs
+from helios_train.algorithms.rollout import pyramid_rollout
+from helios_train.sampling.variants import build_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +51,8 @@ def test_training_sampler_feeds_the_official_float_timesteps_and_table_sigmas(di
     """The official training rollout (utils_helios_post.py) feeds int64 ones × the float t (998.53, not 998)
     and takes σ of t and of the next t from the level's μ-shifted table (convert_flow_pred_to_x0 / add_noise).
     μ from each level's own resolution: 998.5/834.0, 742.8/547.2, 385.4/254.0 at 48×80."""
-    from helios_train.rollout import calculate_mu
-    from helios_train.sigma_table import level_table, nearest_sigma
+    from helios_train.algorithms.rollout import calculate_mu
+    from helios_train.algorithms.sigma_table import level_table, nearest_sigma
 
     seen, xs = [], []
 
@@ -101,7 +101,7 @@ def test_exit_step_gradient_flows_only_through_exit_step(distilled_pipe):
 
 @pytest.mark.parametrize("amplify,exits", [(False, [1, 1, 1]), (True, [3, 2, 3]), (True, [0, 1, 0])])
 def test_lockstep_pads_to_one_sequence_and_keeps_values_and_gradients(distilled_pipe, amplify, exits):
-    """ZeRO-3 lockstep (helios_train/lockstep.py): with per-level pre-exit counts [3, 2, 3] every rank runs
+    """ZeRO-3 lockstep (helios_train/backends/lockstep.py): with per-level pre-exit counts [3, 2, 3] every rank runs
     3 no-grad forwards then the exit forward per level, and backpropagates through all three exit forwards
     (input requiring grad each time); the chunk and the gradient are those of the plain rollout."""
     def run(lockstep):
@@ -133,10 +133,10 @@ def test_lockstep_pads_to_one_sequence_and_keeps_values_and_gradients(distilled_
 
 @pytest.mark.parametrize("amplified", [False, True])
 def test_forward_count_is_known_before_the_rollout(amplified):
-    """ZeRO-3 lockstep agrees on the count before sampling (helios_train/lockstep.py): it must be the
+    """ZeRO-3 lockstep agrees on the count before sampling (helios_train/backends/lockstep.py): it must be the
     number of forwards the rollout then runs (4 per level for the amplified first chunk, else 2)."""
-    from helios_train.rollout import pyramid_rollout, rollout_forwards
-    from helios_train.variants import make_scheduler
+    from helios_train.algorithms.rollout import pyramid_rollout, rollout_forwards
+    from helios_train.sampling.variants import make_scheduler
 
     scheduler = make_scheduler("distilled")
     planned = rollout_forwards(scheduler, (2, 2, 2), amplified)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, train
-from helios_train import checkpoint as ckpt
+from helios_train.runtime import checkpoint as ckpt
 from helios_train.data.decoding import BadSample, decode_npy
 
 
@@ -86,7 +86,7 @@ def test_secrets_never_written(toy_root, tmp_path, monkeypatch):
 
 
 def test_redact_hides_credential_keys():
-    from helios_train.tracking import redact
+    from helios_train.training.tracking import redact
 
     out = redact({"tracker": {"api_key": "x", "project": "p"}, "hub": {"HF_TOKEN": "y"}, "lr": 1})
     assert out == {"tracker": {"api_key": "<redacted>", "project": "p"}, "hub": {"HF_TOKEN": "<redacted>"}, "lr": 1}

@@ -15,8 +15,8 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import REPO, compose, run_pooled, train
-from data_prep.toy_data import ensure_toy_assets
-from helios_train.tracking import read_metrics
+from helios_train.data.toy_assets import ensure_toy_assets
+from helios_train.training.tracking import read_metrics
 
 
 def _run(toy_root, tmp_path, mode: str) -> dict:
@@ -163,9 +163,9 @@ def test_training_steps_with_ulysses_equal_one_process_and_data_parallel_groups_
 
 
 def test_sequence_degrees_are_refused_before_any_work_when_they_cannot_split(toy_root, monkeypatch):
-    from helios_train import run_setup
+    from helios_train.training import run_setup
     from helios_train.model.sequence_lengths import forward_lengths, indivisible
-    from helios_train.plan import build_meta_transformer
+    from helios_train.planning.plan import build_meta_transformer
 
     toy = [f"toy_root={toy_root}"]
 

@@ -1,4 +1,4 @@
-"""data_prep/shard_writer.py: a shard is complete or absent, kept only while its manifest matches, and a
+"""helios_train/data/shard_writer.py: a shard is complete or absent, kept only while its manifest matches, and a
 run that produces nothing fails naming why."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import webdataset as wds
 
-from data_prep.shard_writer import NoSamplesWritten, ShardWriter
+from helios_train.data.shard_writer import NoSamplesWritten, ShardWriter
 
 
 def _build(out, inputs, keys, fail_after=None, options=None):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import compose, train
-from helios_train.tracking import read_metrics
+from helios_train.training.tracking import read_metrics
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Tests for helios_train.task_dropout (official helios/utils/utils_helios_base.py:
+"""Tests for helios_train.algorithms.task_dropout (official helios/utils/utils_helios_base.py:
 `prepare_stage1_clean_input_from_latents`).
 
 Statistical tolerances: a fraction p estimated from n draws has sd sqrt(p(1−p)/n); every bound below
@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 import torch
 
-from helios_train.task_dropout import TaskDropoutConfig, apply_task_dropout
+from helios_train.algorithms.task_dropout import TaskDropoutConfig, apply_task_dropout
 
 
 def _ones(b, t=19):

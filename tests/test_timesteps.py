@@ -1,4 +1,4 @@
-"""Tests for helios_train.timesteps (official helios/utils/utils_base.py `calculate_shift`, `apply_schedule_shift`;
+"""Tests for helios_train.algorithms.timesteps (official helios/utils/utils_base.py `calculate_shift`, `apply_schedule_shift`;
 helios/utils/utils_helios_base.py `prepare_stage1_noise_input`)."""
 import os
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from helios_train.timesteps import (
+from helios_train.algorithms.timesteps import (
     TimestepConfig, add_noise, compute_mu, flow_target, sample_training_sigmas, seq_len_for, shift_factor,
     time_shift,
 )

@@ -41,7 +41,7 @@ def test_toy_checkpoint_runs_in_diffusers_pipeline(toy_root, num_frames, guidanc
 def test_toy_checkpoint_is_deterministic_and_complete(tmp_path):
     from transformers import AutoTokenizer
 
-    from data_prep.toy_checkpoint import build_toy_checkpoint
+    from helios_train.data.toy_checkpoint import build_toy_checkpoint
 
     torch.manual_seed(123)
     expected_next = torch.rand(1)
@@ -71,7 +71,7 @@ def test_toy_checkpoint_cli_help():
 def test_raw_shards_decode_to_declared_frames_and_pixels(toy_root):
     import decord
 
-    from data_prep.toy_videos import COLOURS, SHAPES, render_video
+    from helios_train.data.toy_videos import COLOURS, SHAPES, render_video
 
     shards = sorted((toy_root / "raw").glob("raw-*.tar"))
     samples = [s for shard in shards for s in _samples(shard)]
@@ -129,7 +129,7 @@ def test_latent_chunk_equals_reencoding_that_chunk(toy_root, tmp_path):
     """Latent shards hold each 33-frame chunk encoded alone (checked with mode() on both sides)."""
     from diffusers import AutoencoderKLWan
 
-    from data_prep.encode_latents import encode_shards
+    from helios_train.data.encode_latents import encode_shards
     from helios_train.data.decoding import decode_mp4
     from helios_train.model.vae_codec import encode_chunks
 
@@ -150,7 +150,7 @@ def test_latent_chunk_equals_reencoding_that_chunk(toy_root, tmp_path):
 
 
 def _write_raw_shard(path, lengths, captions):
-    from data_prep.toy_videos import encode_mp4, render_video
+    from helios_train.data.toy_videos import encode_mp4, render_video
 
     rng = np.random.default_rng(7)
     with wds.TarWriter(str(path)) as sink:
@@ -161,7 +161,7 @@ def _write_raw_shard(path, lengths, captions):
 
 
 def test_encode_latents_skips_existing_counts_short_and_batches(toy_root, tmp_path):
-    from data_prep.encode_latents import encode_shards
+    from helios_train.data.encode_latents import encode_shards
 
     raw = tmp_path / "raw-000000.tar"
     _write_raw_shard(raw, [40, 99, 70, 99, 99], ["short", "a red circle", "short too", "a blue square", None])
@@ -198,7 +198,7 @@ def test_encode_latents_cli_help():
 def test_ensure_toy_assets_reuses_complete_parts_and_waits_for_the_lock(tmp_path):
     import fcntl
 
-    from data_prep.toy_data import ensure_toy_assets
+    from helios_train.data.toy_assets import ensure_toy_assets
 
     root = tmp_path / "toy"
     for part in ("model", "raw", "latents"):
@@ -208,7 +208,7 @@ def test_ensure_toy_assets_reuses_complete_parts_and_waits_for_the_lock(tmp_path
     assets = ensure_toy_assets(root)  # every part marked complete: nothing is rebuilt
     assert assets.model_dir == root / "model" and assets.raw_shards == [root / "raw/raw-000000.tar"]
     assert assets.latent_shards == [] and not (root / "model/transformer").exists()
-    code = ("import time; from data_prep.toy_data import ensure_toy_assets; "
+    code = ("import time; from helios_train.data.toy_assets import ensure_toy_assets; "
             f"ensure_toy_assets({str(root)!r}); print(time.time())")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(root / ".lock", "w") as lock:

@@ -10,7 +10,7 @@ import webdataset as wds
 from safetensors.torch import load_file
 
 from conftest import train
-from helios_train.tracking import read_metrics
+from helios_train.training.tracking import read_metrics
 
 FAST = ["trainer.log_every=1", "data.num_workers=0"]
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from helios_train import checkpoint as ckpt
+from helios_train.runtime import checkpoint as ckpt
 from helios_train.backends.sequence_groups import SequenceGroups, check_world
 
 

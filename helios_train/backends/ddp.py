@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from helios_train.backends.base import Backend, PreparedRole
 from helios_train.backends.sequence_groups import SequenceGroups
-from helios_train.process_guard import teardown_by_exit
+from helios_train.runtime.process_guard import teardown_by_exit
 
 
 def gradient_buckets(grads: list[torch.Tensor], cap_bytes: int) -> list[list[torch.Tensor]]:
@@ -47,7 +47,7 @@ class DDPBackend(Backend):
         if self.owns_process_group:
             dist.init_process_group(
                 backend=backend,
-                # A silent peer ends the job after this long, named by helios_train/heartbeat.py.
+                # A silent peer ends the job after this long, named by helios_train/runtime/heartbeat.py.
                 timeout=datetime.timedelta(seconds=trainer_cfg.collective_timeout_s),
                 device_id=self.device if self.device.type == "cuda" else None,
             )
@@ -125,6 +125,6 @@ class DDPBackend(Backend):
         if dist.is_initialized():
             dist.barrier()
             # The entry point ends a multi-process run with os._exit after this barrier: no destroy, whose
-            # gloo destructor can deadlock on the GIL (helios_train/process_guard.py).
+            # gloo destructor can deadlock on the GIL (helios_train/runtime/process_guard.py).
             if self.owns_process_group and not teardown_by_exit():
                 dist.destroy_process_group()

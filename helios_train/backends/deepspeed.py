@@ -45,12 +45,12 @@ import torch
 
 from safetensors.torch import load_file
 
-from helios_train import checkpoint as ckpt
+from helios_train.runtime import checkpoint as ckpt
 from helios_train.backends import zero_portable
 from helios_train.backends.base import Backend, PreparedRole
 from helios_train.backends.sequence_groups import SequenceGroups
-from helios_train.process_guard import teardown_by_exit
-from helios_train.resume_shape import RunShape
+from helios_train.runtime.process_guard import teardown_by_exit
+from helios_train.backends.run_shape import RunShape
 
 # Keys the trainer's loop owns; a user JSON may repeat them only with the same values.
 OWNED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")

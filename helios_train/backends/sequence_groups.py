@@ -110,7 +110,7 @@ def sequence_mesh(device_type: str, data_parallel: int, ring: int, ulysses: int)
 class SimulatedSequenceGroup:
     """One rank of a sequence group whose peers are simulated: torch's fake process group answers every
     collective with a buffer of the right shape and sends nothing. The dry run measures a rank's memory with
-    it (helios_train/dry_run.py); only Ulysses, whose CPU kernels run on fake tensors."""
+    it (helios_train/planning/dry_run.py); only Ulysses, whose CPU kernels run on fake tensors."""
 
     def __init__(self, launcher_cfg):
         self.ring, self.ulysses = degrees(launcher_cfg)

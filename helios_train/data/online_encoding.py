@@ -2,7 +2,7 @@
 
 Why here and not in the data workers: the VAE and UMT5 belong on the accelerator, and workers are
 CPU processes. Each 33-frame chunk is encoded independently (official get_short-latents.py), so a context chunk encoded
-online equals the one `data_prep/encode_latents.py` would have stored. Only real chunks are
+online equals the one `helios_train/data/encode_latents.py` would have stored. Only real chunks are
 encoded; missing context (chunk index < 3) becomes zero latents, as the official loader pads.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from helios_train.data.decoding import to_unit_range
 from helios_train.data.samples import PIXEL_FRAMES_PER_CHUNK, context_chunks
-from helios_train.history import assemble_history_sample
+from helios_train.algorithms.history import assemble_history_sample
 from helios_train.model.text_codec import encode_prompts
 from helios_train.model.vae_codec import encode_chunks, encode_first_frame
 

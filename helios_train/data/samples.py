@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from helios_train.data.decoding import BadSample, caption_of, decode_json, decode_npy, open_mp4, read_frames
-from helios_train.history import HistoryConfig, assemble_history_sample
+from helios_train.algorithms.history import HistoryConfig, assemble_history_sample
 
 PIXEL_FRAMES_PER_CHUNK = 33  # (9 - 1) * 4 + 1 pixel frames per 9-latent chunk (causal Wan VAE)
 
@@ -104,7 +104,7 @@ def raw_sample(raw: dict, data_cfg, history_cfg: HistoryConfig, epoch: int) -> d
 
 
 def ode_sample(raw: dict, data_cfg, history_cfg: HistoryConfig, epoch: int) -> dict:
-    """An ODE-pair sample (data_prep/ode_pairs.py; official tools/offload_data/get_ode-pairs.py) → tensors for
+    """An ODE-pair sample (helios_train/sampling/ode_pair_capture.py; official tools/offload_data/get_ode-pairs.py) → tensors for
     the ODE-regression phase.
 
     Members: `prompt_embed.npy` [L, D], `json` {caption, num_chunks}, and per chunk c and pyramid level k

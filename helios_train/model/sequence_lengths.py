@@ -12,7 +12,7 @@ from __future__ import annotations
 
 def _geometries(cfg, model) -> dict[str, tuple[int, int]]:
     """{label: (latent height, width)} of the transformer forwards of the configured stage and validation."""
-    from helios_train.activation_memory import _gan_crop_hw, latent_hw
+    from helios_train.planning.activation_memory import _gan_crop_hw, latent_hw
 
     out = {"training latents": latent_hw(cfg)}
     if cfg.stage.name == "distilled" and cfg.stage.objective == "dmd" and cfg.stage.gan.enabled:
@@ -25,8 +25,8 @@ def _geometries(cfg, model) -> dict[str, tuple[int, int]]:
 
 def forward_lengths(cfg, model) -> dict[str, tuple[int, int]]:
     """{forward: (whole sequence, noisy tokens)} for every distinct forward geometry of the run."""
-    from helios_train.history import token_counts
-    from helios_train.pyramid import level_token_counts
+    from helios_train.algorithms.history import token_counts
+    from helios_train.algorithms.pyramid import level_token_counts
 
     hist_cfg = cfg.stage.history
     pyramid = cfg.stage.name in ("mid", "distilled")
@@ -52,7 +52,7 @@ def check_sequence_split(cfg, world_size: int, device_type: str) -> None:
     config.json decide (ValueError naming the key, the numbers and the fix); nothing is loaded."""
     from helios_train.backends.sequence_groups import check_world, degrees
     from helios_train.model.sequence_parallel import check_model
-    from helios_train.plan import build_meta_transformer
+    from helios_train.planning.plan import build_meta_transformer
 
     check_world(cfg.launcher, world_size, device_type)
     ring, ulysses = degrees(cfg.launcher)

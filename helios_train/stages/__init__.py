@@ -1,5 +1,5 @@
 """Stage algorithms. A stage supplies roles (models + optimizer settings), the phases of a step and
-the loss of one micro-batch for a role; `helios_train/trainer.py` runs every stage the same way."""
+the loss of one micro-batch for a role; `helios_train/training/trainer.py` runs every stage the same way."""
 from __future__ import annotations
 
 import importlib
@@ -57,7 +57,7 @@ class Stage:
 
     def work_key(self, step: int) -> str:
         """Called once at the start of each step: what decides the step's FLOPs and is known before it runs
-        (helios_train/throughput.py counts each key once). One kind of step by default."""
+        (helios_train/training/throughput.py counts each key once). One kind of step by default."""
         return ""
 
     def work_variant(self) -> str:

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from helios_train.anti_drift import add_saturation, corrupt_history, corrupt_target
-from helios_train.history import model_inputs, token_counts
+from helios_train.algorithms.anti_drift import add_saturation, corrupt_history, corrupt_target
+from helios_train.algorithms.history import model_inputs, token_counts
 from helios_train.model.loading import apply_speed_options, load_transformer
 from helios_train.model.trainables import apply_trainable_policy
-from helios_train.precision import autocast, mixed_precision
+from helios_train.runtime.precision import autocast, mixed_precision
 from helios_train.stages import RoleSpec, Stage
-from helios_train.task_dropout import apply_task_dropout
-from helios_train.timesteps import add_noise, flow_target, sample_training_sigmas, seq_len_for
+from helios_train.algorithms.task_dropout import apply_task_dropout
+from helios_train.algorithms.timesteps import add_noise, flow_target, sample_training_sigmas, seq_len_for
 
 
 class BaseStage(Stage):

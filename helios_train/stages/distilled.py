@@ -2,28 +2,28 @@
 stage_3_ode.yaml / stage_3_post*.yaml, helios/utils/utils_helios_post.py).
 
 `stage.objective=ode` (official stage_3_ode): the generator alone regresses teacher ODE pairs onto
-each pyramid level's end state (helios_train/ode_regression.py, data=ode_pairs); no critic is built.
+each pyramid level's end state (helios_train/algorithms/ode_regression.py, data=ode_pairs); no critic is built.
 `stage.objective=dmd` (stage_3_post):
 
 Roles (data, not branches in the trainer):
 - generator: the student (model.path: the ODE / Mid export) + LoRA; rolls out one chunk with the
-  few-step x0 pyramid sampler (helios_train/rollout.py), random exit step per level;
+  few-step x0 pyramid sampler (helios_train/algorithms/rollout.py), random exit step per level;
 - critic: the real-score base (stage.dmd.real_score_path: a Base export) + its own LoRA (B = 0, so it
   equals the teacher at init); the teacher is the same module with adapters disabled — one 14B copy.
 Phases: every step the critic takes a flow-matching step on generator samples; on steps with
 step % update_ratio == 0 the generator's DMD step runs first (5:1 critic:generator). History is the
 real, corrupted ground-truth history of the batch (task dropout + anti-drift incl. saturation).
 
-Hierarchical GAN (`stage.gan`, official stage_3_post_gan_version, helios_train/gan.py): discriminator
+Hierarchical GAN (`stage.gan`, official stage_3_post_gan_version, helios_train/algorithms/gan.py): discriminator
 heads on the critic's noisy-token hidden states (blocks scaled from 5/15/25/35 of 40) + its output;
 from `stage.gan.start_step` the critic adds L_D + approximate R1 on [fake, real, real + σ·N] and the
 generator adds L_G (only ∂L_G/∂x flows back, the critic keeps no graph).
 
 EMA of the generator's trainables (`stage.ema`, official decay 0.99 from step 750; 1/N per rank with
-`stage.ema.sharded`, helios_train/ema_shards.py) is kept with the checkpoints (`generator.ema.safetensors`);
-`python -m helios_train.export --ema` exports it.
+`stage.ema.sharded`, helios_train/training/ema_shards.py) is kept with the checkpoints (`generator.ema.safetensors`);
+`python -m helios_train.sampling.export --ema` exports it.
 
-Low VRAM (`stage.dmd.low_vram`, official dmd_is_low_vram_mode, helios_train/low_vram.py): the frozen base
+Low VRAM (`stage.dmd.low_vram`, official dmd_is_low_vram_mode, helios_train/model/low_vram.py): the frozen base
 not in use is offloaded — generator for the rollouts and the generator backward, critic for the scores,
 L_G and the critic loss — so one 14B base is on the GPU at a time (not under ZeRO-3, which shards them).
 """
@@ -34,23 +34,23 @@ import os
 import torch
 from omegaconf import OmegaConf
 
-from helios_train.dmd import critic_flow_loss, dmd_gradient, dmd_loss, sample_critic_t, sample_generator_t
-from helios_train.ema import EMA
-from helios_train.ema_shards import layout_for
-from helios_train.gan import (approximate_r1, attach_gan_heads, critic_gan_logits, discriminator_gan_loss, gan_active,
+from helios_train.algorithms.dmd import critic_flow_loss, dmd_gradient, dmd_loss, sample_critic_t, sample_generator_t
+from helios_train.algorithms.ema import EMA
+from helios_train.training.ema_shards import layout_for
+from helios_train.algorithms.gan import (approximate_r1, attach_gan_heads, critic_gan_logits, discriminator_gan_loss, gan_active,
                               generator_gan_loss, input_gradient_loss, perturb, random_spatial_crop, unwrap)
-from helios_train.history import model_inputs, token_counts
-from helios_train.lockstep import max_over_ranks, pad_forwards, params_sharded
-from helios_train.low_vram import FrozenBaseResidency
+from helios_train.algorithms.history import model_inputs, token_counts
+from helios_train.backends.lockstep import max_over_ranks, pad_forwards, params_sharded
+from helios_train.model.low_vram import FrozenBaseResidency
 from helios_train.model.loading import encode_text, load_transformer
 from helios_train.model.trainables import apply_trainable_policy
-from helios_train.ode_regression import ode_regression_loss
-from helios_train.rollout import calculate_mu, pyramid_rollout, rollout_forwards
-from helios_train.seeding import shared_generator
+from helios_train.algorithms.ode_regression import ode_regression_loss
+from helios_train.algorithms.rollout import calculate_mu, pyramid_rollout, rollout_forwards
+from helios_train.runtime.seeding import shared_generator
 from helios_train.stages import RoleSpec
 from helios_train.stages.base import BaseStage
-from helios_train.timesteps import seq_len_for
-from helios_train.variants import NEGATIVE_PROMPT, make_scheduler
+from helios_train.algorithms.timesteps import seq_len_for
+from helios_train.sampling.variants import NEGATIVE_PROMPT, make_scheduler
 
 
 def critic_section(batch: dict) -> dict:
@@ -210,7 +210,7 @@ class DistilledStage(BaseStage):
         velocity = self._velocity(model, x0, history, batch["prompt_embeds"])
         amplified = self._amplified(x0, history)
         self._rollout_kinds.append("a" if amplified else "n")
-        # ZeRO-3: every rank must run the same forward/backward sequence (helios_train/lockstep.py). The
+        # ZeRO-3: every rank must run the same forward/backward sequence (helios_train/backends/lockstep.py). The
         # counts are agreed BEFORE the first forward: the forwards' own parameter gathers are collectives,
         # so a rank still sampling would pair its gather with the others' count exchange and hang.
         lockstep = max_over_ranks(exit_steps, self.device) if (self.sharded and exit_steps is not None) else None

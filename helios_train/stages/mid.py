@@ -2,7 +2,7 @@
 `prepare_stage2_clean_input` / `prepare_stage2_noise_input`, helios/utils/utils_helios_base.py).
 
 One micro-batch: the Base stage's history conditioning (task dropout + anti-drift, shared by every
-segment, full resolution) → the target chunk's clean and noise pyramids (helios_train/pyramid.py) →
+segment, full resolution) → the target chunk's clean and noise pyramids (helios_train/algorithms/pyramid.py) →
 `stage.pyramid.sample_ratios[k]` draws per level k (uniform table index; stage-local σ, global t) →
 x = σ·start + (1−σ)·end, v = start − end → loss = mean over segments of the per-sample MSE.
 
@@ -11,7 +11,7 @@ segments, as in the official block-diagonal NaViT packing:
 - "separate": one stock diffusers forward per segment (4 in 2-init, 3 in 2-post);
 - "batch_levels": one stock forward per level, same-level segments stacked on the batch axis;
 - "packed": one pass through the blocks over all segments ([history copy | level tokens] each),
-  the official layout, with per-segment self-attention (helios_train/stages/packed.py). The stock
+  the official layout, with per-segment self-attention (helios_train/model/packed_forward.py). The stock
   model has no varlen attention and no way to pass a mask to its blocks, so this drives the model's
   submodules itself. It calls the unwrapped module, so under DDP the backend averages gradients by
   hand (`multi_forward`); under DeepSpeed ZeRO-2/3 the engine's per-parameter hooks (and ZeRO-3's
@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import torch
 
-from helios_train.history import model_inputs, token_counts
-from helios_train.pyramid import PyramidSchedule, build_levels, level_token_counts, sample_all_levels
+from helios_train.algorithms.history import model_inputs, token_counts
+from helios_train.algorithms.pyramid import PyramidSchedule, build_levels, level_token_counts, sample_all_levels
 from helios_train.stages import RoleSpec
 from helios_train.stages.base import BaseStage
-from helios_train.stages.packed import packed_forward
+from helios_train.model.packed_forward import packed_forward
 
 EXECUTIONS = ("separate", "batch_levels", "packed")
 

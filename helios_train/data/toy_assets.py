@@ -1,10 +1,10 @@
 """Toy assets for `model=toy data=toy`, built once on first use under one root folder:
 
-    root/model/    tiny random Helios checkpoint, diffusers layout (data_prep/toy_checkpoint.py)
-    root/raw/      synthetic moving-shape mp4 videos in WebDataset shards (data_prep/toy_videos.py)
+    root/model/    tiny random Helios checkpoint, diffusers layout (helios_train/data/toy_checkpoint.py)
+    root/raw/      synthetic moving-shape mp4 videos in WebDataset shards (helios_train/data/toy_videos.py)
     root/latents/  the same videos VAE-encoded per 33-frame chunk + prompt embeddings (encode_latents.py)
 
-Other model specs (`data_prep/toy_checkpoint.py:SPECS`, e.g. `helios_14b_shape`) get their own model and
+Other model specs (`helios_train/data/toy_checkpoint.py:SPECS`, e.g. `helios_14b_shape`) get their own model and
 latents under root/<spec>/ and share root/raw/.
 
 Each part is marked complete by a `COMPLETE` file; a file lock lets several processes (torchrun
@@ -37,9 +37,9 @@ def _part(path: Path, label: str, build) -> None:
 
 
 def ensure_toy_assets(root, seed: int = 0, spec: str = "toy") -> ToyAssets:
-    from data_prep.encode_latents import encode_shards
-    from data_prep.toy_checkpoint import build_toy_checkpoint
-    from data_prep.toy_videos import build_toy_videos
+    from helios_train.data.encode_latents import encode_shards
+    from helios_train.data.toy_checkpoint import build_toy_checkpoint
+    from helios_train.data.toy_videos import build_toy_videos
 
     root = Path(root)
     home = root if spec == "toy" else root / spec

@@ -1,5 +1,5 @@
 """Bytes one rank sends per micro-batch for the sequence split (launcher.ulysses_degree × ring_degree = N),
-from the forwards of each phase (helios_train/activation_memory.py) — what the planner reports next to memory.
+from the forwards of each phase (helios_train/planning/activation_memory.py) — what the planner reports next to memory.
 
 Per block and pass over a sequence of S tokens (S_n of them noisy), hidden size D, per rank
 (helios_train/model/sequence_parallel.py):

@@ -5,12 +5,12 @@ k = max(0, step − update_after_step − 1); the decay is 0 (a plain copy) whil
 min((1 + k) / (10 + k), max_decay) after, reaching 0.99 about 890 EMA steps after the start. Only
 trainable tensors are averaged (LoRA + extras; the frozen base is shared with the live model), in fp32.
 
-Where the averaged tensors live (helios_train/ema_shards.py): with `stage.ema.sharded=true` (default) each
+Where the averaged tensors live (helios_train/training/ema_shards.py): with `stage.ema.sharded=true` (default) each
 rank keeps the EMA of 1/N of the trainables — under ZeRO-3 the slice of every parameter that rank's
 partition holds, otherwise whole tensors assigned to ranks by size — as the official EMA does in its own
 ZeRO-3 engine; `sharded=false` keeps a whole copy on every rank (not possible under ZeRO-3). Either way
 the checkpoint holds the whole EMA (`generator.ema.safetensors`, gathered by rank 0), resume gives each
-rank its slice again, and `python -m helios_train.export --ema` reads that file.
+rank its slice again, and `python -m helios_train.sampling.export --ema` reads that file.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from helios_train.ema_shards import Layout, WholeOnEveryRank
+from helios_train.training.ema_shards import Layout, WholeOnEveryRank
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Where each rank's share of the EMA lives, and how the whole EMA is put back together (helios_train/ema.py).
+"""Where each rank's share of the EMA lives, and how the whole EMA is put back together (helios_train/algorithms/ema.py).
 
 Three layouts, one interface (`assign`, `owns`, `local`, `gather`, `for_rendering`, `local_from_whole`):
 - `WholeOnEveryRank`: every rank averages every trainable tensor (one process, or `stage.ema.sharded=false`);

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-from helios_train.atomic_file import write_text_atomically
+from helios_train.runtime.atomic_file import write_text_atomically
 
 log = logging.getLogger(__name__)
 SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.IGNORECASE)

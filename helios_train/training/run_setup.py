@@ -13,14 +13,14 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from helios_train import checkpoint as ckpt
+from helios_train.runtime import checkpoint as ckpt
 from helios_train.backends.sequence_groups import sequence_degree
 from helios_train.data.shards import expand_shards
 from helios_train.data.readers import choose_layout
-from helios_train.lockstep import params_sharded
-from helios_train.resume_shape import ShapeError, check_resume_shape, current_shape, saved_shape
+from helios_train.backends.lockstep import params_sharded
+from helios_train.backends.run_shape import ShapeError, check_resume_shape, current_shape, saved_shape
 from helios_train.stages import check_stage_name
-from helios_train.tracking import redact
+from helios_train.training.tracking import redact
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def _validate_objective(cfg: DictConfig, dry_run: bool = False) -> None:
         raise ConfigError(f"stage.objective={cfg.stage.objective!r}: expected one of ['dmd', 'ode']")
     if (cfg.stage.objective == "ode") != ode_data:
         raise ConfigError(f"stage.objective={cfg.stage.objective} with data.mode={cfg.data.mode}: the ODE objective "
-                          "needs ODE-pair shards (data=ode_pairs, data_prep/ode_pairs.py) and DMD needs video latents")
+                          "needs ODE-pair shards (data=ode_pairs, helios_train/sampling/ode_pair_capture.py) and DMD needs video latents")
     if cfg.stage.objective == "ode" and cfg.stage.ode.num_chunks > cfg.data.min_chunks:
         raise ConfigError(f"stage.ode.num_chunks={cfg.stage.ode.num_chunks} > data.min_chunks={cfg.data.min_chunks}: "
                           "shorter samples could not supply that many chunks")
@@ -175,7 +175,7 @@ def _validate_objective(cfg: DictConfig, dry_run: bool = False) -> None:
 
 def ensure_toy_assets(cfg: DictConfig) -> None:
     if cfg.model.build_toy or cfg.data.build_toy:
-        from data_prep.toy_data import ensure_toy_assets as build
+        from helios_train.data.toy_assets import ensure_toy_assets as build
 
         build(Path(cfg.toy_root), seed=cfg.data.toy.seed, spec=cfg.model.toy_spec)
 
@@ -233,8 +233,8 @@ def resolve_validation_defaults(cfg: DictConfig, shards: list[str]) -> None:
     or the first shard's captions, size = the data's latent size × 8. Runs after `check_data_fits_model`
     (which fills the latent size from the first sample)."""
     from helios_train.data.first_sample import first_captions
-    from helios_train.prompt_file import InputError, read_prompt_lines
-    from helios_train.validation import TOKYO
+    from helios_train.runtime.prompt_file import InputError, read_prompt_lines
+    from helios_train.sampling.validation import TOKYO
 
     v = cfg.validation
     if v.every <= 0:
@@ -314,7 +314,7 @@ def check_compatible(run_dir: Path, config: dict) -> None:
 
 def check_shape(cfg: DictConfig, resume_from: Path) -> None:
     """A change of cluster shape is allowed unless it changes the global batch or needs state the checkpoint
-    does not hold (helios_train/resume_shape.py); refused here, before the model loads."""
+    does not hold (helios_train/backends/run_shape.py); refused here, before the model loads."""
     state = ckpt.read_json(resume_from / "trainer_state.json")
     now = current_shape(cfg, world_size())
     try:

@@ -97,7 +97,7 @@ def sample_as(pipe, variant: str):
 
 
 def use_float64_block_noise(pipe) -> None:
-    """Route diffusers' pyramid block noise through our float64 Cholesky (helios_train/pyramid.py).
+    """Route diffusers' pyramid block noise through our float64 Cholesky (helios_train/algorithms/pyramid.py).
 
     Why: HeliosPyramidPipeline factors the singular block covariance (1+γ)I − γ11ᵀ in fp32, which
     fails at γ = 1/3 (eigenvalue ≈ −1e-7, torch 2.13 on CPU). Our block_noise draws the same random stream
@@ -105,7 +105,7 @@ def use_float64_block_noise(pipe) -> None:
     """
     if not hasattr(pipe, "sample_block_noise"):
         return
-    from helios_train.pyramid import block_noise
+    from helios_train.algorithms.pyramid import block_noise
 
     def sample_block_noise(batch_size, channel, num_frames, height, width, patch_size=(1, 2, 2), device=None,
                            generator=None):

@@ -87,7 +87,7 @@ def report_exit(signame: str, safe: bool, detail: str, step: int | None = None) 
     import json
     import time
 
-    from helios_train.atomic_file import write_text_atomically
+    from helios_train.runtime.atomic_file import write_text_atomically
 
     write_text_atomically(path, json.dumps({"signal": signame, "safe": safe, "detail": detail, "step": step,
                                             "time": time.time()}))

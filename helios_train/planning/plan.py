@@ -1,8 +1,8 @@
 """Memory planner: per-GPU bytes of a stage on G GPUs, from the real model built on the meta device.
 
     python -m helios_train experiment=stage_1_init model=helios_14b launcher=deepspeed_zero2 plan=true [plan_gpus=8]
-    python -m helios_train.plan              # every official recipe at 14B under ddp / zero2 / zero3
-    python -m helios_train.dry_run           # … next to the dry run's measured figures (minutes)
+    python -m helios_train.planning.plan              # every official recipe at 14B under ddp / zero2 / zero3
+    python -m helios_train.planning.dry_run           # … next to the dry run's measured figures (minutes)
 
 No weights are read: the transformer is built from its config.json (or the class's 14B defaults when
 `model.path` has none) under `torch.device("meta")`, and the stage's trainable policy is applied with
@@ -23,10 +23,10 @@ Per GPU, G GPUs, N_f frozen / N_t trainable parameters of a role, b = bytes of m
   zero3 gathered     zero3 only: ~2 transformer blocks un-sharded at a time (current + prefetch),
                      2·(N_f·b + N_t·4)/L of the largest role
   EMA                trainables only, fp32: N_t(generator)·4, /G with stage.ema.sharded or under zero3
-                     (helios_train/ema_shards.py)
-  activations        the largest phase's peak transient (helios_train/activation_memory.py): activations,
+                     (helios_train/training/ema_shards.py)
+  activations        the largest phase's peak transient (helios_train/planning/activation_memory.py): activations,
                      temporaries and — single/ddp — the .grad tensors alive at that moment; coefficients
-                     measured by the dry run (helios_train/dry_run.py)
+                     measured by the dry run (helios_train/planning/dry_run.py)
 Offload (launcher.offload_optimizer / offload_param) moves master+AdamW / parameters to CPU memory:
 those rows are then reported as CPU bytes, not GPU bytes.
 """
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from helios_train.activation_memory import phase_peak, phases
+from helios_train.planning.activation_memory import phase_peak, phases
 from helios_train.backends.sequence_groups import sequence_degree
 
 GB = 1e9
@@ -115,7 +115,7 @@ def dmd_policies(cfg, lora_rank: int | None = None):
 
 def gan_head_params(model, gan_cfg) -> int:
     """Parameters of the hierarchical GAN heads for this transformer (built on meta)."""
-    from helios_train.gan import DiscriminatorHeads
+    from helios_train.algorithms.gan import DiscriminatorHeads
 
     with torch.device("meta"):
         heads = DiscriminatorHeads.for_transformer(model, gan_cfg)
@@ -198,7 +198,7 @@ def apply_offload(rows: dict[str, float], launcher_cfg, backend: str) -> tuple[d
 
 
 def act_bytes(cfg) -> int:
-    from helios_train.precision import mixed_precision
+    from helios_train.runtime.precision import mixed_precision
 
     return 2 if mixed_precision(cfg) == "bf16" or cfg.model.weight_dtype == "bf16" else 4
 
@@ -206,9 +206,9 @@ def act_bytes(cfg) -> int:
 def plan(cfg, backend: str | None = None) -> dict:
     """The plan of the configured stage under `backend` (default: the launcher's), in bytes:
     {"rows", "phases" (each phase's peak transient), "roles", "ema", "offloaded_cpu", "total"}."""
-    from helios_train.activation_memory import latent_hw
-    from helios_train.history import token_counts
-    from helios_train.sequence_traffic import step_bytes
+    from helios_train.planning.activation_memory import latent_hw
+    from helios_train.algorithms.history import token_counts
+    from helios_train.planning.sequence_traffic import step_bytes
 
     backend = backend or backend_of(cfg)
     roles, ema, model = stage_roles(cfg)
@@ -248,7 +248,7 @@ def report(title: str, result: dict, budget_gb: float) -> str:
 def traffic_line(result: dict) -> str:
     parts = ", ".join(f"{name} {v / GB:.1f}" for name, v in result["sequence_traffic"].items())
     return (f"  sequence split (degree {result['sequence_degree']}, {result['sequence_plan']}): each rank sends "
-            f"{sum(result['sequence_traffic'].values()) / GB:.1f} GB per micro-batch ({parts}; helios_train/sequence_traffic.py)")
+            f"{sum(result['sequence_traffic'].values()) / GB:.1f} GB per micro-batch ({parts}; helios_train/planning/sequence_traffic.py)")
 
 
 def run_plan(cfg, backend: str | None = None) -> dict:
@@ -279,7 +279,7 @@ def summary_table(results: dict[str, dict[str, float]]) -> str:
 def recipe_config(recipe: str, extra: list[str] = ()):
     """An official recipe at 14B (class defaults: no weights read), resolved for GPUs."""
     from helios_train.config import compose
-    from helios_train.precision import resolve_precision
+    from helios_train.runtime.precision import resolve_precision
 
     data = [] if recipe == "stage_3_ode" else ["data=webdataset"]
     cfg = compose([f"experiment={recipe}", "model=helios_14b", "model.path=/nonexistent", *data, *extra])

@@ -1,6 +1,6 @@
 """`python -m helios_train <overrides> dry_run=true` — one real training step of the stage at full size on
 fake tensors: the measured memory of the production configuration, on a machine without its GPUs.
-(`python -m helios_train.dry_run`: the same for every official recipe, as a table against the planner.)
+(`python -m helios_train.planning.dry_run`: the same for every official recipe, as a table against the planner.)
 
 What runs is the trainer's own step (`Trainer.run_step`): the stage's roles built by the stage
 (transformers from model.path's config.json, or the class defaults = the 14B geometry, with the
@@ -10,7 +10,7 @@ memory is allocated and nothing is read but config files. The batch has the conf
 (384×640 → 48×80 latents, history 16/2/1 + the x0 anchor, 9 noisy frames, 512 text tokens), built
 through the loader's own sample code; the shards are not read.
 
-Measured (helios_train/step_memory.py, torch's MemTracker): the peak bytes of live tensors during each
+Measured (helios_train/planning/step_memory.py, torch's MemTracker): the peak bytes of live tensors during each
 phase and their breakdown. Notes on what a fake step cannot know:
 - values: a read of a fake tensor's value (`float(loss)`, the grad norm) returns 0, so every
   data-dependent branch takes its "finite, not first chunk" side; the count is printed;
@@ -23,7 +23,7 @@ phase and their breakdown. Notes on what a fake step cannot know:
   README).
 
 Per GPU under `launcher=...` for `plan_gpus` GPUs (one process measures; the backend's sharding is
-applied to the measured bytes, rows as in helios_train/plan.py):
+applied to the measured bytes, rows as in helios_train/planning/plan.py):
   single      the measured peak;
   ddp         + DDP's gradient buckets (a copy of the trainable gradients of every DDP-wrapped role);
   zero2       trainable gradients, AdamW state and DeepSpeed's fp32 master copy of the trainables /G,
@@ -129,7 +129,7 @@ def synthetic_batch(cfg, in_channels: int, text_dim: int) -> dict:
 def _ode_members(cfg, chunks, channels, window, h, w, rng) -> dict:
     from diffusers import HeliosDMDScheduler
 
-    from helios_train.ode_pairs import PYRAMID
+    from helios_train.sampling.ode_trajectory import PYRAMID
 
     levels, states = int(cfg.stage.ode.levels), 2
     table = HeliosDMDScheduler(**PYRAMID).timesteps_per_stage
@@ -162,8 +162,8 @@ def measure(cfg) -> dict:
     from helios_train.model.fake_weights import FakeWeights, transformer_config
     from helios_train.model.sequence_parallel import enable_sequence_parallel
     from helios_train.model.loading import use_weights_source
-    from helios_train.step_memory import StepMemory
-    from helios_train.trainer import Trainer
+    from helios_train.planning.step_memory import StepMemory
+    from helios_train.training.trainer import Trainer
 
     dcfg = dry_run_config(cfg)
     tcfg = transformer_config(dcfg.model)
@@ -237,7 +237,7 @@ def phase_transients(measured: dict, grads_transient: bool) -> dict[str, float]:
 def measured_rows(measured: dict, backend: str, gpus: int, launcher_cfg=None,
                   ema_sharded: bool = False) -> tuple[dict[str, float], float]:
     """The backend's sharding applied to the measured bytes (module docstring); returns (rows, CPU bytes)."""
-    from helios_train.plan import REDUCE_BUCKET, ROWS, apply_offload
+    from helios_train.planning.plan import REDUCE_BUCKET, ROWS, apply_offload
 
     roles = list(measured["roles"].values())
     zero, z3 = backend.startswith("deepspeed"), backend == "deepspeed_zero3"
@@ -305,7 +305,7 @@ def report(cfg, measured: dict, planned: dict, rows: dict, cpu: float) -> str:
                      f"{lv['host_bytes'] / GB:.1f} GB per GPU process")
     lines.append(checkpoint_line(measured, planned["backend"]))
     if planned["sequence_degree"] > 1:
-        from helios_train.plan import traffic_line
+        from helios_train.planning.plan import traffic_line
 
         lines.append(traffic_line(planned) + " (planned; one rank measured, its peers simulated)")
     lines.append(f"  {measured['host_reads']} reads of a fake value answered 0 (no numbers are computed: shapes only)")
@@ -333,7 +333,7 @@ def run_dry(cfg) -> dict:
     """`dry_run=true`: measure one step, print it against the planner; returns the per-GPU totals (GB)."""
     import time
 
-    from helios_train.plan import plan
+    from helios_train.planning.plan import plan
 
     t0 = time.perf_counter()
     measured = measure(cfg)
@@ -354,7 +354,7 @@ def run_dry(cfg) -> dict:
 
 def comparison_table(cfgs: list, labels: list[str], backends=("ddp", "deepspeed_zero2", "deepspeed_zero3")) -> str:
     """Markdown rows for the README: planned and measured GB per GPU of each recipe under each backend."""
-    from helios_train.plan import plan
+    from helios_train.planning.plan import plan
 
     lines = ["| recipe (14B, 48×80, 8 GPUs) | backend | activations planned | activations measured | "
              "total planned | total measured | measured / planned |", "|---|---|---|---|---|---|---|"]
@@ -372,11 +372,11 @@ def comparison_table(cfgs: list, labels: list[str], backends=("ddp", "deepspeed_
 
 
 def main(argv=None) -> None:
-    """`python -m helios_train.dry_run [--recipes ...]`: the README's planned-vs-measured table of every official
+    """`python -m helios_train.planning.dry_run [--recipes ...]`: the README's planned-vs-measured table of every official
     recipe at 14B (one dry run per recipe: minutes each)."""
     import argparse
 
-    from helios_train.plan import RECIPES, recipe_config
+    from helios_train.planning.plan import RECIPES, recipe_config
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--recipes", nargs="*", default=list(RECIPES))

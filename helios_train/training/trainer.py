@@ -4,7 +4,7 @@ A stage (helios_train/stages/) gives roles and a loss; the backend (helios_train
 process groups, wrapping and optimizer stepping. Every random draw of a step comes from a generator
 keyed by (seed, step, phase, global micro-batch) (`micro_generator`), the data position is
 checkpointed per reader, so a resumed run reproduces an uninterrupted one exactly
-(tests/test_train_toy.py, tests/test_faults.py), also on another cluster shape (helios_train/resume_shape.py,
+(tests/test_train_toy.py, tests/test_faults.py), also on another cluster shape (helios_train/backends/run_shape.py,
 tests/test_resume_shape.py).
 """
 from __future__ import annotations
@@ -22,20 +22,20 @@ import torch
 from diffusers.optimization import get_scheduler
 from tqdm import tqdm
 
-from helios_train import checkpoint as ckpt
+from helios_train.runtime import checkpoint as ckpt
 from helios_train.backends import build_backend
 from helios_train.data.decoding import SKIP_REASONS
 from helios_train.data.readers import choose_layout
 from helios_train.data.video_dataset import DataPosition, build_loader, resume_position
-from helios_train.heartbeat import Heartbeat, SilentRank, is_collective_timeout, wait_for_rank0
-from helios_train.lockstep import params_sharded
-from helios_train.numerics import compare_numerics, numerics_settings
-from helios_train.process_guard import report_exit
-from helios_train.resume_shape import check_resume_shape, current_shape, saved_shape
-from helios_train.seeding import micro_batch_key
+from helios_train.runtime.heartbeat import Heartbeat, SilentRank, is_collective_timeout, wait_for_rank0
+from helios_train.backends.lockstep import params_sharded
+from helios_train.runtime.numerics import compare_numerics, numerics_settings
+from helios_train.runtime.process_guard import report_exit
+from helios_train.backends.run_shape import check_resume_shape, current_shape, saved_shape
+from helios_train.runtime.seeding import micro_batch_key
 from helios_train.stages import build_stage
-from helios_train.throughput import Throughput
-from helios_train.tracking import Tracker
+from helios_train.training.throughput import Throughput
+from helios_train.training.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Trainer:
         # Rank 0 renders; under ZeRO-3 every rank must run the sampler's forwards with it (lockstep.py), under
         # sequence parallelism rank 0's sequence group (its forwards are split over the group).
         if cfg.validation.every > 0 and (b.data_rank == 0 or params_sharded(cfg)):
-            from helios_train.validation import Validator
+            from helios_train.sampling.validation import Validator
 
             self.validator = Validator(cfg, run_dir, self.tracker, b.device)
         self._window: dict[str, list[float]] = {}
@@ -154,7 +154,7 @@ class Trainer:
                 "stage": self.stage.state_dict(),
                 # A resumed run reuses the counts instead of counting again: the FlopCounterMode dispatch
                 # changes kernel choices (1e-9 differences), which would make a resumed step differ from
-                # the uninterrupted run's (helios_train/throughput.py).
+                # the uninterrupted run's (helios_train/training/throughput.py).
                 "flops": self.throughput.state_dict(),
                 "numerics": numerics_settings(self.cfg),
             }
@@ -382,7 +382,7 @@ class Trainer:
     def _maybe_validate(self) -> None:
         """Rank 0 renders validation videos; the other ranks wait at the barrier (under ZeRO-3 they render
         alongside it without writing, since every forward gathers the sharded weights collectively)."""
-        from helios_train.validation import validation_due
+        from helios_train.sampling.validation import validation_due
 
         if not validation_due(self.cfg.validation, self.step, self.fresh_start):
             return

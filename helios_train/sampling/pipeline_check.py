@@ -1,6 +1,6 @@
 """One-command toy pipeline check: the whole Helios recipe, each stage starting from the previous one's export.
 
-    python -m helios_train.pipeline_check [--out checkpoints/_pipeline] [--steps 20] [--skip base ...]
+    python -m helios_train.sampling.pipeline_check [--out checkpoints/_pipeline] [--steps 20] [--skip base ...]
                                           [--from-manifest M] [--base-manifest B]
 
 Chain (toy data, CPU, a few minutes):
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from helios_train.tracking import read_metrics
+from helios_train.training.tracking import read_metrics
 
 STAGES = ("base", "mid", "ode_pairs", "ode", "distilled")
 # The prompts of the ODE pairs and of the distance check (the toy videos' vocabulary).
@@ -63,8 +63,8 @@ def _toy_overrides(steps: int, toy_root: str) -> list[str]:
 
 
 def _render(export: Path, variant: str, path: Path) -> int:
-    from helios_train.infer import generate, load_pipeline, write_mp4
-    from helios_train.variants import DEFAULTS, SamplerSettings
+    from helios_train.sampling.infer import generate, load_pipeline, write_mp4
+    from helios_train.sampling.variants import DEFAULTS, SamplerSettings
 
     pipe, variant = load_pipeline(export, variant)
     settings = SamplerSettings(**DEFAULTS[variant].__dict__)
@@ -99,14 +99,14 @@ def _manifest(out: Path, stage: str, exported: Path, started_from: str | None, *
 
 def run_stage(stage: str, out: Path, start_from: str | None, steps: int, toy_root: str,
               manifests: dict[str, dict], ode_steps: int | None = None) -> dict:
-    from helios_train.export import export
+    from helios_train.sampling.export import export
 
     model = [f"model.path={start_from}", "model.build_toy=false"] if start_from else []
     if stage in ("base", "mid"):
         _train(out, stage, [f"stage={stage}", *_toy_overrides(steps, toy_root), *model])
         return _manifest(out, stage, export(out / stage, out / f"{stage}_export"), start_from)
     if stage == "ode_pairs":
-        from data_prep.ode_pairs import make_ode_pairs
+        from helios_train.sampling.ode_pair_capture import make_ode_pairs
 
         if not start_from:
             raise ValueError("ode_pairs needs a Mid export: run mid first or give --from-manifest <mid manifest>")
@@ -167,10 +167,10 @@ def distance_to_teacher(teacher: str, students: dict[str, str], seeds=(100, 101)
     sample with the μ they were trained with (LevelMuDMDScheduler). Per schedule: [1,1,1] is one jump per
     level from the level's start (what the ODE regression trains most directly); [2,2,2] is the later
     chunks' schedule; "amplified" the first chunk's (4 steps per level). Returns {schedule: {student: d}}."""
-    from data_prep.ode_pairs import load_teacher
-    from helios_train.infer import load_pipeline
-    from helios_train.ode_pairs import LevelMuDMDScheduler, skip_pixel_decode
-    from helios_train.variants import NEGATIVE_PROMPT
+    from helios_train.sampling.ode_pair_capture import load_teacher
+    from helios_train.sampling.infer import load_pipeline
+    from helios_train.sampling.ode_trajectory import LevelMuDMDScheduler, skip_pixel_decode
+    from helios_train.sampling.variants import NEGATIVE_PROMPT
 
     def sample(pipe, prompt, seed, **kw):
         with skip_pixel_decode(pipe):
@@ -210,7 +210,7 @@ def main(argv=None) -> list[dict]:
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    from data_prep.toy_data import ensure_toy_assets
+    from helios_train.data.toy_assets import ensure_toy_assets
 
     ensure_toy_assets(Path(a.toy_root))
     manifests: dict[str, dict] = {}

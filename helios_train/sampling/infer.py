@@ -1,14 +1,14 @@
 """Inference / validation entry: T2V, I2V, V2V → mp4 (24 fps) + a JSON of the settings.
 
-    python -m helios_train.infer --checkpoint checkpoints/base-toy-toy --prompt "a red circle moves" --out out/
-    python -m helios_train.infer --checkpoint /weights/Helios-Distilled --prompt-file prompts.txt --num-frames 240
-    python -m helios_train.infer --checkpoint exports/mid --prompt "..." --image first.png          # I2V
-    python -m helios_train.infer --checkpoint exports/base --prompt "..." --video clip.mp4          # V2V
+    python -m helios_train.sampling.infer --checkpoint checkpoints/base-toy-toy --prompt "a red circle moves" --out out/
+    python -m helios_train.sampling.infer --checkpoint /weights/Helios-Distilled --prompt-file prompts.txt --num-frames 240
+    python -m helios_train.sampling.infer --checkpoint exports/mid --prompt "..." --image first.png          # I2V
+    python -m helios_train.sampling.infer --checkpoint exports/base --prompt "..." --video clip.mp4          # V2V
 
 `--checkpoint` is a training run / checkpoint-N dir (LoRA attached to its base model), or a
 diffusers-layout folder (our export or an official Helios-Base/Mid/Distilled download). Sampling is
 diffusers' own HeliosPipeline (Base) / HeliosPyramidPipeline (Mid, Distilled) — no second sampler.
-Defaults per variant follow the official scripts (helios_train/variants.py).
+Defaults per variant follow the official scripts (helios_train/sampling/variants.py).
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from helios_train.progress import chunk_progress
-from helios_train.prompt_file import InputError, read_prompt_lines
-from helios_train.variants import (DEFAULTS, NEGATIVE_PROMPT, SamplerSettings, build_pipeline, call_kwargs,
+from helios_train.runtime.progress import chunk_progress
+from helios_train.runtime.prompt_file import InputError, read_prompt_lines
+from helios_train.sampling.variants import (DEFAULTS, NEGATIVE_PROMPT, SamplerSettings, build_pipeline, call_kwargs,
                                    round_frames, use_float64_block_noise)
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def load_pipeline(checkpoint, variant: str | None = None, dtype=torch.float32, d
     if (path / "model_index.json").is_file():
         saved = detect_variant(path)
         variant = variant or saved
-        from helios_train.variants import pipeline_class, sample_as
+        from helios_train.sampling.variants import pipeline_class, sample_as
 
         # The VAE stays fp32 whatever the dtype (every official script); the transformer keeps its
         # fp32 modules itself (`_keep_in_fp32_modules`).
@@ -59,7 +59,7 @@ def load_pipeline(checkpoint, variant: str | None = None, dtype=torch.float32, d
     from diffusers import AutoencoderKLWan
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    from helios_train.export import load_trained_transformer, resolve_checkpoint, run_config
+    from helios_train.sampling.export import load_trained_transformer, resolve_checkpoint, run_config
     from helios_train.model.loading import cast_weights
 
     src = resolve_checkpoint(path)

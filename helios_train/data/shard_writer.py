@@ -33,8 +33,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from helios_train.atomic_file import write_text_atomically
-from helios_train.prompt_file import InputError
+from helios_train.runtime.atomic_file import write_text_atomically
+from helios_train.runtime.prompt_file import InputError
 
 MANIFEST_VERSION = 1
 EXAMPLES_IN_SUMMARY = 5

@@ -1,6 +1,6 @@
 """Export a training checkpoint as a diffusers-layout Helios folder (LoRA and extra trainables fused).
 
-    python -m helios_train.export --checkpoint checkpoints/base-toy-toy [--variant base] --out exports/base
+    python -m helios_train.sampling.export --checkpoint checkpoints/base-toy-toy [--variant base] --out exports/base
 
 `--checkpoint` is a run directory (its newest complete checkpoint is used) or a `checkpoint-N` dir.
 The result has transformer/ (full fused weights), vae/, text_encoder/, tokenizer/ (copied, or
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from helios_train import checkpoint as ckpt
+from helios_train.runtime import checkpoint as ckpt
 from helios_train.model.loading import cast_weights, torch_dtype
-from helios_train.variants import build_pipeline, check_variant
+from helios_train.sampling.variants import build_pipeline, check_variant
 
 COMPONENTS = ("vae", "text_encoder", "tokenizer")
 

@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from helios_train.atomic_file import write_text_atomically
+from helios_train.runtime.atomic_file import write_text_atomically
 
 MARKER = "COMPLETE"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")

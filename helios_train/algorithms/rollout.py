@@ -3,7 +3,7 @@
 The DMD generator step and ODE-pair capture need the distilled sampler inside the training graph,
 which diffusers' HeliosPyramidPipeline (a no-grad inference loop) cannot give. This module is that
 sampler, built on diffusers' own HeliosDMDScheduler tables (timesteps, shifted σ) and on
-helios_train/pyramid.py's float64 block noise; under no_grad it reproduces the pipeline
+helios_train/algorithms/pyramid.py's float64 block noise; under no_grad it reproduces the pipeline
 (tests/test_rollout.py). Per chunk (official
 helios/utils/utils_helios_post.py, the stage-2 loop of the generator rollout; HeliosPyramidPipeline in
 diffusers / official helios/diffusers_version/pipeline_helios_diffusers.py):
@@ -20,7 +20,7 @@ diffusers / official helios/diffusers_version/pipeline_helios_diffusers.py):
 - `sampler="training"` (default) is the official training rollout (helios/utils/utils_helios_post.py,
   the stage-2 loop of the generator rollout): the model gets the float timestep (998.53: int64 ones
   times the float t) and σ of t and of the next t are the nearest entries of the level's μ-shifted
-  1000-entry table (`convert_flow_pred_to_x0` / `add_noise`, helios_train/sigma_table.py).
+  1000-entry table (`convert_flow_pred_to_x0` / `add_noise`, helios_train/algorithms/sigma_table.py).
   `sampler="pipeline"` is diffusers' HeliosPyramidPipeline: int64 timesteps (998) and the
   scheduler's exact σ — what inference runs (tests/test_rollout.py checks both).
 """
@@ -33,8 +33,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from helios_train.pyramid import block_noise
-from helios_train.sigma_table import level_table, nearest_sigma
+from helios_train.algorithms.pyramid import block_noise
+from helios_train.algorithms.sigma_table import level_table, nearest_sigma
 
 # transformer_fn(latents [B,C,9,h,w], timestep [B]) -> velocity [B,C,9,h,w]; history/prompt are bound in.
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -91,7 +91,7 @@ def pyramid_rollout(velocity: VelocityFn, noise: torch.Tensor, scheduler, steps=
                     lockstep: Optional[list[int]] = None) -> RolloutResult:
     """Run the x0 pyramid sampler on one chunk. `generator` draws the block noise between levels.
 
-    `lockstep` (training under ZeRO-3, helios_train/lockstep.py): per level, the number of no-grad
+    `lockstep` (training under ZeRO-3, helios_train/backends/lockstep.py): per level, the number of no-grad
     forwards every rank runs before its exit forward (the max of the exit steps over ranks). This rank
     pads with discarded no-grad forwards up to it, gives every exit forward an input that requires grad
     and ties every level's exit output to the result with weight 0, so all ranks run the same sequence

@@ -1,5 +1,5 @@
 """The planner's activation model: peak transient bytes of each phase of a training step, from the
-token counts of its forwards and coefficients measured by the dry run (helios_train/dry_run.py).
+token counts of its forwards and coefficients measured by the dry run (helios_train/planning/dry_run.py).
 
 A phase (one role's losses, backward and optimizer step) runs transformer forwards *with* grad, whose
 graphs wait for the phase's backward, forwards *without* grad (DMD's teacher / critic scores), and —
@@ -70,15 +70,15 @@ def latent_hw(cfg) -> tuple[int, int]:
 
 
 def _gan_crop_hw(cfg, model) -> tuple[int, int]:
-    """The GAN's spatial crop (helios_train/gan.py random_spatial_crop) of the full latent size."""
+    """The GAN's spatial crop (helios_train/algorithms/gan.py random_spatial_crop) of the full latent size."""
     patch, frac = model.config.patch_size[1], float(cfg.stage.gan.crop_fraction)
     return tuple(min(d, max(patch, int(frac * d) // patch * patch)) for d in latent_hw(cfg))
 
 
 def phases(cfg, model, trainable: dict[str, int]) -> dict[str, Phase]:
     """The phases of one step of the configured stage (helios_train/stages/), with their forwards."""
-    from helios_train.history import token_counts
-    from helios_train.pyramid import level_token_counts
+    from helios_train.algorithms.history import token_counts
+    from helios_train.algorithms.pyramid import level_token_counts
 
     hist_cfg, b = cfg.stage.history, int(cfg.data.batch_size)
     counts = token_counts(model, latent_hw(cfg), hist_cfg)

@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 from diffusers import HeliosDMDScheduler, HeliosScheduler
 
-from helios_train.rollout import calculate_mu
-from helios_train.sigma_table import level_sigma
+from helios_train.algorithms.rollout import calculate_mu
+from helios_train.algorithms.sigma_table import level_sigma
 
 # calculate_mu is linear in the token count: mu = m·seq + b
 _MU_SLOPE = calculate_mu(1) - calculate_mu(0)
@@ -54,7 +54,7 @@ class LevelMu:
 
 class LevelMuDMDScheduler(LevelMu, HeliosDMDScheduler):
     """The distilled sampler's scheduler with the native per-level μ: the timesteps the ODE pairs and the
-    DMD rollout (helios_train/rollout.py, mu_from="level") train the student on."""
+    DMD rollout (helios_train/algorithms/rollout.py, mu_from="level") train the student on."""
 
     def set_timesteps(self, num_inference_steps, stage_index=None, device=None, sigmas=None, mu=None,
                       is_amplify_first_chunk=False):
@@ -127,7 +127,7 @@ def recording_scheduler(student_steps=(2, 2, 2), amplify_first_chunk: bool = Tru
 
 def sigma_of(timesteps: torch.Tensor, level: int, mu: float, scheduler=None) -> torch.Tensor:
     """σ of recorded timesteps as the official `_ode_regression_loss` takes it: the nearest entry of level
-    `level`'s table shifted by μ of the level's resolution (helios_train/sigma_table.py)."""
+    `level`'s table shifted by μ of the level's resolution (helios_train/algorithms/sigma_table.py)."""
     return level_sigma(timesteps, scheduler or HeliosDMDScheduler(**PYRAMID), level, mu)
 
 

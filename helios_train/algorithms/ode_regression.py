@@ -8,7 +8,7 @@ task dropout; anchor x0 = first latent of chunk 0, zero for chunk 0). The studen
 is regressed onto the level's end state (the stage-local "x0", not the final video for k < 2):
 0.5·MSE per term, mean over terms, × `weight` (80). σ_k is the nearest entry of level k's table
 shifted by μ of the level's resolution, as official `_ode_regression_loss` looks it up through
-`convert_flow_pred_to_x0` (helios/utils/utils_helios_post.py; helios_train/sigma_table.py). The
+`convert_flow_pred_to_x0` (helios/utils/utils_helios_post.py; helios_train/algorithms/sigma_table.py). The
 student runs without guidance: the teacher's CFG is baked into its targets.
 
 The student gets the recorded float timestep, as the official loss feeds it (the teacher saw it
@@ -21,10 +21,10 @@ from typing import Callable
 
 import torch
 
-from helios_train.history import HistoryConfig, assemble_history_sample
-from helios_train.ode_pairs import sigma_of
-from helios_train.rollout import calculate_mu
-from helios_train.timesteps import seq_len_for
+from helios_train.algorithms.history import HistoryConfig, assemble_history_sample
+from helios_train.sampling.ode_trajectory import sigma_of
+from helios_train.algorithms.rollout import calculate_mu
+from helios_train.algorithms.timesteps import seq_len_for
 
 # velocity(model_input x_t, t [B], x0, history) -> v  (prompt embeddings bound by the caller)
 Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

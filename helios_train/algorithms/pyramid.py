@@ -51,7 +51,7 @@ class PyramidConfig:
     # "separate" = one stock diffusers forward per segment; "batch_levels" = one stock forward per
     # level, same-level segments (the two mid draws of [1, 2, 1]) stacked on the batch axis;
     # "packed" = the official NaViT layout, one pass over all segments with per-segment
-    # self-attention (helios_train/stages/packed.py). bench/compute_per_chunk.py times all three.
+    # self-attention (helios_train/model/packed_forward.py). bench/compute_per_chunk.py times all three.
     execution: str = "separate"
 
     def __post_init__(self):

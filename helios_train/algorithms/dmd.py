@@ -10,7 +10,7 @@ Timesteps: generator u ~ Beta(1 + 3c, 1 + 0.5c), c = ½(1 + cos(π·min(step / a
 biased to high noise at the start, uniform after `anneal` (500) steps; critic u ~ U(0.001, 1). Both
 are shifted with the linear dynamic shift of the full-resolution chunk (μ = 1.919 at 48×80), scaled to
 t = 1000·σ', rounded and clamped to [20, 980]. σ(t) is then the nearest entry of the shifted 1000-entry
-table (helios_train/sigma_table.py), as the official `add_noise` / `convert_flow_pred_to_x0` look it up —
+table (helios_train/algorithms/sigma_table.py), as the official `add_noise` / `convert_flow_pred_to_x0` look it up —
 not t / 1000.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from helios_train.sigma_table import dmd_sigma, linear_shift
+from helios_train.algorithms.sigma_table import dmd_sigma, linear_shift
 
 
 @dataclass
@@ -43,7 +43,7 @@ class DMDConfig:
     rollout_steps: list[int] = field(default_factory=lambda: [2, 2, 2])
     amplify_first_chunk: bool = True
     # Official dmd_is_low_vram_mode: one frozen base on the GPU at a time, the other in pinned host memory
-    # (helios_train/low_vram.py). Not used under ZeRO-3, where every base is already partitioned 1/N per GPU.
+    # (helios_train/model/low_vram.py). Not used under ZeRO-3, where every base is already partitioned 1/N per GPU.
     low_vram: bool = False
 
 
