@@ -25,42 +25,9 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-_MODES = ("noise", "downsample", "random")
+from helios_train.config.choices import Degradation
+from helios_train.config.mechanisms import AntiDriftConfig  # noqa: F401  (the schema's; re-exported)
 
-
-@dataclass
-class AntiDriftConfig:
-    """History degradations; the official ``training_config`` key is named after each field."""
-
-    corrupt_history: bool = True  # corrupt_history: noise/blur the history (all stage 1–2 yamls: on)
-    mode: str = "noise"  # corrupt_mode_history: "noise" | "downsample" (blur) | "random"
-    random_noise_prob: float = 0.9  # corrupt_mode_prob_history: P(noise) when mode = "random", else blur
-    noise_ratio_short: float = 1 / 3  # noise_corrupt_ratio_history_short: σ ~ U(0, ·) for the x0 anchor
-    noise_ratio_mid: float = 1 / 3  # noise_corrupt_ratio_history_mid: newest 7 frames of the last window
-    noise_ratio_long: float = 1 / 3  # noise_corrupt_ratio_history_long: tail and all other window frames
-    clean_prob: float = 0.1  # noise_corrupt_clean_prob_history: P(history left clean), checked first
-    frame_independent: bool = True  # is_frame_independent_corrupt_history: σ per frame, else per segment
-    downsample_min: float = 0.9  # downsample_min_corrupt_ratio_history: blur r ~ U(min, max)
-    downsample_max: float = 1.0  # downsample_max_corrupt_ratio_history
-    saturation: bool = False  # is_add_saturation: colour-drift the history (x − μ)·s + μ
-    saturation_min: float = 0.3  # saturation_ratio_min: s ~ U(min, 0.999) or U(1.001, max), 50/50
-    saturation_max: float = 1.7  # saturation_ratio_max
-    saturation_clean_prob: float = 0.1  # saturation_ratio_clean_prob: P(a segment part is left as is)
-    # True reproduces the official stages 1–2, where saturation is never called (official
-    # prepare_stage{1,2}_noise_input), whatever `saturation` says. The official stage-3 rollout does run it.
-    official_saturation_noop: bool = False
-    corrupt_model_input: bool = False  # corrupt_model_input: degrade the clean target too (off everywhere)
-    # For corrupt_model_input only (official *_model_input keys; note the official order differs
-    # from the history's: mode first, and the clean draw happens only on the noise branch).
-    target_mode: str = "noise"
-    target_random_noise_prob: float = 0.9
-    target_noise_ratio: float = 1 / 3
-    target_clean_prob: float = 0.1
-    target_frame_independent: bool = False
-    target_downsample_min: float = 0.9
-    target_downsample_max: float = 1.0
-    # Our option: every decision per sample instead of per call (see the module docstring).
-    per_sample: bool = False
 
 
 class Segment(NamedTuple):
@@ -155,8 +122,7 @@ def _select(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.T
 
 
 def _check_mode(mode: str) -> None:
-    if mode not in _MODES:
-        raise ValueError(f"anti-drift mode must be one of {_MODES}, got {mode!r}")
+    Degradation(mode)  # a config built without the schema: an unknown name raises ValueError
 
 
 def corrupt_history(

@@ -21,30 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from helios_train.algorithms.sigma_table import dmd_sigma, linear_shift
-
-
-@dataclass
-class DMDConfig:
-    real_score_path: str = ""  # diffusers folder (or transformer folder) of the teacher: Helios-Base
-    critic_lora_rank: int = 256
-    critic_lr: float = 4.0e-7
-    critic_betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
-    critic_weight_decay: float = 1.0e-3
-    update_ratio: int = 5  # dfake_gen_update_ratio: the generator updates on steps % 5 == 0
-    # The generator's LR schedule: "own_updates" lays it over the generator's ceil(max_steps / update_ratio)
-    # updates (warm-up likewise in training steps), so it ends at the run's end; "official" (train_helios.py)
-    # steps a max_steps-long schedule once per generator update: it covers 1/update_ratio of it and its
-    # warm-up lasts update_ratio× longer (invisible with the recipes' constant schedule).
-    generator_schedule: str = "own_updates"
-    real_guidance_scale: float = 3.0  # teacher: cond + 3·(cond − neg) = classic CFG 4.0
-    anneal_steps: int = 500
-    t_min: int = 20
-    t_max: int = 980
-    rollout_steps: list[int] = field(default_factory=lambda: [2, 2, 2])
-    amplify_first_chunk: bool = True
-    # Official dmd_is_low_vram_mode: one frozen base on the GPU at a time, the other in pinned host memory
-    # (helios_train/model/low_vram.py). Not used under ZeRO-3, where every base is already partitioned 1/N per GPU.
-    low_vram: bool = False
+from helios_train.config.mechanisms import DMDConfig  # noqa: F401  (the schema's; re-exported)
 
 
 def beta_annealing(step: int, anneal_steps: int) -> tuple[float, float]:

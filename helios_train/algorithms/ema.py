@@ -20,14 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from helios_train.training.ema_shards import Layout, WholeOnEveryRank
-
-
-@dataclass
-class EMAConfig:
-    enabled: bool = False
-    decay: float = 0.99
-    update_after_step: int = 250  # official ema_start_step: 250 (ODE) / 750 (DMD)
-    sharded: bool = True  # each rank keeps 1/N of the EMA (official: its own ZeRO-3 engine)
+from helios_train.config.mechanisms import EMAConfig  # noqa: F401  (the schema's; re-exported)
 
 
 def ema_decay(step: int, cfg: EMAConfig) -> float:

@@ -36,37 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helios_train.model.fake_weights import same_mode_as
-
-
-@dataclass
-class GanConfig:
-    """`stage.gan` (official keys: is_use_gan, gan_start_step, gan_hooks, gan_*_weight, aprox_r1…)."""
-
-    enabled: bool = False
-    start_step: int = 1000  # no GAN forward/loss at all before this generator/critic step
-    blocks: list[int] = field(default_factory=lambda: [5, 15, 25, 35])  # 0-indexed, at reference_depth
-    reference_depth: int = 40  # depth `blocks` are written for; rescaled to the real depth
-    head_width: int = 768  # gan_cond_map_dim
-    g_weight: float = 0.05
-    d_weight: float = 0.01
-    r1_weight: float = 100.0
-    r1_sigma: float = 0.1
-    crop_fraction: float = 0.5  # 48×80 latents → 24×40
-    groups: int = 32  # GroupNorm groups in every head layer; head_width must be a multiple
-    # The critic's "real" sample: False = the critic section's own target (consistent with the history
-    # it is scored with); True = official pairing, the generator (primary) section's target with the
-    # critic (secondary) section's history (official `_critic_loss`, helios/utils/utils_helios_post.py).
-    real_from_primary: bool = False
-    # Before start_step the heads get no gradient. True = official: they sit in the critic's optimizer
-    # from step 0 with zero gradients (DeepSpeed's flat buffers), so AdamW applies weight decay and
-    # advances its step count — the first real update is bias-corrected as step start_step, not 1
-    # (about 25× larger at the official start 1000, β2 0.999). False = heads untouched until
-    # start_step (single/DDP only: DeepSpeed always holds zeros).
-    idle_head_updates: bool = True
-    # True: the heads compute in fp32 inside the stage's bf16 autocast (approximate R1 compares two nearly
-    # equal logits; bf16 rounding would dominate it). False = official: accelerate's bf16 autocast covers
-    # the heads' convolutions too (train_helios.py runs every forward under mixed_precision bf16).
-    fp32_heads: bool = True
+from helios_train.config.mechanisms import GanConfig  # noqa: F401  (the schema's; re-exported)
 
 
 def gan_active(cfg: GanConfig, step: int) -> bool:

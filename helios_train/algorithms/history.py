@@ -16,18 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
-
-@dataclass
-class HistoryConfig:
-    """History geometry (official ``history_sizes`` / ``latent_window_size`` / ``is_keep_x0``)."""
-
-    # Latent frames per term; sorted descending into long | mid | short-1× as the official
-    # `prepare_stage1_clean_input_from_latents` does, so the order written here does not matter.
-    history_sizes: list[int] = field(default_factory=lambda: [16, 2, 1])
-    latent_window_size: int = 9  # latent frames per generated chunk (33 pixel frames)
-    # Prepend the first-frame anchor x0 to the short term (official: always true, asserted by the loader).
-    keep_x0: bool = True
+from helios_train.config.mechanisms import HistoryConfig  # noqa: F401  (the schema's; re-exported)
 
 
 def _sizes(cfg: HistoryConfig) -> tuple[int, int, int]:

@@ -25,16 +25,10 @@ from helios_train.algorithms.history import HistoryConfig, assemble_history_samp
 from helios_train.sampling.ode_trajectory import sigma_of
 from helios_train.algorithms.rollout import calculate_mu
 from helios_train.algorithms.timesteps import seq_len_for
+from helios_train.config.mechanisms import OdeConfig  # noqa: F401  (the schema's; re-exported)
 
 # velocity(model_input x_t, t [B], x0, history) -> v  (prompt embeddings bound by the caller)
 Velocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class OdeConfig:
-    num_chunks: int = 3  # ode_num_latent_sections_min = max = 3
-    weight: float = 80.0  # ode_regression_weight
-    levels: int = 3
 
 
 def chunks_in(batch: dict) -> int:

@@ -32,35 +32,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from helios_train.config.mechanisms import PyramidConfig  # noqa: F401  (the schema's; re-exported)
 
 NUM_TRAIN_TIMESTEPS = 1000
 LOCAL_SIGMA_MAX = 0.999  # stage-local sigma table starts at 0.999 regardless of shift (init_sigmas_for_each_stage)
 CHOLESKY_JITTER = 1e-8  # same jitter diffusers adds; Sigma is singular (blocks sum to 0)
-
-
-@dataclass
-class PyramidConfig:
-    num_stages: int = 3
-    stage_range: list[float] = field(default_factory=lambda: [0.0, 1 / 3, 2 / 3, 1.0])
-    gamma: float = 1 / 3
-    shift: float = 1.0
-    # draws per level per sample (official stage2_sample_ratios): [1, 2, 1] in 2-init, [1, 1, 1] in 2-post
-    sample_ratios: list[int] = field(default_factory=lambda: [1, 1, 1])
-    table_source: str = "training"  # "training" (closed form, see module doc) or "diffusers" (HeliosScheduler)
-    # Mid-stage execution, all the same maths (helios_train/stages/mid.py):
-    # "separate" = one stock diffusers forward per segment; "batch_levels" = one stock forward per
-    # level, same-level segments (the two mid draws of [1, 2, 1]) stacked on the batch axis;
-    # "packed" = the official NaViT layout, one pass over all segments with per-segment
-    # self-attention (helios_train/model/packed_forward.py). bench/compute_per_chunk.py times all three.
-    execution: str = "separate"
-
-    def __post_init__(self):
-        if len(self.stage_range) != self.num_stages + 1:
-            raise ValueError("stage_range needs num_stages + 1 entries")
-        if len(self.sample_ratios) != self.num_stages:
-            raise ValueError("sample_ratios needs num_stages entries")
-        if self.table_source not in ("training", "diffusers"):
-            raise ValueError(f"table_source must be 'training' or 'diffusers', got {self.table_source!r}")
 
 
 @dataclass(frozen=True)

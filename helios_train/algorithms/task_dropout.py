@@ -20,22 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from helios_train.config.mechanisms import TaskDropoutConfig  # noqa: F401  (the schema's; re-exported)
 
 TASKS = ("t2v", "i2v", "v2v", "none")
-
-
-@dataclass
-class TaskDropoutConfig:
-    """Official keys ``is_random_drop`` / ``random_drop_{t2v,i2v,v2v}_ratio`` (official stage yamls)."""
-
-    enabled: bool = True  # official is_random_drop (on in stages 1, 2 and 3-post)
-    t2v_ratio: float = 0.4  # P(T2V) — drawn first
-    i2v_ratio: float = 0.0  # P(I2V | not T2V); the issue-#38 correction uses 0.1 (official correct.yaml)
-    v2v_ratio: float = 0.4  # P(V2V | neither); stage-3 post uses 0.5
-    # V2V drops tail + k·window oldest frames, k uniform over these (official: randint(0, Σ//window)).
-    v2v_k_choices: list[int] = field(default_factory=lambda: [0, 1, 2])
-    # False = official (one draw per call for the whole batch); True = one task per sample.
-    per_sample: bool = False
 
 
 def _uniform(generator: torch.Generator, n: int) -> torch.Tensor:

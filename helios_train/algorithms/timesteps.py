@@ -20,34 +20,14 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
-_SCHEMES = ("logit_normal", "uniform", "none")
-_SHIFT_TYPES = ("linear", "exponential")
+from helios_train.config.choices import TimeShift, WeightingScheme
+from helios_train.config.mechanisms import TimestepConfig  # noqa: F401  (the schema's; re-exported)
+
 # Cap of the exponential shift factor, s = exp(min(μ, ln 7)) ≤ 7: the official *native* helper
 # (helios/utils/utils_base.py `apply_schedule_shift`, exp_max=7) clamps like this. The
 # diffusers-style scheduler in the official repo (`_time_shift_exponential`) does not clamp;
 # at 384×640 (μ = 1.919 < ln 7 = 1.946) the two agree.
 _EXP_MAX = 7.0
-
-
-@dataclass
-class TimestepConfig:
-    """Timestep sampling of the flow-matching loss (official ``training_config`` keys of the stage yamls)."""
-
-    # "logit_normal": u = sigmoid(N(logit_mean, logit_std)) (stage 1); "uniform"/"none": u ~ U(0, 1)
-    # (stage 2 uses "none"; the loss weight is 1 for all three, official _flow_loss).
-    weighting_scheme: str = "logit_normal"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    num_train_timesteps: int = 1000
-    # Off in stages 1–2 (official stage_1/2 yamls); when on, σ' = s·σ / (1 + (s − 1)·σ), s from μ(seq_len).
-    use_dynamic_shifting: bool = False
-    # "linear": s = μ; "exponential": s = exp(min(μ, ln 7)). NOTE: the official stage-1 path
-    # (`prepare_stage1_noise_input`) always shifts linearly, ignoring this key; set "linear" to match.
-    time_shift_type: str = "linear"
-    base_seq_len: int = 256
-    max_seq_len: int = 4096
-    base_shift: float = 0.5
-    max_shift: float = 1.15
 
 
 def compute_mu(seq_len: int, cfg: TimestepConfig) -> float:
@@ -59,11 +39,9 @@ def compute_mu(seq_len: int, cfg: TimestepConfig) -> float:
 
 def shift_factor(mu: float, time_shift_type: str = "linear") -> float:
     """The SD3/Flux shift factor s for μ: μ itself ("linear") or exp(min(μ, ln 7)) ("exponential")."""
-    if time_shift_type == "linear":
+    if TimeShift(time_shift_type) == TimeShift.linear:  # (an unknown name raises ValueError)
         return float(mu)
-    if time_shift_type == "exponential":
-        return math.exp(min(float(mu), math.log(_EXP_MAX)))
-    raise ValueError(f"time_shift_type must be one of {_SHIFT_TYPES}, got {time_shift_type!r}")
+    return math.exp(min(float(mu), math.log(_EXP_MAX)))
 
 
 Number = Union[float, torch.Tensor]
@@ -102,8 +80,7 @@ def sample_training_sigmas(
     Same timestep for every frame of the chunk; history tokens are at t = 0 inside the model.
     ``seq_len`` (see ``seq_len_for``) is needed only when ``cfg.use_dynamic_shifting``.
     """
-    if cfg.weighting_scheme not in _SCHEMES:
-        raise ValueError(f"weighting_scheme must be one of {_SCHEMES}, got {cfg.weighting_scheme!r}")
+    WeightingScheme(cfg.weighting_scheme)  # a config built without the schema: an unknown name raises ValueError
     n = int(cfg.num_train_timesteps)
     # diffusers' helper treats every scheme but logit_normal/mode as uniform, as the official code does.
     u = compute_density_for_timestep_sampling(

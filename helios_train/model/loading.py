@@ -91,8 +91,6 @@ def load_transformer(model_cfg, trainables_cfg=None, device="cpu"):
     dtype = torch_dtype(model_cfg.weight_dtype)
     model, info = HeliosTransformer3DModel.from_pretrained(**kwargs, dtype=dtype, output_loading_info=True)
     policy = trainables_cfg.memory_patch_init if trainables_cfg is not None else "after_load"
-    if policy not in ("after_load", "official"):
-        raise ValueError(f"stage.trainables.memory_patch_init={policy!r}: expected after_load | official")
     if memory_patches_missing(info):
         # Starting from Wan2.1 (stage 1 init): the checkpoint has no memory patches. diffusers leaves
         # tensors it did not find on the meta device (no storage), so they are materialised here in

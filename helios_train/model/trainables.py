@@ -14,7 +14,6 @@ from torch import nn
 from helios_train.model.fake_weights import same_mode_as
 
 MEMORY_PATCHES = ("patch_short", "patch_mid", "patch_long")
-MODES = ("full", "lora", "frozen")
 
 
 def lora_targets(transformer: nn.Module, trainables_cfg) -> list[str]:
@@ -31,13 +30,6 @@ def lora_targets(transformer: nn.Module, trainables_cfg) -> list[str]:
     if trainables_cfg.memory_patches == "lora":
         names.extend(p for p in MEMORY_PATCHES if hasattr(transformer, p))
     return names
-
-
-def check_modes(trainables_cfg) -> None:
-    for key in ("patch_embedding", "memory_patches"):
-        value = getattr(trainables_cfg, key)
-        if value not in MODES:
-            raise ValueError(f"stage.trainables.{key}={value!r}: expected one of {MODES}")
 
 
 def _add_lora(transformer: nn.Module, trainables_cfg, adapter_name: str) -> None:
@@ -58,7 +50,6 @@ def _add_lora(transformer: nn.Module, trainables_cfg, adapter_name: str) -> None
 
 def apply_trainable_policy(transformer: nn.Module, trainables_cfg, adapter_name: str = "default") -> list[str]:
     """Freeze the base, add the LoRA adapter, unfreeze full-trained tensors. Returns trainable names."""
-    check_modes(trainables_cfg)
     transformer.requires_grad_(False)
     with same_mode_as(transformer):  # adapters on a fake (dry-run) model are fake too
         _add_lora(transformer, trainables_cfg, adapter_name)

@@ -339,7 +339,7 @@ def run_dry(cfg) -> dict:
     measured = measure(cfg)
     measured["seconds"] = time.perf_counter() - t0
     planned = plan(cfg)
-    rows, cpu = measured_rows(measured, planned["backend"], cfg.plan_gpus, cfg.launcher, cfg.stage.ema.sharded)
+    rows, cpu = measured_rows(measured, planned["backend"], cfg.plan_gpus, cfg.launcher, OmegaConf.select(cfg, "stage.ema.sharded", default=False))
     print(report(cfg, measured, planned, rows, cpu))
     total = sum(rows.values())
     lv = measured.get("low_vram") or {}
@@ -362,7 +362,7 @@ def comparison_table(cfgs: list, labels: list[str], backends=("ddp", "deepspeed_
         measured = measure(cfg)
         for backend in backends:
             planned = plan(cfg, backend)
-            rows, _ = measured_rows(measured, backend, cfg.plan_gpus, cfg.launcher, cfg.stage.ema.sharded)
+            rows, _ = measured_rows(measured, backend, cfg.plan_gpus, cfg.launcher, OmegaConf.select(cfg, "stage.ema.sharded", default=False))
             total = sum(rows.values())
             lines.append(f"| {label} | {backend} | {planned['rows']['activations'] / GB:.1f} | "
                          f"{rows['activations'] / GB:.1f} | {planned['total'] / GB:.1f} | {total / GB:.1f} | "

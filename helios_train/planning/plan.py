@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from omegaconf import OmegaConf
 
 from helios_train.planning.activation_memory import phase_peak, phases
 from helios_train.backends.sequence_groups import sequence_degree
@@ -224,7 +225,7 @@ def plan(cfg, backend: str | None = None) -> dict:
                          cfg.launcher.sequence_plan)
     low_vram = cfg.stage.name == "distilled" and cfg.stage.objective == "dmd" and cfg.stage.dmd.low_vram
     rows = per_gpu(roles, backend, cfg.plan_gpus, ema, model.config.num_layers, low_vram=low_vram,
-                   ema_sharded=cfg.stage.ema.sharded)
+                   ema_sharded=OmegaConf.select(cfg, "stage.ema.sharded", default=False))
     rows["activations"] = max(t["activations"] + t["gradients"] for t in transient.values())
     rows, cpu = apply_offload(rows, cfg.launcher, backend)
     return {"backend": backend, "rows": rows, "phases": transient, "roles": roles, "ema": ema,

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
+
+from helios_train.config import ConfigError
+from helios_train.config.keys import check_known_keys
 
 from helios_train.runtime import checkpoint as ckpt
 from helios_train.backends.sequence_groups import sequence_degree
@@ -19,7 +21,6 @@ from helios_train.data.shards import expand_shards
 from helios_train.data.readers import choose_layout
 from helios_train.backends.lockstep import params_sharded
 from helios_train.backends.run_shape import ShapeError, check_resume_shape, current_shape, saved_shape
-from helios_train.stages import check_stage_name
 from helios_train.training.tracking import redact
 
 log = logging.getLogger(__name__)
@@ -33,81 +34,11 @@ COMPAT_KEYS = (
     "data.mode", "data.shards", "data.shuffle_buffer", "data.seed", "data.min_chunks", "data.secondary_section",
     "trainer.seed", "trainer.seed_per_rank",
 )  # the cluster shape (world, accumulation, batch size, workers, backend) is checked by resume_shape.py
-CHOICES = {
-    "data.mode": ("latents", "raw", "ode_pairs"),
-    "trainer.device": ("auto", "cpu", "cuda"),
-    "launcher.name": ("single", "ddp", "deepspeed"),
-    "launcher.sequence_plan": ("split_once", "per_branch"),
-    "tracker.mode": ("online", "offline", "disabled"),
-    "stage.dmd.generator_schedule": ("own_updates", "official"),
-}
-
-
-class ConfigError(ValueError):
-    pass
-
-
-def unknown_keys(cfg: DictConfig, schema: DictConfig, prefix: str = "") -> list[str]:
-    """Keys of `cfg` that the structured schema does not have. Hydra lets `+key=value` / `++key=value` add
-    them (it opens the struct flag to append), and nothing would ever read them."""
-    out, known = [], set(schema.keys())  # (`key in schema` is False for a MISSING value)
-    for key in cfg.keys():
-        path = f"{prefix}{key}"
-        if key not in known:
-            out.append(path)
-            continue
-        node, spec = cfg._get_node(key), schema._get_node(key)
-        if isinstance(node, DictConfig) and isinstance(spec, DictConfig) and is_dataclass(OmegaConf.get_type(spec)):
-            out.extend(unknown_keys(node, spec, path + "."))
-    return out
-
-
-def _leaf_paths(schema: DictConfig, prefix: str = "") -> list[str]:
-    out = []
-    for key in schema.keys():
-        spec = schema._get_node(key)
-        if isinstance(spec, DictConfig) and is_dataclass(OmegaConf.get_type(spec)):
-            out.extend(_leaf_paths(spec, f"{prefix}{key}."))
-        else:
-            out.append(f"{prefix}{key}")
-    return out
-
-
-def nearest_key(path: str, schema: DictConfig) -> Optional[str]:
-    """The schema key a misspelled or misplaced `path` most likely meant: one with the same last name if any
-    (trainer.lr → trainer.optim.lr), else the closest spelling."""
-    import difflib
-
-    paths = _leaf_paths(schema)
-    leaf = path.rsplit(".", 1)[-1]
-    same_leaf = [p for p in paths if p.rsplit(".", 1)[-1] == leaf]
-    pool = same_leaf or paths
-    close = difflib.get_close_matches(path, pool, n=1, cutoff=0.0 if same_leaf else 0.6)
-    return close[0] if close else None
-
-
-def check_known_keys(cfg: DictConfig) -> None:
-    from helios_train.config import Config
-
-    schema = OmegaConf.structured(Config)
-    unknown = unknown_keys(cfg, schema)
-    if unknown:
-        hints = []
-        for path in unknown:
-            near = nearest_key(path, schema)
-            hints.append(f"  {path}" + (f" (did you mean {near}?)" if near else ""))
-        raise ConfigError("config keys that nothing reads (added with + or ++?):\n" + "\n".join(hints)
-                          + "\nSet an existing key without +, e.g. trainer.optim.lr=1e-4.")
 
 
 def validate(cfg: DictConfig, dry_run: bool = False) -> None:
     """Config rules checked before any work. `dry_run`: paths that only real weights need are not checked."""
-    check_known_keys(cfg)
-    check_stage_name(cfg.stage.name)
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r}: expected one of {list(allowed)}")
+    check_known_keys(cfg)  # (choices and types were checked when the config was composed: config/choices.py)
     tc = cfg.trainer
     for key in ("max_steps", "grad_accum_steps", "log_every", "checkpoint_every"):
         if getattr(tc, key) < 1:
@@ -148,8 +79,6 @@ def _validate_objective(cfg: DictConfig, dry_run: bool = False) -> None:
         if ode_data:
             raise ConfigError(f"data.mode=ode_pairs is for stage=distilled stage.objective=ode, not stage={cfg.stage.name}")
         return
-    if cfg.stage.objective not in ("dmd", "ode"):
-        raise ConfigError(f"stage.objective={cfg.stage.objective!r}: expected one of ['dmd', 'ode']")
     if (cfg.stage.objective == "ode") != ode_data:
         raise ConfigError(f"stage.objective={cfg.stage.objective} with data.mode={cfg.data.mode}: the ODE objective "
                           "needs ODE-pair shards (data=ode_pairs, helios_train/sampling/ode_pair_capture.py) and DMD needs video latents")

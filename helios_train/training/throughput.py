@@ -20,12 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-
-
-@dataclass
-class PerfConfig:
-    peak_tflops: float = 989.0  # per device; H100 SXM bf16 dense
-    count_flops: bool = True
+from helios_train.config.mechanisms import PerfConfig  # noqa: F401  (the schema's; re-exported)
 
 
 class Throughput:

@@ -1,62 +1,16 @@
-"""Structured config schema for every stage, registered in Hydra's ConfigStore.
-
-Why dataclasses: Hydra merges the YAML files of `conf/` into these typed nodes in struct mode, so a
-misspelled key (`trainer.lr_rate=1`) or a wrong type fails at start-up with Hydra's message naming
-the key, before any model is built. Mechanism-specific configs live next to their mechanism
-(`anti_drift.AntiDriftConfig`, `pyramid.PyramidConfig`, ...) and are composed here.
-"""
+"""The run's sections besides the stage: model, data, trainer (optimizer, debug drills, perf), launcher,
+validation, tracker. Dataclasses and enums only."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from helios_train.algorithms.anti_drift import AntiDriftConfig
-from helios_train.algorithms.dmd import DMDConfig
-from helios_train.algorithms.ema import EMAConfig
-from helios_train.algorithms.gan import GanConfig
-from helios_train.algorithms.ode_regression import OdeConfig
-from helios_train.algorithms.history import HistoryConfig
-from helios_train.algorithms.pyramid import PyramidConfig
-from helios_train.algorithms.task_dropout import TaskDropoutConfig
-from helios_train.training.throughput import PerfConfig
-from helios_train.algorithms.timesteps import TimestepConfig
-
-# The Hydra config tree (`conf/`); HELIOS_CONF_DIR points elsewhere (an installed copy, a user's own tree).
-CONF_DIR = os.environ.get("HELIOS_CONF_DIR", str(Path(__file__).resolve().parent.parent / "conf"))
-
-
-@dataclass
-class LoraConfig:
-    """PEFT LoRA on the transformer (official train_helios.py, `lora_layers: all-linear`): every nn.Linear
-    whose name has no "norm"."""
-
-    rank: int = 128
-    alpha: Optional[int] = None  # None = rank (scale 1, as the official recipes)
-    init: str = "gaussian"  # PEFT init_lora_weights: A ~ N(0, 1/r), B = 0
-    dropout: float = 0.0
-    target: str = "all-linear"
-    exclude: list[str] = field(default_factory=lambda: ["norm"])  # substrings of module names to skip
-
-
-@dataclass
-class TrainablesConfig:
-    """Which tensors a stage trains (official is_train_{full,lora}_patch_embedding and
-    is_train_{full,lora}_multi_term_memory_patch keys). Modes: "full" | "lora" | "frozen"."""
-
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    patch_embedding: str = "lora"
-    memory_patches: str = "full"  # patch_short / patch_mid / patch_long
-    # Only when the checkpoint has no memory patches (starting from Wan2.1):
-    # "after_load" copies the *loaded* patch_embedding into them (the intent of official
-    # initialize_weight_from_another_conv3d, our default);
-    # "official" derives them from a random patch embedding (the official order bug in
-    # HeliosTransformer3DModel.__init__, helios/modules/transformer_helios.py).
-    memory_patch_init: str = "after_load"
+from helios_train.config.choices import (DataMode, DeviceKind, LauncherName, LrScheduler, MixedPrecision,
+                                         ProcessGroupBackend, SequencePlan, ToySpec, TrackerMode, TrackerName,
+                                         WeightDtype)
+from helios_train.config.mechanisms import PerfConfig
 
 
 @dataclass
@@ -67,8 +21,8 @@ class ModelConfig:
     transformer_path: Optional[str] = None  # overrides <path>/<transformer_subfolder>
     transformer_subfolder: str = "transformer"
     build_toy: bool = False  # build the tiny random checkpoint at `path` when missing
-    toy_spec: str = "toy"  # which tiny architecture build_toy builds: toy | helios_14b_shape (helios_train/data/toy_checkpoint.py)
-    weight_dtype: str = "fp32"  # frozen base weights: fp32 | bf16 (trainables always fp32; helios_train/runtime/precision.py)
+    toy_spec: ToySpec = ToySpec.toy  # which tiny architecture build_toy builds: toy | helios_14b_shape (helios_train/data/toy_checkpoint.py)
+    weight_dtype: WeightDtype = WeightDtype.fp32  # frozen base weights: fp32 | bf16 (trainables always fp32; helios_train/runtime/precision.py)
     gradient_checkpointing: bool = False
     text_max_length: int = 512
     # Speed options (GPU runs; all work on CPU too): diffusers attention dispatcher backend
@@ -92,7 +46,7 @@ class ToyDataConfig:
 @dataclass
 class DataConfig:
     name: str = MISSING
-    mode: str = "latents"  # latents (pre-encoded shards) | raw (mp4 decoded + encoded online) | ode_pairs (stage 3 ODE)
+    mode: DataMode = DataMode.latents  # pre-encoded shards | raw mp4 (encoded online) | ode_pairs (stage 3 ODE)
     shards: str = MISSING  # brace pattern, glob or comma-separated list of .tar paths
     build_toy: bool = False
     toy: ToyDataConfig = field(default_factory=ToyDataConfig)
@@ -115,30 +69,12 @@ class DataConfig:
 
 
 @dataclass
-class StageConfig:
-    name: str = MISSING
-    history: HistoryConfig = field(default_factory=HistoryConfig)
-    timesteps: TimestepConfig = field(default_factory=TimestepConfig)
-    anti_drift: AntiDriftConfig = field(default_factory=AntiDriftConfig)
-    task_dropout: TaskDropoutConfig = field(default_factory=TaskDropoutConfig)
-    trainables: TrainablesConfig = field(default_factory=TrainablesConfig)
-    pyramid: PyramidConfig = field(default_factory=PyramidConfig)
-    # Distilled only: which objective trains the generator — "ode" (official stage_3_ode: regression
-    # onto Mid-teacher ODE pairs, data.mode=ode_pairs) or "dmd" (stage_3_post: DMD vs teacher/critic).
-    objective: str = "dmd"
-    ode: OdeConfig = field(default_factory=OdeConfig)
-    dmd: DMDConfig = field(default_factory=DMDConfig)
-    gan: GanConfig = field(default_factory=GanConfig)  # hierarchical GAN on the critic (stage_3_post_gan_version)
-    ema: EMAConfig = field(default_factory=EMAConfig)  # EMA of the generator's trainables (stage 3)
-
-
-@dataclass
 class OptimConfig:
     lr: float = 5e-5
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-4
     eps: float = 1e-8
-    lr_scheduler: str = "constant"  # any diffusers.optimization.get_scheduler name
+    lr_scheduler: LrScheduler = LrScheduler.constant  # diffusers.optimization.get_scheduler
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
 
@@ -159,8 +95,8 @@ class TrainerConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     # auto (bf16 autocast exactly when model.weight_dtype=bf16, the official setting) | no | bf16;
     # impossible combinations fail at start-up (helios_train/runtime/precision.py)
-    mixed_precision: str = "auto"
-    device: str = "auto"  # auto | cpu | cuda
+    mixed_precision: MixedPrecision = MixedPrecision.auto
+    device: DeviceKind = DeviceKind.auto
     seed: int = 43
     seed_per_rank: bool = True  # False = official behaviour: every rank draws the same noise/timesteps
     log_every: int = 1
@@ -185,8 +121,8 @@ class TrainerConfig:
 
 @dataclass
 class LauncherConfig:
-    name: str = "single"  # single | ddp | deepspeed
-    backend: str = "auto"  # process-group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    name: LauncherName = LauncherName.single
+    backend: ProcessGroupBackend = ProcessGroupBackend.auto  # auto: nccl on CUDA, gloo on CPU
     find_unused_parameters: bool = False
     # ddp: gradient bucket size (MB) of DDP's reducer and of our bucketed reduce for multi-forward roles
     bucket_cap_mb: float = 25.0
@@ -200,7 +136,7 @@ class LauncherConfig:
     ring_degree: int = 1
     # where the sequence is split: split_once (each rank's share of history and noisy tokens from the first block
     # to the last) | per_branch (diffusers' _cp_plan: inside every attn / FFN only); helios_train/model/sequence_parallel.py
-    sequence_plan: str = "split_once"
+    sequence_plan: SequencePlan = SequencePlan.split_once
 
 
 @dataclass
@@ -228,50 +164,8 @@ class ValidationConfig:
 
 @dataclass
 class TrackerConfig:
-    name: str = "wandb"
-    mode: str = "offline"  # online | offline | disabled
+    name: TrackerName = TrackerName.wandb
+    mode: TrackerMode = TrackerMode.offline
     project: str = "helios-train"
     entity: Optional[str] = None
     tags: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Config:
-    stage: StageConfig = field(default_factory=StageConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    launcher: LauncherConfig = field(default_factory=LauncherConfig)
-    tracker: TrackerConfig = field(default_factory=TrackerConfig)
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
-    run_name: str = MISSING
-    output_root: str = "checkpoints"
-    toy_root: str = "checkpoints/_toy"
-    # auto: continue from the newest complete checkpoint of this run if there is one;
-    # latest: same but fail if there is none; never: fail if the run dir already has checkpoints;
-    # or a path to a checkpoint-N directory.
-    resume: str = "auto"
-    # plan=true: print the per-GPU memory plan of this stage/model/launcher (meta device, no weights) and exit.
-    plan: bool = False
-    # dry_run=true: one real training step of this configuration at full size on fake tensors (no weights
-    # read, no memory allocated); prints measured vs planned memory per GPU (helios_train/planning/dry_run.py).
-    dry_run: bool = False
-    plan_gpus: int = 8
-    plan_gpu_memory_gb: float = 80.0
-
-
-def compose(overrides=()):
-    """The config `python -m helios_train <overrides>` runs, composed with Hydra's compose API (notebooks,
-    benches, tests): e.g. `compose(["experiment=stage_1_init", "model=helios_14b"])`."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
-
-
-def register_configs() -> None:
-    """Register the schema so `conf/config.yaml` can list it first in its defaults."""
-    cs = ConfigStore.instance()
-    cs.store(name="helios_schema", node=Config)
