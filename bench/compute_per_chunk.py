@@ -29,7 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from helios_train.algorithms.history import HistoryConfig, model_inputs  # noqa: E402
+from helios_train.algorithms.history import HistoryConfig  # noqa: E402
+from helios_train.model.inputs import model_inputs  # noqa: E402
 
 TOY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=32, freq_dim=32,
            ffn_dim=64, num_layers=2, rope_dim=(4, 6, 6))

@@ -90,6 +90,7 @@ def measure_variant(cfg, steps: int = 3, warmup: int = 2) -> dict:
     from helios_train.planning import dry_run as D
     from helios_train.model.fake_weights import RandomWeights, transformer_config
     from helios_train.model.loading import use_weights_source
+    from helios_train.training.callbacks.throughput import ThroughputCallback
     from helios_train.training.trainer import Trainer
 
     device = torch.device(cfg.trainer.device)
@@ -107,14 +108,15 @@ def measure_variant(cfg, steps: int = 3, warmup: int = 2) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         sync()
-        trainer.throughput.cfg.count_flops = False  # no counting inside the timed steps
+        meter = trainer.callback(ThroughputCallback).meter
+        meter.cfg.count_flops = False  # no counting inside the timed steps
         starts, counted = [time.perf_counter()], []
         for _ in range(steps):
             trainer.run_step([batch])
             trainer.step += 1
             sync()
             starts.append(time.perf_counter())
-            counted.append(trainer.throughput.step_flops)  # None: a kind of step the warm-up did not count
+            counted.append(meter.step_flops)  # None: a kind of step the warm-up did not count
         step_s = (starts[-1] - starts[0]) / steps
         known = [(f, b - a) for f, a, b in zip(counted, starts, starts[1:]) if f is not None]
         tokens = trainer.stage.tokens_per_sample(trainer.stage.prepare_batch(batch))

@@ -135,9 +135,8 @@ def worker(config: str, toy_root: Path, profile: bool) -> dict:
             prof.__enter__()
         t0 = time.perf_counter()
         logs = {}
-        for phase, name in enumerate(stage.phases(trainer.step)):  # the step body of Trainer.train
-            logs.update(trainer._update_role(name, batches, phase))
-        stage.after_step(trainer.step, stage.phases(trainer.step))
+        logs, updated = trainer.run_phases(batches)  # the step body of Trainer.run_step
+        trainer.finish_step(updated)
         if cuda:
             torch.cuda.synchronize()
         out["step_s"] = time.perf_counter() - t0
@@ -175,8 +174,10 @@ def _state_bytes(trainer) -> dict:
            "trainables": size(p for p in params if p.requires_grad),
            "AdamW state": size(v for r in trainer.roles.values() for s in r.optimizer.state.values()
                                for v in s.values() if hasattr(v, "untyped_storage"))}
-    ema = getattr(trainer.stage, "ema", None)
-    out["EMA"] = size(ema.shadow.values()) if ema is not None else 0.0
+    from helios_train.training.callbacks.ema import EMACallback
+
+    ema = trainer.callback(EMACallback)
+    out["EMA"] = size(ema.ema.shadow.values()) if ema is not None else 0.0
     return out
 
 

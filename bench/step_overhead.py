@@ -103,7 +103,8 @@ def bare(root: Path, steps: int, h: int, w: int, text_dim: int) -> list[float]:
     from diffusers import HeliosTransformer3DModel
     from peft import LoraConfig
 
-    from helios_train.algorithms.history import HistoryConfig, model_inputs
+    from helios_train.algorithms.history import HistoryConfig
+    from helios_train.model.inputs import model_inputs
 
     model = HeliosTransformer3DModel.from_pretrained(root / "model", subfolder="transformer")
     model.requires_grad_(False)

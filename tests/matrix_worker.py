@@ -34,6 +34,7 @@ def role_summary(trainer) -> dict:
 def run_one(overrides: list[str]) -> dict:
     from conftest import compose
     from helios_train.__main__ import build_trainer
+    from helios_train.training.callbacks.ema import EMACallback
     from helios_train.training.tracking import read_metrics
 
     cfg = compose(overrides)
@@ -46,7 +47,7 @@ def run_one(overrides: list[str]) -> dict:
     return {"step": result["step"], "losses": losses, "finite": bool(losses) and all(map(math.isfinite, losses)),
             "mixed_precision": str(cfg.trainer.mixed_precision), "roles": role_summary(trainer),
             "run_dir": str(trainer.run_dir),
-            "ema": getattr(trainer.stage, "ema", None) is not None,
+            "ema": trainer.callback(EMACallback) is not None,
             "onloaded_gb": sum(m.get("low_vram/onloaded_gb", 0.0) for m in metrics)}
 
 

@@ -24,7 +24,8 @@ def main() -> None:
     from diffusers import HeliosTransformer3DModel
     from torch.distributed.device_mesh import init_device_mesh
 
-    from helios_train.algorithms.history import HistoryConfig, model_inputs
+    from helios_train.algorithms.history import HistoryConfig
+    from helios_train.model.inputs import model_inputs
     from helios_train.model import sequence_parallel as sp
 
     out, model_dir, modes = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(",")

@@ -95,7 +95,7 @@ def test_distilled_objective_and_data_must_agree_before_work(tmp_path):
     with pytest.raises(ConfigError, match="stage.ema.sharded=false with launcher.zero_stage=3"):
         validate(compose(["stage=distilled", f"stage.dmd.real_score_path={tmp_path}", "launcher=deepspeed_zero3",
                           "stage.ema.sharded=false"]))
-    # the EMA under ZeRO-3 is the sharded one (helios_train/training/ema_shards.py): valid
+    # the EMA under ZeRO-3 is the sharded one (helios_train/backends/ema_shards.py): valid
     validate(compose(["stage=distilled", f"stage.dmd.real_score_path={tmp_path}", "launcher=deepspeed_zero3"]))
     with pytest.raises(ConfigError, match="idle_head_updates=false needs launcher=single"):
         validate(compose(["stage=distilled", f"stage.dmd.real_score_path={tmp_path}", "launcher=deepspeed_zero2",

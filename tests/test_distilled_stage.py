@@ -19,10 +19,11 @@ def dmd_overrides(toy_root, export):
 
 
 def test_critic_equals_teacher_at_init_and_teacher_ignores_critic_updates(toy_root, base_export):
-    from helios_train.algorithms.history import HistoryConfig, model_inputs
-    from helios_train.stages.distilled import DistilledStage
+    from helios_train.algorithms.history import HistoryConfig
+    from helios_train.model.inputs import model_inputs
+    from helios_train.stages.dmd import DmdStage
 
-    stage = DistilledStage(compose(dmd_overrides(toy_root, base_export)), torch.device("cpu"))
+    stage = DmdStage(compose(dmd_overrides(toy_root, base_export)), torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     inp = model_inputs(torch.randn(1, 4, 9, 8, 16, generator=g), torch.randn(1, 4, 1, 8, 16, generator=g),
                        torch.randn(1, 4, 19, 8, 16, generator=g), torch.tensor([500.0]),
@@ -108,7 +109,7 @@ def test_gan_only_from_start_step_runs_past_it_and_resumes_exactly(toy_root, bas
     h2, h4 = heads(2), heads(4)
     assert h2 and any(not torch.equal(h2[k], h4[k]) for k in h2)  # trained once active
     split = read_metrics(tmp_path / "split")
-    # The resumed run keeps the checkpointed FLOP counts (helios_train/training/throughput.py): it counts exactly the steps
+    # The resumed run keeps the checkpointed FLOP counts (helios_train/training/callbacks/throughput.py): it counts exactly the steps
     # the uninterrupted run counted (a count perturbs that step's kernels, which would break the exact resume
     # below) and logs the same per-step FLOPs.
     assert [m.get("perf/step_tflop") for m in split[3:]] == [m.get("perf/step_tflop") for m in hist[3:]]
@@ -124,13 +125,15 @@ def test_gan_only_from_start_step_runs_past_it_and_resumes_exactly(toy_root, bas
 
 
 def test_gan_heads_are_untouched_before_start(toy_root, base_export):
-    from helios_train.stages.distilled import DistilledStage
+    from helios_train.stages.dmd import DmdStage
 
-    stage = DistilledStage(compose(dmd_overrides(toy_root, base_export) + GAN), torch.device("cpu"))
+    stage = DmdStage(compose(dmd_overrides(toy_root, base_export) + GAN), torch.device("cpu"))
     names = [n for n, p in stage.critic.named_parameters() if p.requires_grad]
     assert any(n.startswith("gan_heads.") for n in names) and any("lora" in n for n in names)
     assert not any("lora" in n for n in names if n.startswith("gan_heads."))  # heads are plain, not LoRA-wrapped
-    assert stage.role_specs()["critic"].multi_forward  # two forwards with grad per critic loss
+    from helios_train.runtime.roles import Calls
+
+    assert stage.role_specs()["critic"].calls == Calls.SEVERAL  # two forwards with grad per critic loss
 
 
 def torchrun_dmd(toy_root, export, out, launcher, *overrides):
@@ -173,11 +176,11 @@ def test_dmd_runs_on_two_processes(toy_root, base_export, tmp_path, launcher):
     from safetensors.torch import load_file
 
     from helios_train.runtime.checkpoint import trainable_state
-    from helios_train.stages.distilled import DistilledStage
+    from helios_train.stages.dmd import DmdStage
 
     cfg = compose(dmd_overrides(toy_root, base_export) + GAN)
     torch.manual_seed(cfg.trainer.seed)  # as the trainer does before building the stage
-    init = {k: v for k, v in trainable_state(DistilledStage(cfg, torch.device("cpu")).critic).items()
+    init = {k: v for k, v in trainable_state(DmdStage(cfg, torch.device("cpu")).critic).items()
             if k.startswith("gan_heads.")}
     before = load_file(str(tmp_path / "dmdds/checkpoint-2/critic.trainable.safetensors"))
     after = load_file(str(ckpt / "critic.trainable.safetensors"))
@@ -211,7 +214,7 @@ def test_zero3_dmd_equals_ddp_when_ranks_run_different_samplers(toy_root, base_e
     Unpadded, such a step hung in its backward. With helios_train/backends/lockstep.py it runs, and — padding
     being discarded forwards and zero-weighted graphs — it trains exactly like DDP (GAN included).
 
-    The same runs check the generator EMA sharded over the 2 ranks (helios_train/training/ema_shards.py): under ZeRO-3
+    The same runs check the generator EMA sharded over the 2 ranks (helios_train/backends/ema_shards.py): under ZeRO-3
     each rank averages its partition of every trainable tensor; gathered into the checkpoint it equals the EMA
     one process computes on whole tensors from the same live weights (recomputed here from every step's
     checkpoint with helios_train/algorithms/ema.py's rule), a ZeRO-3 run resumed at step 2 ends with exactly the same EMA,
@@ -261,11 +264,11 @@ def test_zero3_dmd_equals_ddp_when_ranks_run_different_samplers(toy_root, base_e
     # Before stage.gan.start_step (2) no rank gives the heads a gradient; officially (ZeRO's flat buffers hold
     # zeros) AdamW steps them on zeros, so only the weight decay (1e-3 · lr) moves them from their init.
     from helios_train.runtime.checkpoint import trainable_state
-    from helios_train.stages.distilled import DistilledStage
+    from helios_train.stages.dmd import DmdStage
 
     cfg = compose(dmd_overrides(toy_root, base_export) + GAN)
     torch.manual_seed(cfg.trainer.seed)  # as the trainer does before building the stage
-    init = {k: v for k, v in trainable_state(DistilledStage(cfg, torch.device("cpu")).critic).items()
+    init = {k: v for k, v in trainable_state(DmdStage(cfg, torch.device("cpu")).critic).items()
             if k.startswith("gan_heads.")}
     idle = load_file(str(tmp_path / "z3/checkpoint-2/critic.trainable.safetensors"))
     assert init and set(init) <= set(idle)
@@ -285,7 +288,7 @@ def test_critic_reads_the_secondary_section(toy_root):
 
     from helios_train.data.samples import latent_sample
     from helios_train.algorithms.history import HistoryConfig
-    from helios_train.stages.distilled import critic_section
+    from helios_train.stages.dmd import critic_section
 
     cfg = compose([f"toy_root={toy_root}", "stage=distilled"])
     assert cfg.data.secondary_section
@@ -351,7 +354,7 @@ def test_generator_lr_schedule_spans_its_own_updates(toy_root, base_export, tmp_
     """The generator updates once per update_ratio steps: its schedule is laid out over those updates, so a
     linear decay reaches its final LR (0) at the run's last generator update, as the critic's does at the last
     step. stage.dmd.generator_schedule=official keeps the official max_steps-long schedule."""
-    from helios_train.stages.distilled import DistilledStage
+    from helios_train.stages.dmd import DmdStage
 
     train(toy_root, tmp_path, dmd_overrides(toy_root, base_export)[1:] + [
         "stage.dmd.update_ratio=3", "trainer.max_steps=6", "trainer.log_every=1", "trainer.optim.lr_scheduler=linear",
@@ -360,7 +363,7 @@ def test_generator_lr_schedule_spans_its_own_updates(toy_root, base_export, tmp_
     gen = [m["generator/lr"] for m in rows if "generator/lr" in m]  # the LR after each update
     critic = [m["critic/lr"] for m in rows if "critic/lr" in m]
     assert gen == pytest.approx([0.5e-4, 0.0]) and len(critic) == 6 and critic[-1] == 0.0
-    official = DistilledStage(compose(dmd_overrides(toy_root, base_export) + ["stage.dmd.generator_schedule=official",
+    official = DmdStage(compose(dmd_overrides(toy_root, base_export) + ["stage.dmd.generator_schedule=official",
                                                                              "stage.dmd.update_ratio=3"]),
                               torch.device("cpu"))
     assert official.role_specs()["generator"].update_every == 1
@@ -369,9 +372,9 @@ def test_generator_lr_schedule_spans_its_own_updates(toy_root, base_export, tmp_
 def test_first_chunk_sampler_is_one_decision_per_batch_after_conditioning(toy_root, base_export):
     """Official rule: the amplified sampler only when every history tensor of the batch (anchor included) is zero
     after task dropout and corruption — a batch mixing a T2V sample with a V2V one is not amplified."""
-    from helios_train.stages.distilled import DistilledStage
+    from helios_train.stages.dmd import DmdStage
 
-    stage = DistilledStage(compose(dmd_overrides(toy_root, base_export)), torch.device("cpu"))
+    stage = DmdStage(compose(dmd_overrides(toy_root, base_export)), torch.device("cpu"))
     zeros_x0, zeros_h = torch.zeros(2, 4, 1, 8, 16), torch.zeros(2, 4, 19, 8, 16)
     assert stage._amplified(zeros_x0, zeros_h)
     mixed = zeros_h.clone()

@@ -1,4 +1,4 @@
-"""Tests for helios_train.algorithms.gan: the critic's hierarchical GAN heads (official `Discriminator3DHead`,
+"""Tests for helios_train.algorithms.gan and helios_train.model.gan_taps: the critic's hierarchical GAN heads (official `Discriminator3DHead`,
 helios/modules/transformer_helios.py; GAN losses: `_critic_loss`, `_generator_loss` in utils_helios_post.py)."""
 import os
 
@@ -9,11 +9,12 @@ import torch
 from diffusers import HeliosTransformer3DModel
 
 from helios_train.algorithms.gan import (
-    Discriminator3DHead, DiscriminatorHeads, GanConfig, approximate_r1, attach_gan_heads, critic_gan_logits,
-    discriminator_gan_loss, gan_active, generator_gan_loss, input_gradient_loss, perturb, random_spatial_crop,
-    scaled_blocks, tap_noisy_hidden_states,
+    Discriminator3DHead, DiscriminatorHeads, GanConfig, approximate_r1, discriminator_gan_loss, gan_active,
+    generator_gan_loss, input_gradient_loss, perturb, random_spatial_crop, scaled_blocks,
 )
-from helios_train.algorithms.history import HistoryConfig, model_inputs
+from helios_train.model.gan_taps import attach_gan_heads, critic_gan_logits, tap_noisy_hidden_states
+from helios_train.algorithms.history import HistoryConfig
+from helios_train.model.inputs import model_inputs
 
 # Toy geometry (helios_train/data/toy_checkpoint.py) with 4 blocks so that all 4 hook heads exist.
 TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=32,

@@ -10,9 +10,8 @@ import pytest
 import torch
 from diffusers import HeliosTransformer3DModel
 
-from helios_train.algorithms.history import (
-    HistoryConfig, assemble_history_sample, frame_indices, model_inputs, split_history, token_counts,
-)
+from helios_train.algorithms.history import HistoryConfig, assemble_history_sample
+from helios_train.model.inputs import frame_indices, model_inputs, split_history, token_counts
 
 TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=32,
             freq_dim=32, ffn_dim=64, num_layers=2, rope_dim=(4, 6, 6))

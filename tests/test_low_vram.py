@@ -53,7 +53,7 @@ def test_toy_dmd_gan_with_low_vram_equals_the_run_without_it(toy_root, base_expo
     the critic phase, generator for the next step), a critic-only step 2."""
     from safetensors.torch import load_file
 
-    from helios_train.stages.distilled import DistilledStage
+    from helios_train.stages.dmd import DmdStage
 
     common = dmd_overrides(toy_root, base_export)[1:] + GAN + ["stage.ema.update_after_step=1", "trainer.max_steps=6",
                                                                "trainer.checkpoint_every=6"]
@@ -68,7 +68,7 @@ def test_toy_dmd_gan_with_low_vram_equals_the_run_without_it(toy_root, base_expo
     for f in ("generator.trainable", "critic.trainable", "generator.ema"):
         a, b = (load_file(str(tmp_path / run / "checkpoint-6" / f"{f}.safetensors")) for run in ("on", "off"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
-    stage = DistilledStage(compose(dmd_overrides(toy_root, base_export) + GAN), torch.device("cpu"))
+    stage = DmdStage(compose(dmd_overrides(toy_root, base_export) + GAN), torch.device("cpu"))
     gb = {k: v / 1e9 for k, v in stage.residency.bytes.items()}
     per_step = [m["low_vram/onloaded_gb"] for m in on]
     expected = [2 * gb["generator"] + 2 * gb["critic"] if m["step"] % 5 == 1 else gb["generator"] + gb["critic"]
@@ -81,11 +81,14 @@ def test_gan_generator_loss_keeps_only_the_input_gradient(toy_root, base_export)
     """Official is_gan_low_vram_mode: the critic's graph of L_G is differentiated at once and freed; what stays
     alive for the generator backward is one tensor the size of the GAN crop (∂L_G/∂x). Measured with autograd's
     saved-tensor hooks: everything the L_G computation saved, and what of it is still alive when it returns."""
-    from helios_train.stages.distilled import DistilledStage
+    from helios_train.stages.dmd import DmdStage
 
     cfg = compose(dmd_overrides(toy_root, base_export) + GAN + ["stage.gan.start_step=0"])
-    stage = DistilledStage(cfg, torch.device("cpu"))
-    stage.bind({name: _Prepared(spec.module) for name, spec in stage.role_specs().items()})
+    stage = DmdStage(cfg, torch.device("cpu"))
+    from helios_train.runtime.roles import FrozenRole
+
+    stage.bind({name: _Prepared(spec.module) if spec.trainable else FrozenRole(name, spec.module, spec.adapters)
+                for name, spec in stage.role_specs().items()})
     saved, existing = [], set()
 
     def pack(t):  # tensors that existed before L_G (weights, inputs) are alive anyway: not L_G's cost

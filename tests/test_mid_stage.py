@@ -77,7 +77,7 @@ def test_every_segment_sees_the_same_conditioned_history(toy_root):
         for k, v in seen[0].items():
             assert torch.equal(v, other[k])
     x0, history, _ = stage.condition(batch, torch.Generator().manual_seed(11))  # same draws, same order
-    from helios_train.algorithms.history import split_history
+    from helios_train.model.inputs import split_history
 
     short, mid, long_ = split_history(x0, history, stage.cfg.stage.history)
     assert torch.equal(seen[0]["latents_history_short"], short) and torch.equal(seen[0]["latents_history_long"], long_)
@@ -89,7 +89,9 @@ def test_mid_token_budget_from_real_patch_layers():
     memory patches; 2-init = 23100, 2-post = 18540."""
     from diffusers import HeliosTransformer3DModel
 
-    from helios_train.algorithms.history import HistoryConfig, _run_patch, token_counts
+    from helios_train.algorithms.history import HistoryConfig
+    from helios_train.model.inputs import _run_patch
+    from helios_train.model.inputs import token_counts
     from helios_train.algorithms.pyramid import level_token_counts
 
     with torch.device("meta"):
@@ -103,7 +105,7 @@ def test_mid_token_budget_from_real_patch_layers():
 
 
 def test_tokens_per_sample_counts_every_segment(toy_root):
-    from helios_train.algorithms.history import token_counts
+    from helios_train.model.inputs import token_counts
 
     stage = mid_stage(toy_root)
     hist = token_counts(stage.transformer, (8, 16), stage.cfg.stage.history)["history"]
@@ -160,7 +162,7 @@ def test_packed_attention_is_block_diagonal(toy_root):
 
 
 def test_packed_processor_leaves_the_stock_forward_unchanged(toy_root):
-    from helios_train.algorithms.history import model_inputs
+    from helios_train.model.inputs import model_inputs
     from helios_train.model.packed_forward import SegmentAttnProcessor, install_segment_attention
 
     stage = mid_stage(toy_root)

@@ -13,7 +13,7 @@ from conftest import compose, train
 from helios_train.algorithms.history import HistoryConfig
 from helios_train.sampling.ode_trajectory import recording_scheduler, sigma_of
 from helios_train.algorithms.ode_regression import OdeConfig, ode_regression_loss
-from helios_train.algorithms.rollout import calculate_mu
+from helios_train.algorithms.timesteps import calculate_mu
 from helios_train.training.tracking import read_metrics
 
 # official get_ode-pairs.py `selected_target_timesteps`: the student's timesteps at 384×640 (level-0 latents 12×20), amplified chunk 0 and later chunks

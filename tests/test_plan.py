@@ -43,7 +43,7 @@ def test_gan_heads_priced_as_the_stage_builds_them(toy_root):
     """The planner's GAN-head count equals the heads the Distilled stage attaches to a real toy critic."""
     from diffusers import HeliosTransformer3DModel
 
-    from helios_train.algorithms.gan import attach_gan_heads
+    from helios_train.model.gan_taps import attach_gan_heads
     from helios_train.planning.plan import count_role, dmd_policies, gan_head_params
 
     cfg = compose([f"toy_root={toy_root}", "stage=distilled", "stage.gan.enabled=true", "stage.gan.head_width=32",

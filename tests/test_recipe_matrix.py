@@ -48,7 +48,7 @@ def recipe_overrides(recipe: str, toy_root: Path, assets: dict, out: Path, launc
         o += [f"data.shards={assets['ode']}/ode-*.tar", "data.latent_height=8", "data.latent_width=16"]
     if cfg.stage.name == "distilled" and cfg.stage.objective == "dmd":
         o += [f"stage.dmd.real_score_path={assets['model']}", f"stage.dmd.critic_lora_rank={scaled(cfg.stage.dmd.critic_lora_rank)}"]
-    if cfg.stage.gan.enabled:
+    if cfg.stage.name == "distilled" and cfg.stage.gan.enabled:
         # The GAN from step 0 (the recipe's 1000 is past a 2-step run); head width 768 scaled, a multiple of 32.
         o += ["stage.gan.start_step=0", "stage.gan.head_width=64"]
     return o

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helios_train.algorithms.history import HistoryConfig, model_inputs
+from helios_train.algorithms.history import HistoryConfig
+from helios_train.model.inputs import model_inputs
 from helios_train.algorithms.rollout import pyramid_rollout
 from helios_train.sampling.variants import build_pipeline
 
@@ -51,7 +52,7 @@ def test_training_sampler_feeds_the_official_float_timesteps_and_table_sigmas(di
     """The official training rollout (utils_helios_post.py) feeds int64 ones × the float t (998.53, not 998)
     and takes σ of t and of the next t from the level's μ-shifted table (convert_flow_pred_to_x0 / add_noise).
     μ from each level's own resolution: 998.5/834.0, 742.8/547.2, 385.4/254.0 at 48×80."""
-    from helios_train.algorithms.rollout import calculate_mu
+    from helios_train.algorithms.timesteps import calculate_mu
     from helios_train.algorithms.sigma_table import level_table, nearest_sigma
 
     seen, xs = [], []

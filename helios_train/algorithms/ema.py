@@ -5,7 +5,7 @@ k = max(0, step − update_after_step − 1); the decay is 0 (a plain copy) whil
 min((1 + k) / (10 + k), max_decay) after, reaching 0.99 about 890 EMA steps after the start. Only
 trainable tensors are averaged (LoRA + extras; the frozen base is shared with the live model), in fp32.
 
-Where the averaged tensors live (helios_train/training/ema_shards.py): with `stage.ema.sharded=true` (default) each
+Where the averaged tensors live (`Layout`; the sharded layouts: helios_train/backends/ema_shards.py): with `stage.ema.sharded=true` (default) each
 rank keeps the EMA of 1/N of the trainables — under ZeRO-3 the slice of every parameter that rank's
 partition holds, otherwise whole tensors assigned to ranks by size — as the official EMA does in its own
 ZeRO-3 engine; `sharded=false` keeps a whole copy on every rank (not possible under ZeRO-3). Either way
@@ -15,17 +15,45 @@ rank its slice again, and `python -m helios_train.sampling.export --ema` reads t
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 
-from helios_train.training.ema_shards import Layout, WholeOnEveryRank
 from helios_train.config.mechanisms import EMAConfig  # noqa: F401  (the schema's; re-exported)
 
 
 def ema_decay(step: int, cfg: EMAConfig) -> float:
     k = max(0, step - cfg.update_after_step - 1)
     return 0.0 if k <= 0 else min((1 + k) / (10 + k), cfg.decay)
+
+
+class Layout:
+    """Where a rank's share of the EMA lives; this base: whole tensors on every rank. Sharded layouts subclass it
+    (helios_train/backends/ema_shards.py)."""
+
+    def assign(self, params: dict[str, torch.nn.Parameter]) -> None:
+        self.shapes = {n: tuple(p.shape) for n, p in params.items()}
+
+    def owns(self, name: str) -> bool:
+        return True
+
+    def local(self, param: torch.nn.Parameter) -> torch.Tensor:
+        return param.data
+
+    def gather(self, shadow: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: t.detach().cpu().contiguous() for n, t in shadow.items()}
+
+    def for_rendering(self, shadow: dict[str, torch.Tensor], renders: bool) -> dict[str, torch.Tensor]:
+        return shadow if renders else {}
+
+    def local_from_whole(self, name: str, whole: torch.Tensor) -> torch.Tensor:
+        if tuple(whole.shape) != self.shapes[name]:
+            raise ValueError(f"EMA tensor {name}: shape {tuple(whole.shape)} in the checkpoint, {self.shapes[name]} "
+                             "in the model (a different LoRA rank or model?)")
+        return whole
+
+
+class WholeOnEveryRank(Layout):
+    """Every rank averages every trainable tensor (one process, or `stage.ema.sharded=false`)."""
 
 
 class EMA:

@@ -113,6 +113,16 @@ def _levels_diffusers(cfg: PyramidConfig) -> list[PyramidLevel]:
     return levels
 
 
+def renoise_coefficients(orig_start_sigma: float, gamma: float) -> tuple[float, float]:
+    """(alpha, beta) of the upsample + re-noise into a stage (official ``HeliosPipeline.stage2_sample``): a = 1 -
+    the stage's raw start sigma, alpha = 1/(sqrt(1+1/gamma)(1-a) + a), beta = alpha(1-a)/sqrt(gamma). alpha*a
+    equals the corrected start's signal coefficient 1 - start_sigma_k, so inference lands on the training start
+    point of ``prepare_stage2_clean_input``. Used by the Mid inference path and the few-step rollout alike."""
+    a = 1.0 - float(orig_start_sigma)
+    alpha = 1.0 / (math.sqrt(1 + 1 / gamma) * (1 - a) + a)
+    return alpha, alpha * (1 - a) / math.sqrt(gamma)
+
+
 class PyramidSchedule:
     """Per-level sigma/timestep tables plus the renoise coefficients between levels."""
 
@@ -130,16 +140,10 @@ class PyramidSchedule:
         return self.config.gamma
 
     def renoise_coefficients(self, k: int) -> tuple[float, float]:
-        """(alpha, beta) for entering stage k > 0 (official ``HeliosPipeline.stage2_sample``): a = 1 - orig
-        start sigma_k, alpha = 1/(sqrt(1+1/gamma)(1-a) + a), beta = alpha(1-a)/sqrt(gamma). alpha*a equals the
-        corrected start's signal coefficient 1 - start_sigma_k, so inference lands on the training
-        start point of ``prepare_stage2_clean_input``."""
+        """(alpha, beta) for entering stage k > 0 (module function `renoise_coefficients`)."""
         if not 0 < k < self.num_stages:
             raise ValueError(f"renoise only exists for stages 1..{self.num_stages - 1}, got {k}")
-        a = 1.0 - self.levels[k].orig_start_sigma
-        g = self.gamma
-        alpha = 1.0 / (math.sqrt(1 + 1 / g) * (1 - a) + a)
-        return alpha, alpha * (1 - a) / math.sqrt(g)
+        return renoise_coefficients(self.levels[k].orig_start_sigma, self.gamma)
 
     def timestep_for_sigma(self, k: int, sigma: torch.Tensor | float) -> torch.Tensor:
         """Global timestep of a (possibly dynamically shifted) stage-local sigma (official dynamic-shift
@@ -285,14 +289,22 @@ def block_noise(shape, gamma: float = 1 / 3, generator: torch.Generator | None =
     return n.to(device) if device is not None else n
 
 
+def renoised_upsample(x: torch.Tensor, orig_start_sigma: float, gamma: float,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Enter a stage from the previous stage's output (official ``HeliosPipeline.stage2_sample``): nearest x2,
+    then α·x + β·block_noise with the stage's `renoise_coefficients`. The Mid sampler and the few-step rollout
+    (helios_train/algorithms/rollout.py) both enter their levels here."""
+    alpha, beta = renoise_coefficients(orig_start_sigma, gamma)
+    up = nearest_up2(x)
+    return alpha * up + beta * block_noise(tuple(up.shape), gamma, generator, dtype=up.dtype, device=up.device)
+
+
 def upsample_renoise(x: torch.Tensor, k: int, schedule: PyramidSchedule,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """Enter stage k from stage k-1's output (official ``HeliosPipeline.stage2_sample``): nearest x2, then
-    α·x + β·block_noise."""
-    alpha, beta = schedule.renoise_coefficients(k)
-    up = nearest_up2(x)
-    noise = block_noise(up.shape, schedule.gamma, generator, dtype=up.dtype, device=up.device)
-    return alpha * up + beta * noise
+    """Enter stage k > 0 of `schedule` from stage k-1's output (`renoised_upsample`)."""
+    if not 0 < k < schedule.num_stages:
+        raise ValueError(f"renoise only exists for stages 1..{schedule.num_stages - 1}, got {k}")
+    return renoised_upsample(x, schedule.levels[k].orig_start_sigma, schedule.gamma, generator)
 
 
 def level_token_counts(latent_hw: tuple[int, int], num_frames: int, patch=(1, 2, 2),

@@ -8,8 +8,8 @@ helios_train/algorithms/pyramid.py's float64 block noise; under no_grad it repro
 helios/utils/utils_helios_post.py, the stage-2 loop of the generator rollout; HeliosPyramidPipeline in
 diffusers / official helios/diffusers_version/pipeline_helios_diffusers.py):
 
-- start: ε at full resolution, bilinear ×½ twice with ×2 amplitude (the level-0 start point);
-- level k > 0: nearest ×2, then α·x + β·block_noise (its start point);
+- start: ε at full resolution, bilinear ×½ twice with ×2 amplitude (the level-0 start point; pyramid.noise_pyramid);
+- level k > 0: nearest ×2, then α·x + β·block_noise (its start point; pyramid.renoise_coefficients);
 - each step: x̂0 = x_t − σ·v (float64); next x = (1 − σ_next)·x̂0 + σ_next·start_k — re-noised towards
   the level's own start point, no fresh noise; the last step of a level returns x̂0;
 - linear dynamic shift per level: μ from the level's token count. `mu_from="level"` uses the level
@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
-from helios_train.algorithms.pyramid import block_noise
+from helios_train.algorithms.pyramid import noise_pyramid, renoised_upsample
 from helios_train.algorithms.sigma_table import level_table, nearest_sigma
+from helios_train.algorithms.timesteps import calculate_mu
 
 # transformer_fn(latents [B,C,9,h,w], timestep [B]) -> velocity [B,C,9,h,w]; history/prompt are bound in.
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -45,34 +45,6 @@ class RolloutResult:
     x0: torch.Tensor  # final clean chunk [B, C, 9, H, W]
     level_outputs: list[torch.Tensor]  # x̂0 that ended each level (level resolution)
     nfe: int
-
-
-def calculate_mu(seq_len: int, base_seq=256, max_seq=4096, base_shift=0.5, max_shift=1.15) -> float:
-    m = (max_shift - base_shift) / (max_seq - base_seq)
-    return seq_len * m + (base_shift - m * base_seq)
-
-
-def initial_latents(noise: torch.Tensor, num_stages: int = 3) -> torch.Tensor:
-    """Full-resolution ε → level-0 start point (bilinear ×½ per level, ×2 amplitude keeps unit variance)."""
-    b, c, t, h, w = noise.shape
-    x = noise.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-    for _ in range(num_stages - 1):
-        h, w = h // 2, w // 2
-        x = F.interpolate(x, size=(h, w), mode="bilinear") * 2
-    return x.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4)
-
-
-def upsample_nearest(x: torch.Tensor) -> torch.Tensor:
-    b, c, t, h, w = x.shape
-    y = F.interpolate(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w), size=(2 * h, 2 * w), mode="nearest")
-    return y.reshape(b, t, c, 2 * h, 2 * w).permute(0, 2, 1, 3, 4)
-
-
-def renoise_coefficients(scheduler, k: int) -> tuple[float, float]:
-    signal = 1 - scheduler.ori_start_sigmas[k]
-    gamma = scheduler.config.gamma
-    alpha = 1 / ((1 + 1 / gamma) ** 0.5 * (1 - signal) + signal)
-    return alpha, alpha * (1 - signal) / gamma**0.5
 
 
 def rollout_forwards(scheduler, steps=(2, 2, 2), amplify_first_chunk: bool = False) -> int:
@@ -101,16 +73,13 @@ def pyramid_rollout(velocity: VelocityFn, noise: torch.Tensor, scheduler, steps=
     if sampler not in ("training", "pipeline"):
         raise ValueError(f"sampler={sampler!r}: expected training | pipeline")
     n_stages = scheduler.config.stages
-    latents = initial_latents(noise.float(), n_stages)
+    latents = noise_pyramid(noise.float(), n_stages)[0]  # the level-0 start point
     start = latents
     outputs, nfe = [], 0
     for k in range(n_stages):
         prev_tokens = latents.shape[2] * latents.shape[3] * latents.shape[4] // (patch[0] * patch[1] * patch[2])
         if k > 0:
-            alpha, beta = renoise_coefficients(scheduler, k)
-            up = upsample_nearest(latents)
-            latents = alpha * up + beta * block_noise(tuple(up.shape), scheduler.config.gamma, generator,
-                                                      up.dtype, up.device)
+            latents = renoised_upsample(latents, float(scheduler.ori_start_sigmas[k]), scheduler.config.gamma, generator)
             start = latents
         tokens = latents.shape[2] * latents.shape[3] * latents.shape[4] // (patch[0] * patch[1] * patch[2])
         mu = calculate_mu(tokens if mu_from == "level" else prev_tokens)

@@ -30,11 +30,18 @@ from helios_train.config.mechanisms import TimestepConfig  # noqa: F401  (the sc
 _EXP_MAX = 7.0
 
 
+def calculate_mu(seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+                 max_shift: float = 1.15) -> float:
+    """The dynamic shift's μ of a token count: base_shift + (L − base_seq_len)·(max_shift − base_shift)/(max_seq_len −
+    base_seq_len) (official calculate_shift; the defaults are every official schedule's). The one implementation:
+    training timesteps, the few-step rollout, ODE pairs and the DMD losses all take μ from here."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return base_shift + (seq_len - base_seq_len) * slope
+
+
 def compute_mu(seq_len: int, cfg: TimestepConfig) -> float:
-    """μ = base_shift + (L − base_seq_len)·(max_shift − base_shift)/(max_seq_len − base_seq_len)
-    (official calculate_shift)."""
-    slope = (cfg.max_shift - cfg.base_shift) / (cfg.max_seq_len - cfg.base_seq_len)
-    return cfg.base_shift + (seq_len - cfg.base_seq_len) * slope
+    """μ with the shift constants of `stage.timesteps`."""
+    return calculate_mu(seq_len, cfg.base_seq_len, cfg.max_seq_len, cfg.base_shift, cfg.max_shift)
 
 
 def shift_factor(mu: float, time_shift_type: str = "linear") -> float:

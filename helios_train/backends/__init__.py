@@ -1,7 +1,8 @@
 """Execution backends selected by `launcher.name`."""
 from __future__ import annotations
 
-from helios_train.backends.base import Backend, PreparedRole
+from helios_train.backends.base import Backend
+from helios_train.runtime.roles import PreparedRole
 
 
 def build_backend(launcher_cfg, trainer_cfg, data_cfg=None) -> Backend:

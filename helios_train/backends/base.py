@@ -1,34 +1,26 @@
 """The small interface the trainer uses for every execution backend (single, DDP, DeepSpeed).
 
-A stage declares roles (generator, critic, ...), each a module with its trainable parameters. The
-backend `prepare`s each role — wrapping the module (DDP / DeepSpeed engine) and owning how its
-gradients are reduced, clipped and applied — so the training loop is the same under every backend.
+A stage declares roles (generator, critic, ...; helios_train/runtime/roles.py). The backend `prepare`s each
+trainable role — wrapping the module (DDP / DeepSpeed engine) as the role's `Calls` allow, and owning how its
+gradients are reduced, clipped and applied — so the training loop is the same under every backend. What
+distribution means for a stage's algorithm it offers as `lockstep`, `shards_parameters` and
+`zero_untouched_gradients` (helios_train/stages/stage.py); no stage asks which backend it runs on.
+
+Clipping stays here rather than in a callback: DeepSpeed clips inside its engine step (`gradient_clipping`), so
+only the backend can apply the role's `max_grad_norm` the same way everywhere.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
 
 import torch
 
-from helios_train.runtime import checkpoint as ckpt
 from helios_train.backends.sequence_groups import SequenceGroups, check_world
-
-
-@dataclass
-class PreparedRole:
-    name: str
-    module: torch.nn.Module  # the unwrapped model (for saving / adapter toggling)
-    model: torch.nn.Module  # what the stage calls forward on (DDP / engine wrapper or the module)
-    optimizer: Optional[torch.optim.Optimizer]
-    scheduler: Any
-    max_grad_norm: float
-    params: list = field(default_factory=list)
-    manual_reduce: bool = False  # gradients averaged by the backend, not by a DDP wrapper
+from helios_train.runtime import checkpoint as ckpt
+from helios_train.runtime.roles import Calls, FrozenRole, PreparedRole, zero_missing_gradients
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
@@ -46,6 +38,8 @@ class Backend:
     """Single-process backend; DDP and DeepSpeed override the distributed parts."""
 
     name = "single"
+    lockstep = None  # ranks need not run the same forwards (helios_train/backends/lockstep.py)
+    shards_parameters = False  # every rank holds whole bases
 
     def __init__(self, launcher_cfg, trainer_cfg):
         self.launcher_cfg = launcher_cfg
@@ -84,10 +78,21 @@ class Backend:
             enable_sequence_parallel(module, self.sequence.mesh, self.device, self.launcher_cfg.sequence_plan)
 
     # -- roles -------------------------------------------------------------------------------
-    def prepare(self, name, module, optimizer, scheduler, max_grad_norm, multi_forward: bool = False) -> PreparedRole:
+    def prepare(self, name, module, optimizer, scheduler, max_grad_norm, calls: Calls = Calls.ONCE) -> PreparedRole:
         self.split_sequence(module)
         params = [p for p in module.parameters() if p.requires_grad]
         return PreparedRole(name, module, module, optimizer, scheduler, max_grad_norm, params)
+
+    def prepare_frozen(self, name, module, adapters: bool = True, shared: bool = False) -> FrozenRole:
+        """A frozen role; its module is split over the sequence group unless another role's preparation did."""
+        if not shared:
+            self.split_sequence(module)
+        return FrozenRole(name, module, adapters)
+
+    def zero_untouched_gradients(self, params) -> None:
+        """Parameters the step's loss did not reach still step, on zero gradients (the stage asks; e.g. idle
+        GAN heads, official). DeepSpeed's flat buffers hold zeros already."""
+        zero_missing_gradients(params)
 
     def reduce_gradients(self, role: PreparedRole) -> None:
         """Average gradients over ranks for roles not wrapped by DDP (no-op in one process)."""

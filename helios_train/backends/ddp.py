@@ -13,9 +13,10 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
-from helios_train.backends.base import Backend, PreparedRole
+from helios_train.backends.base import Backend
 from helios_train.backends.sequence_groups import SequenceGroups
 from helios_train.runtime.process_guard import teardown_by_exit
+from helios_train.runtime.roles import Calls, PreparedRole
 
 
 def gradient_buckets(grads: list[torch.Tensor], cap_bytes: int) -> list[list[torch.Tensor]]:
@@ -54,12 +55,13 @@ class DDPBackend(Backend):
         # DDP stays on the world group under sequence parallelism (helios_train/backends/sequence_groups.py).
         self.sequence = SequenceGroups.build(launcher_cfg, self.rank, self.world_size, self.device.type)
 
-    def prepare(self, name, module, optimizer, scheduler, max_grad_norm, multi_forward: bool = False) -> PreparedRole:
+    def prepare(self, name, module, optimizer, scheduler, max_grad_norm, calls: Calls = Calls.ONCE) -> PreparedRole:
         role = super().prepare(name, module, optimizer, scheduler, max_grad_norm)
-        if multi_forward:
-            # Several forwards with grad before one backward: DDP's ready-once hooks would fire twice.
-            # Same maths without the wrapper: identical replicas at start (same seed / checkpoint),
-            # gradients averaged in `reduce_gradients` before clipping.
+        if calls != Calls.ONCE:
+            # Several forwards with grad before one backward: DDP's ready-once hooks would fire twice; a loss
+            # that drives the submodules never runs the wrapper's forward at all. Same maths without the
+            # wrapper: identical replicas at start (same seed / checkpoint), gradients averaged in
+            # `reduce_gradients` before clipping.
             self._broadcast(module)
             role.manual_reduce = True
             return role

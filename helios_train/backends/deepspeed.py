@@ -47,10 +47,12 @@ from safetensors.torch import load_file
 
 from helios_train.runtime import checkpoint as ckpt
 from helios_train.backends import zero_portable
-from helios_train.backends.base import Backend, PreparedRole
+from helios_train.backends.base import Backend
 from helios_train.backends.sequence_groups import SequenceGroups
 from helios_train.runtime.process_guard import teardown_by_exit
+from helios_train.backends.lockstep import ForwardLockstep
 from helios_train.backends.run_shape import RunShape
+from helios_train.runtime.roles import Calls, PreparedRole
 
 # Keys the trainer's loop owns; a user JSON may repeat them only with the same values.
 OWNED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
@@ -167,11 +169,14 @@ class DeepSpeedBackend(Backend):
         self.trainer_cfg = trainer_cfg
         self.data_cfg = data_cfg
         self.zero_stage = int(launcher_cfg.zero_stage)
+        # ZeRO-3 partitions every base: ranks gather weights collectively, so they must run the same forwards.
+        self.shards_parameters = self.zero_stage == 3
+        self.lockstep = ForwardLockstep(self.device) if self.shards_parameters else None
         self.engines = []
 
     # -- roles -------------------------------------------------------------------------------
-    def prepare(self, name, module, optimizer, scheduler, max_grad_norm, multi_forward: bool = False) -> PreparedRole:
-        # multi_forward needs nothing special: ZeRO's reduce hooks fire once per parameter per backward.
+    def prepare(self, name, module, optimizer, scheduler, max_grad_norm, calls: Calls = Calls.ONCE) -> PreparedRole:
+        # Any `calls` works as is: ZeRO's reduce hooks fire once per parameter per backward.
         self.split_sequence(module)
         params = [p for p in module.parameters() if p.requires_grad]
         config = ds_config(self.launcher_cfg, self.trainer_cfg, self.data_cfg, self.world_size, max_grad_norm)
@@ -193,6 +198,9 @@ class DeepSpeedBackend(Backend):
         use_weights_only_loading(engine)  # resume never unpickles code (weights_only_checkpoint.py)
         self.engines.append(engine)
         return PreparedRole(name, module, engine, ds_opt, ds_sched or scheduler, max_grad_norm, params)
+
+    def zero_untouched_gradients(self, params) -> None:
+        """Nothing to do: ZeRO's flat gradient buffers already hold zeros for parameters the backward missed."""
 
     def backward(self, role: PreparedRole, loss: torch.Tensor) -> None:
         engine = role.model

@@ -22,7 +22,7 @@ still sampling and the job hangs (it did, with the helios_14b_shape model, whose
 ZeRO-3's persistence threshold; the toy model's are all below it, so nothing was gathered there).
 
 Values and gradients are unchanged; only ranks with shorter rollouts pay extra compute. Under DDP
-and ZeRO-1/2 nothing is padded.
+and ZeRO-1/2 nothing is padded: their backends give the stage no lockstep.
 """
 from __future__ import annotations
 
@@ -33,24 +33,32 @@ import torch.distributed as dist
 
 
 def params_sharded(cfg) -> bool:
-    """True when the launcher shards parameters across ranks (DeepSpeed ZeRO-3)."""
+    """True when the launcher shards parameters across ranks (DeepSpeed ZeRO-3): config checks before any
+    backend exists; a running backend says it as `shards_parameters`."""
     return cfg.launcher.name == "deepspeed" and int(cfg.launcher.zero_stage) == 3
 
 
-def max_over_ranks(values: list[int], device: torch.device) -> list[int]:
-    """Element-wise maximum over ranks (collective: every rank must call it)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.long, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [int(v) for v in t.tolist()]
+class ForwardLockstep:
+    """The `lockstep` of a backend whose ranks must run the same forwards (ZeRO-3); backends that need none
+    give the stage `None`. Both methods are collectives or follow one: every rank calls them."""
 
+    def __init__(self, device: torch.device):
+        self.device = device
 
-def pad_forwards(count: int, forward: Callable[[], object], target: int) -> int:
-    """Run `forward()` without grad from `count` up to `target` forwards (the busiest rank's count,
-    agreed with `max_over_ranks` before the forwards began). Returns the number of padding forwards."""
-    extra = target - count
-    with torch.no_grad():
-        for _ in range(extra):
-            forward()
-    return extra
+    def agree(self, counts: list[int]) -> list[int]:
+        """Element-wise maximum of `counts` over ranks (collective)."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return list(counts)
+        t = torch.tensor(counts, dtype=torch.long, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [int(v) for v in t.tolist()]
+
+    @staticmethod
+    def pad(count: int, forward: Callable[[], object], target: int) -> int:
+        """Run `forward()` without grad from `count` up to `target` forwards (the busiest rank's count, agreed
+        with `agree` before the forwards began). Returns the number of padding forwards."""
+        extra = target - count
+        with torch.no_grad():
+            for _ in range(extra):
+                forward()
+        return extra

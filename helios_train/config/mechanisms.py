@@ -185,6 +185,6 @@ class EMAConfig:  # helios_train/algorithms/ema.py
 
 
 @dataclass
-class PerfConfig:  # helios_train/training/throughput.py
+class PerfConfig:  # helios_train/training/callbacks/throughput.py
     peak_tflops: float = 989.0  # per device; H100 SXM bf16 dense
     count_flops: bool = True

@@ -16,6 +16,8 @@ from helios_train.config.mechanisms import PerfConfig
 @dataclass
 class ModelConfig:
     name: str = MISSING
+    # The transformer family's adapter (helios_train/model/__init__.py; an open set: register_family adds one).
+    family: str = "helios"
     # Diffusers-layout folder (transformer/, vae/, text_encoder/, tokenizer/, scheduler/, model_index.json).
     path: str = MISSING
     transformer_path: Optional[str] = None  # overrides <path>/<transformer_subfolder>

@@ -44,7 +44,8 @@ from diffusers.models.transformers.transformer_helios import (
     pad_for_3d_conv,
 )
 
-from helios_train.algorithms.history import HistoryConfig, model_inputs
+from helios_train.algorithms.history import HistoryConfig
+from helios_train.model.inputs import model_inputs
 
 
 class PackedRope(NamedTuple):

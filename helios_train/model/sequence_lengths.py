@@ -25,7 +25,7 @@ def _geometries(cfg, model) -> dict[str, tuple[int, int]]:
 
 def forward_lengths(cfg, model) -> dict[str, tuple[int, int]]:
     """{forward: (whole sequence, noisy tokens)} for every distinct forward geometry of the run."""
-    from helios_train.algorithms.history import token_counts
+    from helios_train.model.inputs import token_counts
     from helios_train.algorithms.pyramid import level_token_counts
 
     hist_cfg = cfg.stage.history

@@ -77,7 +77,7 @@ def _gan_crop_hw(cfg, model) -> tuple[int, int]:
 
 def phases(cfg, model, trainable: dict[str, int]) -> dict[str, Phase]:
     """The phases of one step of the configured stage (helios_train/stages/), with their forwards."""
-    from helios_train.algorithms.history import token_counts
+    from helios_train.model.inputs import token_counts
     from helios_train.algorithms.pyramid import level_token_counts
 
     hist_cfg, b = cfg.stage.history, int(cfg.data.batch_size)

@@ -45,6 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+
+from helios_train.runtime.roles import Calls
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -163,6 +165,7 @@ def measure(cfg) -> dict:
     from helios_train.model.sequence_parallel import enable_sequence_parallel
     from helios_train.model.loading import use_weights_source
     from helios_train.planning.step_memory import StepMemory
+    from helios_train.training.callbacks.ema import EMACallback
     from helios_train.training.trainer import Trainer
 
     dcfg = dry_run_config(cfg)
@@ -182,8 +185,8 @@ def measure(cfg) -> dict:
         batch = synthetic_batch(dcfg, int(tcfg.get("in_channels", 16)), int(tcfg.get("text_dim", 4096)))
         trainer.step = measured_step(dcfg)
         _warm_up_optimizers(trainer)
-        ema = getattr(trainer.stage, "ema", None)
-        ema_tensors = list(ema.shadow.values()) if ema is not None else []
+        ema = trainer.callback(EMACallback)
+        ema_tensors = list(ema.ema.shadow.values()) if ema is not None else []
         mem = StepMemory()
         mem.track_external(*modules, *[r.optimizer for r in trainer.roles.values()], *ema_tensors)
         trainer.on_phase = lambda name: setattr(mem, "label", name)
@@ -207,7 +210,7 @@ def measure(cfg) -> dict:
             "trainable_bytes": _bytes(role.params),
             "adamw_bytes": _bytes(t for st in role.optimizer.state.values() for t in st.values()
                                   if isinstance(t, torch.Tensor) and t.dim() > 0),
-            "ddp_wrapped": not specs[name].multi_forward,  # False: the DDP backend reduces it itself
+            "ddp_wrapped": specs[name].calls == Calls.ONCE,  # False: the DDP backend reduces it itself
             "block_bytes": _bytes(role.module.blocks[0].parameters()) if hasattr(role.module, "blocks") else 0,
         }
     low_vram = None

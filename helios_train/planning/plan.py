@@ -23,7 +23,7 @@ Per GPU, G GPUs, N_f frozen / N_t trainable parameters of a role, b = bytes of m
   zero3 gathered     zero3 only: ~2 transformer blocks un-sharded at a time (current + prefetch),
                      2·(N_f·b + N_t·4)/L of the largest role
   EMA                trainables only, fp32: N_t(generator)·4, /G with stage.ema.sharded or under zero3
-                     (helios_train/training/ema_shards.py)
+                     (helios_train/backends/ema_shards.py)
   activations        the largest phase's peak transient (helios_train/planning/activation_memory.py): activations,
                      temporaries and — single/ddp — the .grad tensors alive at that moment; coefficients
                      measured by the dry run (helios_train/planning/dry_run.py)
@@ -208,7 +208,7 @@ def plan(cfg, backend: str | None = None) -> dict:
     """The plan of the configured stage under `backend` (default: the launcher's), in bytes:
     {"rows", "phases" (each phase's peak transient), "roles", "ema", "offloaded_cpu", "total"}."""
     from helios_train.planning.activation_memory import latent_hw
-    from helios_train.algorithms.history import token_counts
+    from helios_train.model.inputs import token_counts
     from helios_train.planning.sequence_traffic import step_bytes
 
     backend = backend or backend_of(cfg)

@@ -14,8 +14,11 @@ from pathlib import Path
 class Callback:
     name: str = ""  # non-empty: `state_dict()` is saved under this key of trainer_state.json
 
+    def setup(self, trainer) -> None:
+        """Once the roles are prepared (wrapped by the backend), before a checkpoint is loaded."""
+
     def on_train_start(self, trainer) -> None:
-        """After the roles are prepared and a checkpoint (if any) is loaded, before the first step."""
+        """After a checkpoint (if any) is loaded, before the first step."""
 
     def step_context(self, trainer, step: int):
         """Entered around the phases of `step` (forwards, backwards and optimizer steps)."""

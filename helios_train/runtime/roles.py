@@ -80,3 +80,10 @@ class FrozenRole:
             yield self.module
         finally:
             self.module.enable_adapters()
+
+
+def zero_missing_gradients(params) -> None:
+    """Give every parameter without a gradient a zero one, so the optimizer steps it (weight decay, moments)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)

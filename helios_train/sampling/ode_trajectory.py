@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from diffusers import HeliosDMDScheduler, HeliosScheduler
 
-from helios_train.algorithms.rollout import calculate_mu
+from helios_train.algorithms.timesteps import calculate_mu
 from helios_train.algorithms.sigma_table import level_sigma
 
 # calculate_mu is linear in the token count: mu = m·seq + b

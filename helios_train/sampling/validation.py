@@ -1,4 +1,4 @@
-"""In-loop validation: rank 0 renders the configured prompts with the stage's sampler and logs them.
+"""In-loop validation (when: helios_train/training/callbacks/validation.py): rank 0 renders the configured prompts with the stage's sampler and logs them.
 
 Sampling goes through diffusers' Helios pipelines (helios_train/sampling/variants.py) with the *live*
 training transformer (LoRA attached, not fused), so what is logged is exactly what an export of
@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from helios_train.config import ValidationConfig
 from helios_train.runtime.precision import forward_autocast, mixed_precision
 from helios_train.runtime.progress import chunk_progress
 from helios_train.sampling.variants import DEFAULTS, SamplerSettings, build_pipeline, round_frames
@@ -35,13 +34,6 @@ def drift_stats(frames: np.ndarray, chunk: int = 33) -> dict[str, list[float]]:
         stats["saturation"].append(float(((mx - mn) / np.maximum(mx, 1e-6)).mean()))
         stats["motion"].append(float(np.abs(np.diff(part, axis=0)).mean()) if len(part) > 1 else 0.0)
     return {k: [v / (vals[0] if vals[0] else 1.0) for v in vals] for k, vals in stats.items()}
-
-
-def validation_due(vcfg: ValidationConfig, step: int, fresh_start: bool) -> bool:
-    """Before the first step of a fresh run (if configured) and every `every` steps."""
-    if vcfg.every <= 0:
-        return False
-    return (step == 0 and fresh_start and vcfg.at_first_step) or (step > 0 and step % vcfg.every == 0)
 
 
 class Validator:

@@ -12,32 +12,38 @@ from __future__ import annotations
 import torch
 
 from helios_train.algorithms.anti_drift import add_saturation, corrupt_history, corrupt_target
-from helios_train.algorithms.history import model_inputs, token_counts
-from helios_train.model.loading import apply_speed_options, load_transformer
-from helios_train.model.trainables import apply_trainable_policy
-from helios_train.runtime.precision import autocast, mixed_precision
-from helios_train.stages import RoleSpec, Stage
 from helios_train.algorithms.task_dropout import apply_task_dropout
-from helios_train.algorithms.timesteps import add_noise, flow_target, sample_training_sigmas, seq_len_for
+from helios_train.algorithms.timesteps import add_noise, flow_target, sample_training_sigmas
+from helios_train.model import adapter_for
+from helios_train.model.loading import apply_speed_options
+from helios_train.runtime.precision import mixed_precision
+from helios_train.runtime.roles import RoleSpec
+from helios_train.stages.stage import Stage
 
 
-class BaseStage(Stage):
-    name = "base"
+class ConditionedStage(Stage):
+    """What every Helios stage shares: the generator (the model being trained), the run's precision, the
+    history conditioning of a batch (task dropout, anti-drift) and raw-mode encoding on the device."""
 
-    def __init__(self, cfg, device: torch.device):
-        super().__init__(cfg, device)
-        self.transformer = load_transformer(cfg.model, cfg.stage.trainables, device="cpu")
-        self.trainable_names = apply_trainable_policy(self.transformer, cfg.stage.trainables)
+    def __init__(self, cfg, device: torch.device, distribution=None):
+        super().__init__(cfg, device, distribution)
+        self.adapter = adapter_for(cfg.model)
+        self.precision = mixed_precision(cfg)
+        self.transformer = self.adapter.load(cfg.model, cfg.stage.trainables, device="cpu")
+        self.trainable_names = self.adapter.add_trainables(self.transformer, cfg.stage.trainables)
         self.transformer.to(device)
         apply_speed_options(self.transformer, cfg.model)
-        self.online_encoder = None  # raw-mode data: built by the trainer (`attach_online_encoder`)
+        self.online_encoder = self._online_encoder() if cfg.data.mode == "raw" else None
         self._tokens = None
 
-    def role_specs(self) -> dict[str, RoleSpec]:
-        return {"generator": RoleSpec(self.transformer, self.cfg.trainer.optim)}
+    def _online_encoder(self):
+        """Raw-mode data: the VAE and text encoder encode each batch on the training device."""
+        from helios_train.data.online_encoding import OnlineEncoder
+        from helios_train.model.loading import load_text_stack, load_vae
 
-    def phases(self, step: int) -> list[str]:
-        return ["generator"]
+        tok, enc = load_text_stack(self.cfg.model, self.device)
+        return OnlineEncoder(load_vae(self.cfg.model, self.device), tok, enc, self.cfg.stage.history,
+                             self.cfg.model.text_max_length, self.device, seed=self.cfg.trainer.seed)
 
     def prepare_batch(self, batch: dict) -> dict:
         batch = super().prepare_batch(batch)
@@ -45,8 +51,14 @@ class BaseStage(Stage):
             batch = self.online_encoder(batch)
         return batch
 
-    def autocast(self):
-        return autocast(self.device, mixed_precision(self.cfg))
+    def predict(self, model, noisy, x0, history, timestep, prompt_embeds, full_output: bool = False):
+        """The model's prediction for a noisy chunk under the run's autocast (helios_train/model/adapter.py)."""
+        return self.adapter.predict(model, noisy, x0, history, timestep, prompt_embeds, self.cfg.stage.history,
+                                    self.precision, full_output)
+
+    def velocity(self, model, x0, history, prompt_embeds):
+        """(x_t, t) → fp32 velocity with the history bound: what the samplers call."""
+        return self.adapter.velocity(model, x0, history, prompt_embeds, self.cfg.stage.history, self.precision)
 
     def condition(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Task dropout then anti-drift degradations on (x0, history); returns what was applied."""
@@ -59,21 +71,33 @@ class BaseStage(Stage):
         logs.update({f"degrade/{k}": float(v) for k, v in {**applied, **saturated}.items()})
         return x0, history, logs
 
+    def token_counts(self, hw: tuple[int, int]) -> dict[str, int]:
+        """The model's token counts of one sample at latent size `hw` (cached for the run's one size)."""
+        if self._tokens is None or self._tokens[0] != hw:
+            self._tokens = (hw, self.adapter.token_counts(self.transformer, hw, self.cfg.stage.history))
+        return self._tokens[1]
+
+
+class BaseStage(ConditionedStage):
+    name = "base"
+
+    def role_specs(self) -> dict[str, RoleSpec]:
+        return {"generator": RoleSpec(self.transformer, self.cfg.trainer.optim)}
+
     def loss(self, role: str, batch: dict, step: int, generator: torch.Generator):
         st = self.cfg.stage
         x0, history, logs = self.condition(batch, generator)
         clean = batch["target"]
         model_clean = corrupt_target(clean, st.anti_drift, generator) if st.anti_drift.corrupt_model_input else clean
         b = clean.shape[0]
-        sigma, timestep = sample_training_sigmas(b, st.timesteps, generator, seq_len=seq_len_for(clean.shape))
+        sigma, timestep = sample_training_sigmas(b, st.timesteps, generator,
+                                                 seq_len=self.adapter.seq_len(self.transformer, clean.shape))
         sigma, timestep = sigma.to(self.device), timestep.to(self.device)
         noise = torch.randn(clean.shape, generator=generator, device=generator.device).to(self.device)
         noisy = add_noise(model_clean, noise, sigma)
         # The target stays ε − clean even when the input was degraded: the model learns to restore.
         target = flow_target(clean, noise)
-        inputs = model_inputs(noisy, x0, history, timestep, batch["prompt_embeds"], st.history)
-        with self.autocast():
-            pred = self.roles[role].model(**inputs, return_dict=False)[0]
+        pred = self.predict(self.roles[role].model, noisy, x0, history, timestep, batch["prompt_embeds"])
         per_sample = ((pred.float() - target.float()) ** 2).flatten(1).mean(dim=1)
         loss = per_sample.mean()
         logs.update({"sigma_mean": float(sigma.float().mean())})
@@ -81,8 +105,5 @@ class BaseStage(Stage):
 
     def tokens_per_sample(self, batch: dict) -> dict[str, int]:
         """Noisy and history token counts of one sample, from the model's own patch layers."""
-        h, w = batch["target"].shape[-2:]
-        if self._tokens is None or self._tokens[0] != (h, w):
-            self._tokens = ((h, w), token_counts(self.transformer, (h, w), self.cfg.stage.history))
-        counts = self._tokens[1]
+        counts = self.token_counts(tuple(batch["target"].shape[-2:]))
         return {"noisy": counts["noisy"], "history": counts["history"]}

@@ -13,34 +13,32 @@ segments, as in the official block-diagonal NaViT packing:
 - "packed": one pass through the blocks over all segments ([history copy | level tokens] each),
   the official layout, with per-segment self-attention (helios_train/model/packed_forward.py). The stock
   model has no varlen attention and no way to pass a mask to its blocks, so this drives the model's
-  submodules itself. It calls the unwrapped module, so under DDP the backend averages gradients by
-  hand (`multi_forward`); under DeepSpeed ZeRO-2/3 the engine's per-parameter hooks (and ZeRO-3's
-  per-submodule gathers) work unchanged. Tests check every launcher against one process.
+  submodules itself: the role declares `Calls.SUBMODULES` and the backend decides what that needs (DDP
+  averages the gradients itself; DeepSpeed's hooks work unchanged). Tests check every launcher against one
+  process.
 """
 from __future__ import annotations
 
 import torch
 
-from helios_train.algorithms.history import model_inputs, token_counts
 from helios_train.algorithms.pyramid import PyramidSchedule, build_levels, level_token_counts, sample_all_levels
-from helios_train.stages import RoleSpec
-from helios_train.stages.base import BaseStage
 from helios_train.model.packed_forward import packed_forward
+from helios_train.runtime.precision import autocast
+from helios_train.runtime.roles import Calls, RoleSpec
+from helios_train.stages.base import BaseStage
 
 
 class MidStage(BaseStage):
     name = "mid"
 
-    def __init__(self, cfg, device: torch.device):
-        execution = cfg.stage.pyramid.execution
-        super().__init__(cfg, device)
+    def __init__(self, cfg, device: torch.device, distribution=None):
+        super().__init__(cfg, device, distribution)
         self.schedule = PyramidSchedule(cfg.stage.pyramid)
-        self.execution = execution
+        self.execution = cfg.stage.pyramid.execution
 
     def role_specs(self) -> dict[str, RoleSpec]:
-        # The packed pass bypasses a DDP wrapper's forward, so DDP could not sync its gradients.
-        return {"generator": RoleSpec(self.transformer, self.cfg.trainer.optim,
-                                      multi_forward=self.execution == "packed")}
+        calls = Calls.SUBMODULES if self.execution == "packed" else Calls.ONCE
+        return {"generator": RoleSpec(self.transformer, self.cfg.trainer.optim, calls=calls)}
 
     def segments(self, clean: torch.Tensor, generator: torch.Generator):
         noise = torch.randn(clean.shape, generator=generator, device=generator.device).to(clean.device)
@@ -48,16 +46,14 @@ class MidStage(BaseStage):
         return sample_all_levels(levels, self.schedule, generator)
 
     def _forward(self, role: str, x, timestep, x0, history, embeds):
-        inputs = model_inputs(x, x0, history, timestep.to(self.device, torch.float32), embeds, self.cfg.stage.history)
-        with self.autocast():
-            return self.roles[role].model(**inputs, return_dict=False)[0]
+        return self.predict(self.roles[role].model, x, x0, history, timestep.to(self.device, torch.float32), embeds)
 
-    def predict(self, role: str, segs, x0, history, embeds) -> list[torch.Tensor]:
+    def predict_segments(self, role: str, segs, x0, history, embeds) -> list[torch.Tensor]:
         """The model's v-prediction for every segment, by the configured execution."""
         if self.execution == "separate":
             return [self._forward(role, s.x, s.timestep, x0, history, embeds) for s in segs]
         if self.execution == "packed":
-            with self.autocast():
+            with autocast(self.device, self.precision):
                 return packed_forward(self.roles[role].module, [s.x for s in segs],
                                       [s.timestep.to(self.device, torch.float32) for s in segs],
                                       x0, history, embeds, self.cfg.stage.history)
@@ -75,7 +71,7 @@ class MidStage(BaseStage):
     def loss(self, role: str, batch: dict, step: int, generator: torch.Generator):
         x0, history, logs = self.condition(batch, generator)
         segs = self.segments(batch["target"], generator)
-        preds = self.predict(role, segs, x0, history, batch["prompt_embeds"])
+        preds = self.predict_segments(role, segs, x0, history, batch["prompt_embeds"])
         # per segment: mean over samples of the per-sample MSE; official: uniform mean over segments
         per_segment = torch.stack([((p.float() - s.target.float()) ** 2).flatten(1).mean(1).mean()
                                    for p, s in zip(preds, segs)])
@@ -87,13 +83,9 @@ class MidStage(BaseStage):
     def tokens_per_sample(self, batch: dict) -> dict[str, int]:
         """Noisy tokens over all segments and history tokens (one copy per segment, as every
         execution attends each segment with its own history — the official packing too)."""
-        h, w = batch["target"].shape[-2:]
-        if self._tokens is None or self._tokens[0] != (h, w):
-            hist = token_counts(self.transformer, (h, w), self.cfg.stage.history)["history"]
-            window = self.cfg.stage.history.latent_window_size
-            per_level = level_token_counts((h, w), window, patch=tuple(self.transformer.config.patch_size),
-                                           num_stages=self.schedule.num_stages)
-            ratios = self.cfg.stage.pyramid.sample_ratios
-            noisy = sum(n * r for n, r in zip(per_level, ratios))
-            self._tokens = ((h, w), {"noisy": noisy, "history": hist * sum(ratios)})
-        return self._tokens[1]
+        hw = tuple(batch["target"].shape[-2:])
+        hist = self.token_counts(hw)["history"]
+        per_level = level_token_counts(hw, self.cfg.stage.history.latent_window_size,
+                                       patch=self.adapter.patch_size(self.transformer), num_stages=self.schedule.num_stages)
+        ratios = self.cfg.stage.pyramid.sample_ratios
+        return {"noisy": sum(n * r for n, r in zip(per_level, ratios)), "history": hist * sum(ratios)}

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from helios_train.runtime.callbacks import Callback
 from helios_train.config.mechanisms import PerfConfig  # noqa: F401  (the schema's; re-exported)
 
 
@@ -58,11 +60,8 @@ class Throughput:
     def state_dict(self) -> dict:
         return {"flops": dict(self.flops), "armed": sorted(self.armed)}
 
-    def load_state_dict(self, state: dict | None, legacy_flops_per_step: float | None = None) -> None:
-        if state is not None:
-            self.flops, self.armed = dict(state["flops"]), set(state["armed"])
-        elif legacy_flops_per_step is not None:  # checkpoints written before work keys: one count for every step
-            self.flops, self.armed = {"|": float(legacy_flops_per_step)}, set()
+    def load_state_dict(self, state: dict) -> None:
+        self.flops, self.armed = dict(state["flops"]), set(state["armed"])
 
     def metrics(self, step_time: float, tokens: dict[str, int], samples: int) -> dict[str, float]:
         """`tokens`: per-sample counts by kind; `samples`: samples this rank processed in the step."""
@@ -81,3 +80,36 @@ class Throughput:
 
             out["perf/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         return out
+
+
+class ThroughputCallback(Callback):
+    """Counts each kind of step's FLOPs (around the phases) and logs tokens/s, TFLOP/s, MFU and peak memory.
+
+    The counts are kept in the checkpoint (`flops`), with the per-rank work they were counted for: a resume
+    after a change of accumulation or batch size counts again (a rank's step does other work)."""
+
+    name = "flops"
+
+    def __init__(self, cfg: PerfConfig, device: torch.device, data_world: int, work: tuple[int, int]):
+        self.meter = Throughput(cfg, device, data_world)
+        self.work = list(work)  # (accumulation steps, batch size): what one rank's step processes
+        self._key = ""
+
+    def step_context(self, trainer, step: int):
+        self._key = trainer.stage.work_key(step)  # once at the start of each step (the stage's contract)
+        return self.meter.measuring(self._key)
+
+    def on_step_end(self, trainer, step: int, updated: list[str]) -> dict:
+        self.meter.after_step(self._key, trainer.stage.work_variant())
+        return {}
+
+    def metrics(self, trainer, step_time_s: float, batches: list[dict]) -> dict:
+        samples = sum(len(x["keys"]) for x in batches)
+        return self.meter.metrics(step_time_s, trainer.stage.tokens_per_sample(batches[0]), samples)
+
+    def state_dict(self) -> dict:
+        return {**self.meter.state_dict(), "work": self.work}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("work", self.work) == self.work:  # counted for another per-rank work: count again
+            self.meter.load_state_dict(state)

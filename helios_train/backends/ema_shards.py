@@ -17,6 +17,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from helios_train.algorithms.ema import Layout, WholeOnEveryRank
+
 
 def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -32,33 +34,6 @@ def _gather_to_main(flat: torch.Tensor, world: int) -> list[torch.Tensor] | None
     out = [torch.empty_like(flat) for _ in range(world)] if rank == 0 else None
     dist.gather(flat, out, dst=0)
     return out
-
-
-class Layout:
-    def assign(self, params: dict[str, torch.nn.Parameter]) -> None:
-        self.shapes = {n: tuple(p.shape) for n, p in params.items()}
-
-    def owns(self, name: str) -> bool:
-        return True
-
-    def local(self, param: torch.nn.Parameter) -> torch.Tensor:
-        return param.data
-
-    def gather(self, shadow: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {n: t.detach().cpu().contiguous() for n, t in shadow.items()}
-
-    def for_rendering(self, shadow: dict[str, torch.Tensor], renders: bool) -> dict[str, torch.Tensor]:
-        return shadow if renders else {}
-
-    def local_from_whole(self, name: str, whole: torch.Tensor) -> torch.Tensor:
-        if tuple(whole.shape) != self.shapes[name]:
-            raise ValueError(f"EMA tensor {name}: shape {tuple(whole.shape)} in the checkpoint, {self.shapes[name]} "
-                             "in the model (a different LoRA rank or model?)")
-        return whole
-
-
-class WholeOnEveryRank(Layout):
-    pass
 
 
 class OwnerSharded(Layout):
@@ -150,8 +125,8 @@ class Zero3Partitioned(Layout):
         return torch.cat([piece, piece.new_zeros(k - piece.numel())]) if piece.numel() < k else piece
 
 
-def layout_for(cfg, zero3: bool) -> Layout:
+def layout_for(ema_cfg, zero3: bool) -> Layout:
     """The layout of the run: ZeRO-3 → partitions; `stage.ema.sharded` on several ranks → owners; else whole."""
     if zero3:
         return Zero3Partitioned()
-    return OwnerSharded() if cfg.stage.ema.sharded and _rank_world()[1] > 1 else WholeOnEveryRank()
+    return OwnerSharded() if ema_cfg.sharded and _rank_world()[1] > 1 else WholeOnEveryRank()
