@@ -139,7 +139,7 @@ def wall_time_per_chunk(model_dir: Path, repeats: int = 2) -> dict[str, float]:
     from diffusers import AutoencoderKLWan, HeliosTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    from helios_train.sampling.variants import DEFAULTS, build_pipeline, call_kwargs
+    from helios_train.model.variants import DEFAULTS, build_pipeline, call_kwargs
 
     parts = (HeliosTransformer3DModel.from_pretrained(model_dir, subfolder="transformer"),
              AutoencoderKLWan.from_pretrained(model_dir, subfolder="vae"),

@@ -217,7 +217,7 @@ def measure(config: str, toy_root: Path, profile: bool) -> dict:
 
 def planner_14b() -> dict[str, tuple[float, float]]:
     """Per-GPU GB of Base r128 (stage_1_init) and DMD r256 (stage_3_post, EMA off so ZeRO-3 is comparable)
-    on 8 GPUs from `python -m helios_train.planning.plan`'s functions."""
+    on 8 GPUs from `python -m helios_train plan-table`'s functions."""
     from helios_train.planning.plan import BACKENDS, GB, plan, recipe_config
 
     base, dmd = recipe_config("stage_1_init"), recipe_config("stage_3_post", ["stage.ema.enabled=false"])
@@ -291,7 +291,7 @@ def report(results: dict[str, dict], profiled: dict[str, dict], planner: dict | 
     lines += [f"  {name}: {HOLDS[k]}" for name, k in (("Base", "base"), ("DMD", "dmd"))]
     lines.append(f"  trainables per role: Base {b['roles']}, DMD {d['roles']}")
     if planner:
-        lines.append("\n14B planner (python -m helios_train.planning.plan: Base LoRA r128 vs DMD LoRA r256, bf16, "
+        lines.append("\n14B planner (python -m helios_train plan-table: Base LoRA r128 vs DMD LoRA r256, bf16, "
                      "8 GPUs, GB per GPU incl. estimated activations):")
         lines.append(f"  {'backend':<18} {'Base':>8} {'DMD':>8} {'DMD/Base':>9}")
         lines += [f"  {be:<18} {x:8.1f} {y:8.1f} {y / x:9.2f}" for be, (x, y) in planner.items()]

@@ -1,6 +1,7 @@
 """The import graph of the repository, read from the source (every import statement, the ones inside functions
-included: a lazy import is still a dependency): no cycle among helios_train's modules, the library does not
-import the scripts (data_prep/) or the tests, and bench/ does not import the tests."""
+included: a lazy import is still a dependency): no cycle among helios_train's modules, each part of the package
+imports only the parts below it (README "Architecture"), the library does not import the scripts (data_prep/) or
+the tests, and bench/ does not import the tests."""
 from __future__ import annotations
 
 import ast
@@ -9,6 +10,21 @@ from pathlib import Path
 from conftest import REPO
 
 PARTS = ("helios_train", "data_prep", "bench", "tests")
+# What each part of helios_train/ may import besides itself (README "Architecture"). The commands at the top
+# (__init__, __main__, api, pipeline_check) may import anything.
+BELOW = {
+    "config": set(),
+    "runtime": {"config"},
+    "algorithms": {"config", "runtime"},
+    "model": {"config", "runtime", "algorithms"},
+    "data": {"config", "runtime", "algorithms", "model"},
+    "backends": {"config", "runtime", "algorithms", "model"},
+    "sampling": {"config", "runtime", "algorithms", "model", "data"},
+    "stages": {"config", "runtime", "algorithms", "model", "data"},
+    "training": {"config", "runtime", "algorithms", "model", "data", "backends", "sampling", "stages"},
+    "planning": {"config", "runtime", "algorithms", "model", "data", "backends", "sampling", "stages", "training"},
+}
+TOP = {"__init__", "__main__", "api", "pipeline_check"}
 def module_names(root: Path) -> dict[str, Path]:
     out = {}
     for part in PARTS:
@@ -102,3 +118,35 @@ def test_library_does_not_import_scripts_or_tests_and_benches_do_not_import_test
                if b.startswith(("data_prep", "tests"))}
     assert library == set()
     assert [(a, b) for a, deps in edges.items() if a.startswith("bench") for b in deps if b.startswith("tests")] == []
+
+
+def part_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def layer_violations(edges: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(importer, imported) pairs of helios_train/ that cross the layers the wrong way (or leave them)."""
+    out = []
+    for a, deps in edges.items():
+        if not a.startswith("helios_train") or part_of(a) in TOP:
+            continue
+        for b in deps:
+            if b.startswith("helios_train") and part_of(b) != part_of(a) and part_of(b) not in BELOW.get(part_of(a), ()):
+                out.append((a, b))
+    return sorted(out)
+
+
+def test_each_part_imports_only_the_parts_below_it():
+    edges = graph()
+    assert {part_of(m) for m in edges if m.startswith("helios_train.")} <= set(BELOW) | TOP  # every part is placed
+    assert layer_violations(edges) == []
+
+
+def test_layer_check_catches_an_upward_import():
+    """A stage importing a backend (the kind of coupling the layers forbid) is reported; the check is not vacuous."""
+    edges = {"helios_train.stages.dmd": {"helios_train.backends.deepspeed", "helios_train.model.adapter"},
+             "helios_train.algorithms.ema": {"helios_train.backends.ema_shards"},
+             "helios_train.api": {"helios_train.training.trainer"}}
+    assert layer_violations(edges) == [("helios_train.algorithms.ema", "helios_train.backends.ema_shards"),
+                                       ("helios_train.stages.dmd", "helios_train.backends.deepspeed")]

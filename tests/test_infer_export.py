@@ -58,7 +58,7 @@ def test_export_loads_in_diffusers_and_matches_infer_entry(base_run, tmp_path):
 
     from helios_train.sampling.export import export
     from helios_train.sampling.infer import generate, load_pipeline
-    from helios_train.sampling.variants import DEFAULTS, SamplerSettings
+    from helios_train.model.variants import DEFAULTS, SamplerSettings
 
     out = export(base_run, tmp_path / "exported")
     manifest = json.loads((out / "helios_export.json").read_text())

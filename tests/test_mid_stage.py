@@ -230,7 +230,7 @@ def test_toy_mid_run_from_base_export_trains(toy_root, tmp_path):
     # Validation of a Mid checkpoint goes through HeliosPyramidPipeline with CFG-Zero* on.
     record = json.loads((tmp_path / "mid/validation.jsonl").read_text().splitlines()[-1])
     assert record["step"] == 40 and len(record["drift"]["motion"]) == 3
-    from helios_train.sampling.variants import DEFAULTS, build_pipeline
+    from helios_train.model.variants import DEFAULTS, build_pipeline
 
     assert DEFAULTS["mid"].cfg_zero_star
     pipe = build_pipeline("mid", *[None] * 4)

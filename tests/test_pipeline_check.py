@@ -8,7 +8,7 @@ import pytest
 
 @pytest.mark.slow
 def test_toy_pipeline_whole_recipe(toy_root, tmp_path):
-    from helios_train.sampling.pipeline_check import main
+    from helios_train.pipeline_check import main
 
     done = main(["--out", str(tmp_path), "--toy-root", str(toy_root), "--steps", "6", "--ode-steps", "60"])
     assert [m["stage"] for m in done] == ["base", "mid", "ode_pairs", "ode", "distilled"]
@@ -40,7 +40,7 @@ def test_toy_pipeline_whole_recipe(toy_root, tmp_path):
 
 def test_distillation_check_fails_when_the_ode_phase_did_not_bring_the_student_closer():
     """The pass/fail rule of the pipeline check (the command exits with status 1 when it lists a failure)."""
-    from helios_train.sampling.pipeline_check import distillation_failures
+    from helios_train.pipeline_check import distillation_failures
 
     good = {"[1,1,1]": {"before (Mid weights)": 0.17, "after ODE": 0.05},
             "[2,2,2]": {"before (Mid weights)": 0.12, "after ODE": 0.06},

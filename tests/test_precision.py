@@ -90,7 +90,7 @@ def test_bf16_checkpoint_and_export_sample_in_bf16_with_an_fp32_vae(bf16_run, tm
     from helios_train.sampling.export import export
     from helios_train.sampling.infer import generate, load_pipeline
     from helios_train.model.loading import keeps_fp32
-    from helios_train.sampling.variants import DEFAULTS
+    from helios_train.model.variants import DEFAULTS
 
     exported = export(bf16_run, tmp_path / "export")  # default dtype: the run's model.weight_dtype
     assert json.loads((exported / "helios_export.json").read_text())["dtype"] == "bf16"

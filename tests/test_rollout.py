@@ -7,7 +7,7 @@ import torch
 from helios_train.algorithms.history import HistoryConfig
 from helios_train.model.inputs import model_inputs
 from helios_train.algorithms.rollout import pyramid_rollout
-from helios_train.sampling.variants import build_pipeline
+from helios_train.model.variants import build_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_forward_count_is_known_before_the_rollout(amplified):
     """ZeRO-3 lockstep agrees on the count before sampling (helios_train/backends/lockstep.py): it must be the
     number of forwards the rollout then runs (4 per level for the amplified first chunk, else 2)."""
     from helios_train.algorithms.rollout import pyramid_rollout, rollout_forwards
-    from helios_train.sampling.variants import make_scheduler
+    from helios_train.model.variants import make_scheduler
 
     scheduler = make_scheduler("distilled")
     planned = rollout_forwards(scheduler, (2, 2, 2), amplified)

@@ -164,7 +164,7 @@ def test_training_steps_with_ulysses_equal_one_process_and_data_parallel_groups_
 
 def test_sequence_degrees_are_refused_before_any_work_when_they_cannot_split(toy_root, monkeypatch):
     from helios_train.training import run_setup
-    from helios_train.model.sequence_lengths import forward_lengths, indivisible
+    from helios_train.training.sequence_checks import forward_lengths, indivisible
     from helios_train.planning.plan import build_meta_transformer
 
     toy = [f"toy_root={toy_root}"]

@@ -10,7 +10,7 @@ rank keeps the EMA of 1/N of the trainables — under ZeRO-3 the slice of every 
 partition holds, otherwise whole tensors assigned to ranks by size — as the official EMA does in its own
 ZeRO-3 engine; `sharded=false` keeps a whole copy on every rank (not possible under ZeRO-3). Either way
 the checkpoint holds the whole EMA (`generator.ema.safetensors`, gathered by rank 0), resume gives each
-rank its slice again, and `python -m helios_train.sampling.export --ema` reads that file.
+rank its slice again, and `python -m helios_train export --ema` reads that file.
 """
 from __future__ import annotations
 

@@ -145,24 +145,27 @@ class DiscriminatorHeads(nn.Module):
         return torch.stack(logits, dim=1)
 
 
-def random_spatial_crop(tensors: list[torch.Tensor], fraction: float, generator: torch.Generator,
-                        multiple: int = 1) -> list[torch.Tensor]:
-    """Crop the last two dims of every tensor with ONE random box (fake / real / perturbed alike).
-
-    Box size = max(1, floor(fraction·H)) × max(1, floor(fraction·W)), rounded down to `multiple`
-    (e.g. the patch size, to keep whole tokens) but at least `multiple`; offsets drawn from `generator`.
-    """
-    if not tensors:
-        return []
-    hw = tensors[0].shape[-2:]
-    if any(t.shape[-2:] != hw for t in tensors):
-        raise ValueError(f"crop needs equal spatial sizes, got {[tuple(t.shape[-2:]) for t in tensors]}")
-    box, offsets = [], []
+def crop_size(hw: tuple[int, int], fraction: float, multiple: int = 1) -> tuple[int, int]:
+    """The GAN crop's box: max(1, floor(fraction·H)) × max(1, floor(fraction·W)), rounded down to `multiple` (e.g.
+    the patch size, to keep whole tokens) but at least `multiple`, never beyond the input."""
+    out = []
     for d in hw:
         size = max(1, math.floor(fraction * d))
-        size = min(d, max(multiple, size // multiple * multiple))
-        box.append(size)
-        offsets.append(int(torch.randint(0, d - size + 1, (1,), generator=generator)))
+        out.append(min(d, max(multiple, size // multiple * multiple)))
+    return out[0], out[1]
+
+
+def random_spatial_crop(tensors: list[torch.Tensor], fraction: float, generator: torch.Generator,
+                        multiple: int = 1) -> list[torch.Tensor]:
+    """Crop the last two dims of every tensor with ONE random box (fake / real / perturbed alike) of
+    `crop_size`; offsets drawn from `generator`."""
+    if not tensors:
+        return []
+    hw = tuple(tensors[0].shape[-2:])
+    if any(tuple(t.shape[-2:]) != hw for t in tensors):
+        raise ValueError(f"crop needs equal spatial sizes, got {[tuple(t.shape[-2:]) for t in tensors]}")
+    box = crop_size(hw, fraction, multiple)
+    offsets = [int(torch.randint(0, d - size + 1, (1,), generator=generator)) for d, size in zip(hw, box)]
     (ch, cw), (top, left) = box, offsets
     return [t[..., top:top + ch, left:left + cw] for t in tensors]
 

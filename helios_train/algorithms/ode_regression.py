@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from helios_train.algorithms.history import HistoryConfig, assemble_history_sample
-from helios_train.sampling.ode_trajectory import sigma_of
+from helios_train.algorithms.sigma_table import sigma_of
 from helios_train.algorithms.timesteps import calculate_mu
 from helios_train.algorithms.timesteps import seq_len_for
 from helios_train.config.mechanisms import OdeConfig  # noqa: F401  (the schema's; re-exported)

@@ -19,6 +19,10 @@ from __future__ import annotations
 
 import torch
 
+# The distilled sampler's pyramid (official get_ode-pairs.py / stage_3 yamls): 3 levels, γ 1/3, linear dynamic shift.
+PYRAMID = dict(stages=3, stage_range=[0, 1 / 3, 2 / 3, 1], gamma=1 / 3, use_dynamic_shifting=True,
+               time_shift_type="linear")
+
 
 def nearest_sigma(t: torch.Tensor, table_t: torch.Tensor, table_sigma: torch.Tensor) -> torch.Tensor:
     """σ[argmin |table_t − t|] per element of `t` (float64; ties go to the first entry, as torch.argmin)."""
@@ -53,3 +57,13 @@ def level_table(scheduler, level: int, mu: float) -> tuple[torch.Tensor, torch.T
 
 def level_sigma(t: torch.Tensor, scheduler, level: int, mu: float) -> torch.Tensor:
     return nearest_sigma(t, *level_table(scheduler, level, mu))
+
+
+def sigma_of(timesteps: torch.Tensor, level: int, mu: float, scheduler=None) -> torch.Tensor:
+    """σ of recorded ODE-pair timesteps as the official `_ode_regression_loss` takes it: the nearest entry of
+    level `level`'s table shifted by μ of the level's resolution."""
+    if scheduler is None:
+        from diffusers import HeliosDMDScheduler
+
+        scheduler = HeliosDMDScheduler(**PYRAMID)
+    return level_sigma(timesteps, scheduler, level, mu)

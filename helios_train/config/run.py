@@ -45,6 +45,15 @@ class ToyDataConfig:
     seed: int = 0
 
 
+OFFICIAL_LATENT_SIZE = (48, 80)  # 384×640 pixels / 8: the official training resolution
+
+
+def latent_size(data_cfg) -> tuple[int, int]:
+    """The run's latent height × width: `data.latent_height/width` (filled from the first sample at start-up)
+    or, before that is known (the planner), the official size."""
+    return (int(data_cfg.latent_height or OFFICIAL_LATENT_SIZE[0]), int(data_cfg.latent_width or OFFICIAL_LATENT_SIZE[1]))
+
+
 @dataclass
 class DataConfig:
     name: str = MISSING
@@ -156,7 +165,7 @@ class ValidationConfig:
     height: Optional[int] = None
     width: Optional[int] = None
     seed: int = 42
-    steps: Optional[int] = None  # None = the variant's default (helios_train/sampling/variants.py)
+    steps: Optional[int] = None  # None = the variant's default (helios_train/model/variants.py)
     pyramid_steps: Optional[list[int]] = None
     guidance: Optional[float] = None
     use_ema: bool = False  # render with the EMA weights when the stage keeps an EMA (official: false)

@@ -81,6 +81,67 @@ def count_samples(path) -> int | None:
         return None
 
 
+class _Encoder:
+    """The VAE and text encoder of `model_dir`, encoding batches of decoded videos into a shard sink."""
+
+    def __init__(self, model_dir, device, text_dtype, seed: int, chunk_frames: int, sample: bool,
+                 text_max_length: int, bar):
+        from diffusers import AutoencoderKLWan
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        # fp32 VAE as in the official offload script; the text encoder may run in bf16 on GPU (official),
+        # the stored embedding is fp32 either way.
+        self.vae = AutoencoderKLWan.from_pretrained(model_dir, subfolder="vae", dtype=torch.float32).to(device).eval()
+        self.tok = AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+        self.enc = UMT5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder",
+                                                    dtype=text_dtype).to(device).eval()
+        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.device, self.chunk_frames, self.sample, self.text_max_length = device, chunk_frames, sample, text_max_length
+        self.bar = bar
+
+    def flush(self, sink, batch: list) -> None:
+        from helios_train.model.text_codec import encode_prompts
+        from helios_train.model.vae_codec import encode_chunks
+
+        frames = torch.stack([f for _, _, f in batch])  # [B, S*33, H, W, 3] uint8
+        latents = encode_chunks(self.vae, to_unit_range(frames).to(self.device), self.chunk_frames, generator=self.gen,
+                                sample=self.sample)
+        embeds = encode_prompts(self.tok, self.enc, [m["caption"] for _, m, _ in batch],
+                                max_length=self.text_max_length, device=self.device)
+        for (key, meta, f), lat, emb in zip(batch, latents, embeds):
+            meta.update(num_chunks=int(lat.shape[0]), latent_shape=list(lat.shape))
+            sink.write({"__key__": key, "latents.npy": _npy(lat.cpu().numpy().astype(np.float32)),
+                        "prompt_embed.npy": _npy(emb.cpu().numpy().astype(np.float32)),
+                        "first_frame.png": _png(f[0].numpy()), "json": json.dumps(meta).encode("utf-8")})
+        self.bar.update(len(batch))
+        batch.clear()
+
+    def shard(self, sink, raw_path: str, min_frames: int, batch_size: int) -> None:
+        """Every sample of one raw shard into `sink`; bad ones skipped with their reason, in input order."""
+        batch: list = []
+        errors: list[Exception] = []  # damage after the last sample (once per shard)
+        for raw in iter_shard_samples(raw_path, errors.append):
+            damaged = raw.pop(DAMAGED, None)
+            try:
+                item = _decode(raw, self.chunk_frames, min_frames)
+            except BadSample as bad:
+                reason, why = ("unreadable_member", f"{bad} — {damaged}") if damaged else (bad.reason, str(bad))
+                sink.skip(f"{raw_path}:{raw.get('__key__')}", reason, why)
+                self.bar.update()
+                continue
+            if damaged:  # whole despite the damage right after it: kept; the lost rest is listed
+                sink.skip(f"{raw_path}:after {raw['__key__']}", "unreadable_member", damaged)
+            if batch and batch[0][2].shape != item[2].shape:
+                self.flush(sink, batch)  # the VAE batch needs equal shapes
+            batch.append(item)
+            if len(batch) >= batch_size:
+                self.flush(sink, batch)
+        if batch:
+            self.flush(sink, batch)
+        for exn in errors:
+            sink.skip(raw_path, "unreadable_member", str(exn))
+
+
 def encode_shards(raw_shards, out_dir, model_dir, chunk_frames: int = CHUNK, min_frames: int = 99, device="cpu",
                   batch_size: int = 1, seed: int = 0, text_max_length: int = 512, rank: int = 0,
                   world_size: int = 1, sample: bool = True, text_dtype: torch.dtype = torch.float32,
@@ -93,12 +154,6 @@ def encode_shards(raw_shards, out_dir, model_dir, chunk_frames: int = CHUNK, min
     other shapes are flushed first, so output order = input order). `rank`/`world_size` split the
     shard list round-robin for torchrun. `sample=False` stores the posterior mode instead of a sample.
     """
-    from diffusers import AutoencoderKLWan
-    from transformers import AutoTokenizer, UMT5EncoderModel
-
-    from helios_train.model.text_codec import encode_prompts
-    from helios_train.model.vae_codec import encode_chunks
-
     mine = [str(p) for i, p in enumerate(raw_shards) if i % world_size == rank]
     # Options that change the bytes written; the seed is per rank, so the rank split is part of it.
     options = {"chunk_frames": chunk_frames, "min_frames": min_frames, "seed": seed + rank, "sample": sample,
@@ -109,55 +164,14 @@ def encode_shards(raw_shards, out_dir, model_dir, chunk_frames: int = CHUNK, min
     todo = [(p, name, fp) for p, name, fp in todo if not writer.up_to_date(name, fp)]
     if not todo:
         return writer.finish(require_samples=require_samples and bool(mine))  # nothing to do: no model loaded
-    # fp32 VAE as in the official offload script; the text encoder may run in bf16 on GPU (official),
-    # the stored embedding is fp32 either way.
-    vae = AutoencoderKLWan.from_pretrained(model_dir, subfolder="vae", dtype=torch.float32).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-    enc = UMT5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder", dtype=text_dtype).to(device).eval()
-    gen = torch.Generator(device="cpu").manual_seed(seed + rank)
     counts = [count_samples(p) for p, _, _ in todo]
-    bar = tqdm(total=None if None in counts else sum(counts), desc="encode samples", unit="sample",
-               disable=rank != 0)
-
-    def flush(sink, batch) -> None:
-        frames = torch.stack([f for _, _, f in batch])  # [B, S*33, H, W, 3] uint8
-        latents = encode_chunks(vae, to_unit_range(frames).to(device), chunk_frames, generator=gen, sample=sample)
-        embeds = encode_prompts(tok, enc, [m["caption"] for _, m, _ in batch], max_length=text_max_length,
-                                device=device)
-        for (key, meta, f), lat, emb in zip(batch, latents, embeds):
-            meta.update(num_chunks=int(lat.shape[0]), latent_shape=list(lat.shape))
-            sink.write({"__key__": key, "latents.npy": _npy(lat.cpu().numpy().astype(np.float32)),
-                        "prompt_embed.npy": _npy(emb.cpu().numpy().astype(np.float32)),
-                        "first_frame.png": _png(f[0].numpy()), "json": json.dumps(meta).encode("utf-8")})
-        bar.update(len(batch))
-        batch.clear()
-
-    for raw_path, name, fingerprint in todo:
-        bar.set_postfix_str(Path(raw_path).name)
-        with writer.shard(name, fingerprint) as sink:
-            batch: list = []
-            errors: list[Exception] = []  # damage after the last sample (once per shard)
-            for raw in iter_shard_samples(raw_path, errors.append):
-                damaged = raw.pop(DAMAGED, None)
-                try:
-                    item = _decode(raw, chunk_frames, min_frames)
-                except BadSample as bad:
-                    reason, why = ("unreadable_member", f"{bad} — {damaged}") if damaged else (bad.reason, str(bad))
-                    sink.skip(f"{raw_path}:{raw.get('__key__')}", reason, why)
-                    bar.update()
-                    continue
-                if damaged:  # whole despite the damage right after it: kept; the lost rest is listed
-                    sink.skip(f"{raw_path}:after {raw['__key__']}", "unreadable_member", damaged)
-                if batch and batch[0][2].shape != item[2].shape:
-                    flush(sink, batch)  # the VAE batch needs equal shapes
-                batch.append(item)
-                if len(batch) >= batch_size:
-                    flush(sink, batch)
-            if batch:
-                flush(sink, batch)
-            for exn in errors:
-                sink.skip(raw_path, "unreadable_member", str(exn))
-    bar.close()
+    with tqdm(total=None if None in counts else sum(counts), desc="encode samples", unit="sample",
+              disable=rank != 0) as bar:
+        encoder = _Encoder(model_dir, device, text_dtype, seed + rank, chunk_frames, sample, text_max_length, bar)
+        for raw_path, name, fingerprint in todo:
+            bar.set_postfix_str(Path(raw_path).name)
+            with writer.shard(name, fingerprint) as sink:
+                encoder.shard(sink, raw_path, min_frames, batch_size)
     return writer.finish(require_samples=require_samples)
 
 

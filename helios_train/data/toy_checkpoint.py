@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from helios_train.sampling.variants import NEGATIVE_PROMPT
+from helios_train.model.variants import NEGATIVE_PROMPT
 
 TRANSFORMER = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=32,
                    freq_dim=32, ffn_dim=64, num_layers=2, rope_dim=(4, 6, 6))

@@ -37,6 +37,11 @@ class ModelAdapter:
         """Tokens of one sample by kind ("noisy", "history", "total", ...) at latent size `latent_hw`."""
         raise NotImplementedError
 
+    def meta_model(self, model_cfg) -> torch.nn.Module:
+        """The transformer of `model_cfg` on the meta device, built from its config (no weights read): what the
+        planner counts and the start-up checks measure."""
+        raise NotImplementedError
+
     # -- generic ---------------------------------------------------------------------------------------
     def patch_size(self, model: torch.nn.Module) -> tuple[int, int, int]:
         return tuple(int(p) for p in model.config.patch_size)

@@ -28,3 +28,12 @@ class HeliosAdapter(ModelAdapter):
         from helios_train.model.inputs import token_counts
 
         return token_counts(model, latent_hw, history_cfg)
+
+    def meta_model(self, model_cfg):
+        import torch
+        from diffusers import HeliosTransformer3DModel
+
+        from helios_train.model.fake_weights import transformer_config
+
+        with torch.device("meta"):
+            return HeliosTransformer3DModel.from_config(transformer_config(model_cfg))

@@ -43,6 +43,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from helios_train.algorithms.gan import crop_size
+from helios_train.config.run import latent_size
+
 OUTSIDE_BLOCKS = 12.2
 SAVED_PER_BLOCK = 2.0
 FULL_BLOCK = 113.2
@@ -66,13 +69,12 @@ class Phase:
 
 
 def latent_hw(cfg) -> tuple[int, int]:
-    return cfg.data.latent_height or 48, cfg.data.latent_width or 80
+    return latent_size(cfg.data)
 
 
 def _gan_crop_hw(cfg, model) -> tuple[int, int]:
-    """The GAN's spatial crop (helios_train/algorithms/gan.py random_spatial_crop) of the full latent size."""
-    patch, frac = model.config.patch_size[1], float(cfg.stage.gan.crop_fraction)
-    return tuple(min(d, max(patch, int(frac * d) // patch * patch)) for d in latent_hw(cfg))
+    """The GAN's spatial crop (helios_train/algorithms/gan.py crop_size) of the full latent size."""
+    return crop_size(latent_hw(cfg), float(cfg.stage.gan.crop_fraction), int(model.config.patch_size[1]))
 
 
 def phases(cfg, model, trainable: dict[str, int]) -> dict[str, Phase]:

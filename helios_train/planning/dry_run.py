@@ -1,6 +1,6 @@
 """`python -m helios_train <overrides> dry_run=true` — one real training step of the stage at full size on
 fake tensors: the measured memory of the production configuration, on a machine without its GPUs.
-(`python -m helios_train.planning.dry_run`: the same for every official recipe, as a table against the planner.)
+(`python -m helios_train dry-run-table`: the same for every official recipe, as a table against the planner.)
 
 What runs is the trainer's own step (`Trainer.run_step`): the stage's roles built by the stage
 (transformers from model.path's config.json, or the class defaults = the 14B geometry, with the
@@ -158,6 +158,27 @@ def _warm_up_optimizers(trainer) -> None:
         role.optimizer.zero_grad(set_to_none=True)
 
 
+def _role_sizes(trainer, residency) -> dict[str, dict]:
+    """Per trainable role: frozen and trainable parameters (count, bytes), AdamW state bytes, one block's bytes,
+    and whether DDP wraps it."""
+    roles, specs = {}, trainer.stage.role_specs()
+    for name, role in trainer.roles.items():
+        # An offloaded base's parameters hold empty tensors: count its host copies (stage.dmd.low_vram)
+        frozen = residency.hosts[name] if residency is not None else \
+            [p for p in role.module.parameters() if not p.requires_grad]
+        roles[name] = {
+            "frozen_params": sum(p.numel() for p in frozen),
+            "trainable_params": sum(p.numel() for p in role.params),
+            "frozen_bytes": _bytes(frozen),
+            "trainable_bytes": _bytes(role.params),
+            "adamw_bytes": _bytes(t for st in role.optimizer.state.values() for t in st.values()
+                                  if isinstance(t, torch.Tensor) and t.dim() > 0),
+            "ddp_wrapped": specs[name].calls == Calls.ONCE,  # False: the DDP backend reduces it itself
+            "block_bytes": _bytes(role.module.blocks[0].parameters()) if hasattr(role.module, "blocks") else 0,
+        }
+    return roles
+
+
 def measure(cfg) -> dict:
     """Build the stage on fake weights, run one step, return the measured components (bytes)."""
     from helios_train.backends.sequence_groups import SimulatedSequenceGroup
@@ -198,21 +219,7 @@ def measure(cfg) -> dict:
         with reads, mem:
             logs, _ = trainer.run_step([batch])
         trainer.close()
-    roles, specs = {}, trainer.stage.role_specs()
-    for name, role in trainer.roles.items():
-        # An offloaded base's parameters hold empty tensors: count its host copies (stage.dmd.low_vram)
-        frozen = residency.hosts[name] if residency is not None else \
-            [p for p in role.module.parameters() if not p.requires_grad]
-        roles[name] = {
-            "frozen_params": sum(p.numel() for p in frozen),
-            "trainable_params": sum(p.numel() for p in role.params),
-            "frozen_bytes": _bytes(frozen),
-            "trainable_bytes": _bytes(role.params),
-            "adamw_bytes": _bytes(t for st in role.optimizer.state.values() for t in st.values()
-                                  if isinstance(t, torch.Tensor) and t.dim() > 0),
-            "ddp_wrapped": specs[name].calls == Calls.ONCE,  # False: the DDP backend reduces it itself
-            "block_bytes": _bytes(role.module.blocks[0].parameters()) if hasattr(role.module, "blocks") else 0,
-        }
+    roles = _role_sizes(trainer, residency)
     low_vram = None
     if residency is not None:
         trainable = sum(r["trainable_bytes"] for r in roles.values())
@@ -375,7 +382,7 @@ def comparison_table(cfgs: list, labels: list[str], backends=("ddp", "deepspeed_
 
 
 def main(argv=None) -> None:
-    """`python -m helios_train.planning.dry_run [--recipes ...]`: the README's planned-vs-measured table of every official
+    """`python -m helios_train dry-run-table [--recipes ...]`: the README's planned-vs-measured table of every official
     recipe at 14B (one dry run per recipe: minutes each)."""
     import argparse
 

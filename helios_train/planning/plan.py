@@ -1,8 +1,8 @@
 """Memory planner: per-GPU bytes of a stage on G GPUs, from the real model built on the meta device.
 
     python -m helios_train experiment=stage_1_init model=helios_14b launcher=deepspeed_zero2 plan=true [plan_gpus=8]
-    python -m helios_train.planning.plan              # every official recipe at 14B under ddp / zero2 / zero3
-    python -m helios_train.planning.dry_run           # … next to the dry run's measured figures (minutes)
+    python -m helios_train plan-table              # every official recipe at 14B under ddp / zero2 / zero3
+    python -m helios_train dry-run-table           # … next to the dry run's measured figures (minutes)
 
 No weights are read: the transformer is built from its config.json (or the class's 14B defaults when
 `model.path` has none) under `torch.device("meta")`, and the stage's trainable policy is applied with
@@ -66,13 +66,10 @@ class RolePlan:
 
 # -- counting -------------------------------------------------------------------------------------
 def build_meta_transformer(model_cfg):
-    """The transformer of `model_cfg` on the meta device, from its config (helios_train/model/fake_weights.py)."""
-    from diffusers import HeliosTransformer3DModel
+    """The transformer of `model_cfg` on the meta device, from its config (the family's adapter)."""
+    from helios_train.model import adapter_for
 
-    from helios_train.model.fake_weights import transformer_config
-
-    with torch.device("meta"):
-        return HeliosTransformer3DModel.from_config(transformer_config(model_cfg))
+    return adapter_for(model_cfg).meta_model(model_cfg)
 
 
 def frozen_bytes(model, weight_bytes: int) -> int:

@@ -1,6 +1,6 @@
 """Export a training checkpoint as a diffusers-layout Helios folder (LoRA and extra trainables fused).
 
-    python -m helios_train.sampling.export --checkpoint checkpoints/base-toy-toy [--variant base] --out exports/base
+    python -m helios_train export --checkpoint checkpoints/base-toy-toy [--variant base] --out exports/base
 
 `--checkpoint` is a run directory (its newest complete checkpoint is used) or a `checkpoint-N` dir.
 The result has transformer/ (full fused weights), vae/, text_encoder/, tokenizer/ (copied, or
@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from helios_train.runtime import checkpoint as ckpt
 from helios_train.model.loading import cast_weights, torch_dtype
-from helios_train.sampling.variants import build_pipeline, check_variant
+from helios_train.model.variants import build_pipeline, check_variant
 
 COMPONENTS = ("vae", "text_encoder", "tokenizer")
 
@@ -127,7 +127,7 @@ def export(checkpoint, out_dir, variant: str | None = None, link: bool = False, 
     return out
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="run dir or checkpoint-N dir")
     ap.add_argument("--out", required=True)
@@ -135,7 +135,7 @@ def main() -> None:
     ap.add_argument("--link", action="store_true", help="symlink vae/text_encoder/tokenizer instead of copying")
     ap.add_argument("--ema", action="store_true", help="export the EMA weights (Distilled stage)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], help="saved transformer dtype (default: the run's model.weight_dtype)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     with torch.no_grad():
         print(f"exported {export(a.checkpoint, a.out, a.variant, a.link, use_ema=a.ema, dtype=a.dtype)}")
 

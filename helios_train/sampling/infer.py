@@ -1,14 +1,14 @@
 """Inference / validation entry: T2V, I2V, V2V → mp4 (24 fps) + a JSON of the settings.
 
-    python -m helios_train.sampling.infer --checkpoint checkpoints/base-toy-toy --prompt "a red circle moves" --out out/
-    python -m helios_train.sampling.infer --checkpoint /weights/Helios-Distilled --prompt-file prompts.txt --num-frames 240
-    python -m helios_train.sampling.infer --checkpoint exports/mid --prompt "..." --image first.png          # I2V
-    python -m helios_train.sampling.infer --checkpoint exports/base --prompt "..." --video clip.mp4          # V2V
+    python -m helios_train infer --checkpoint checkpoints/base-toy-toy --prompt "a red circle moves" --out out/
+    python -m helios_train infer --checkpoint /weights/Helios-Distilled --prompt-file prompts.txt --num-frames 240
+    python -m helios_train infer --checkpoint exports/mid --prompt "..." --image first.png          # I2V
+    python -m helios_train infer --checkpoint exports/base --prompt "..." --video clip.mp4          # V2V
 
 `--checkpoint` is a training run / checkpoint-N dir (LoRA attached to its base model), or a
 diffusers-layout folder (our export or an official Helios-Base/Mid/Distilled download). Sampling is
 diffusers' own HeliosPipeline (Base) / HeliosPyramidPipeline (Mid, Distilled) — no second sampler.
-Defaults per variant follow the official scripts (helios_train/sampling/variants.py).
+Defaults per variant follow the official scripts (helios_train/model/variants.py).
 """
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import argparse
 import json
 import logging
 import re
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from helios_train.runtime.progress import chunk_progress
 from helios_train.runtime.prompt_file import InputError, read_prompt_lines
-from helios_train.sampling.variants import (DEFAULTS, NEGATIVE_PROMPT, SamplerSettings, build_pipeline, call_kwargs,
+from helios_train.model.variants import (DEFAULTS, NEGATIVE_PROMPT, SamplerSettings, build_pipeline, call_kwargs,
                                    round_frames, use_float64_block_noise)
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def load_pipeline(checkpoint, variant: str | None = None, dtype=torch.float32, d
     if (path / "model_index.json").is_file():
         saved = detect_variant(path)
         variant = variant or saved
-        from helios_train.sampling.variants import pipeline_class, sample_as
+        from helios_train.model.variants import pipeline_class, sample_as
 
         # The VAE stays fp32 whatever the dtype (every official script); the transformer keeps its
         # fp32 modules itself (`_keep_in_fp32_modules`).
@@ -133,6 +134,79 @@ def generate(pipe, variant: str, prompt: str, settings: SamplerSettings, num_fra
     return out.frames[0]
 
 
+@dataclass
+class InferenceConfig:
+    """One inference job (`helios_train.infer(...)`, `python -m helios_train infer ...`)."""
+
+    checkpoint: str
+    prompts: list[str] = field(default_factory=list)
+    out: str = "outputs/infer"
+    variant: Optional[str] = None  # base | mid | distilled; default: the checkpoint's
+    negative_prompt: str = NEGATIVE_PROMPT
+    image: Optional[str] = None  # I2V: the first image
+    video: Optional[str] = None  # V2V: the conditioning video
+    num_frames: int = 99
+    height: int = 384
+    width: int = 640
+    steps: Optional[int] = None  # Base: denoising steps (default 50)
+    pyramid_steps: Optional[list[int]] = None  # Mid / Distilled: steps per pyramid level
+    guidance: Optional[float] = None  # default per variant
+    cfg_zero_star: Optional[bool] = None
+    seed: int = 42
+    dtype: str = "auto"  # fp32 | bf16 | auto (bf16 on CUDA)
+
+
+def _inputs(job: InferenceConfig):
+    """Every input read and checked before the pipeline loads (minutes at 14B): a bad path fails in a second."""
+    if not job.prompts:
+        raise InputError("give at least one prompt (--prompt or --prompt-file)")
+    if job.image and job.video:
+        raise InputError("give --image (I2V) or --video (V2V), not both")
+    image = read_image(job.image, job.width, job.height) if job.image else None
+    video = read_video_frames(job.video) if job.video else None
+    return image, video
+
+
+def _settings(job: InferenceConfig, variant: str, pipe) -> SamplerSettings:
+    s = SamplerSettings(**asdict(DEFAULTS[variant]))
+    s.num_inference_steps = job.steps or s.num_inference_steps
+    s.pyramid_steps = list(job.pyramid_steps) if job.pyramid_steps else s.pyramid_steps
+    s.guidance_scale = s.guidance_scale if job.guidance is None else job.guidance
+    if job.cfg_zero_star is not None and variant != "base":
+        s.cfg_zero_star = job.cfg_zero_star
+        pipe.register_to_config(is_cfg_zero_star=job.cfg_zero_star)
+    return s
+
+
+def run_inference(job: InferenceConfig, inputs: Optional[tuple] = None) -> list[Path]:
+    """Render every prompt of `job` into `<out>/<nnn>_<prompt>.mp4` + its settings JSON; returns the mp4 paths.
+    `inputs`: the (image, video) `_inputs` already read, else read here."""
+    image, video = inputs if inputs is not None else _inputs(job)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = job.dtype if job.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
+    pipe, variant = load_pipeline(job.checkpoint, job.variant, torch.bfloat16 if dtype == "bf16" else torch.float32,
+                                  device)
+    s = _settings(job, variant, pipe)
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    bar = tqdm(total=len(job.prompts) * (round_frames(job.num_frames)[0] // 33), desc="chunks generated", unit="chunk")
+    for i, prompt in enumerate(job.prompts):
+        with chunk_progress(pipe.vae, bar):
+            frames = generate(pipe, variant, prompt, s, job.num_frames, job.height, job.width, job.seed + i,
+                              job.negative_prompt, image, video)
+        path = out / f"{i:03d}_{slug(prompt)}.mp4"
+        write_mp4(frames, path)
+        settings = {"prompt": prompt, "variant": variant, "checkpoint": str(job.checkpoint), "seed": job.seed + i,
+                    "task": "i2v" if image is not None else "v2v" if video is not None else "t2v",
+                    "frames": int(frames.shape[0]), "height": job.height, "width": job.width, "fps": FPS, **asdict(s)}
+        path.with_suffix(".json").write_text(json.dumps(settings, indent=2))
+        tqdm.write(f"wrote {path} ({frames.shape[0]} frames)")
+        written.append(path)
+    bar.close()
+    return written
+
+
 def main(argv=None) -> list[Path]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
@@ -150,50 +224,19 @@ def main(argv=None) -> list[Path]:
     ap.add_argument("--guidance", type=float, help="guidance scale (default per variant)")
     ap.add_argument("--cfg-zero-star", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if torch.cuda.is_available() else "fp32")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default="auto", help="auto: bf16 on CUDA, else fp32")
     ap.add_argument("--out", default="outputs/infer")
     a = ap.parse_args(argv)
-    # Every input is read and checked before the pipeline loads (minutes at 14B): a bad path fails in a second.
     try:
         prompts = list(a.prompt) + ([p for _, p in read_prompt_lines(a.prompt_file, "--prompt-file")]
                                     if a.prompt_file else [])
-        if not prompts:
-            raise InputError("give --prompt or --prompt-file")
-        if a.image and a.video:
-            raise InputError("give --image (I2V) or --video (V2V), not both")
-        image = read_image(a.image, a.width, a.height) if a.image else None
-        video = read_video_frames(a.video) if a.video else None
+        job = InferenceConfig(a.checkpoint, prompts, a.out, a.variant, a.negative_prompt, a.image, a.video,
+                              a.num_frames, a.height, a.width, a.steps, a.pyramid_steps, a.guidance, a.cfg_zero_star,
+                              a.seed, a.dtype)
+        inputs = _inputs(job)
     except InputError as bad:
         ap.error(str(bad))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe, variant = load_pipeline(a.checkpoint, a.variant, torch.bfloat16 if a.dtype == "bf16" else torch.float32,
-                                  device)
-    s = SamplerSettings(**asdict(DEFAULTS[variant]))
-    s.num_inference_steps = a.steps or s.num_inference_steps
-    s.pyramid_steps = a.pyramid_steps or s.pyramid_steps
-    s.guidance_scale = s.guidance_scale if a.guidance is None else a.guidance
-    if a.cfg_zero_star is not None and variant != "base":
-        s.cfg_zero_star = a.cfg_zero_star
-        pipe.register_to_config(is_cfg_zero_star=a.cfg_zero_star)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    chunks = round_frames(a.num_frames)[0] // 33
-    bar = tqdm(total=len(prompts) * chunks, desc="chunks generated", unit="chunk")
-    for i, prompt in enumerate(prompts):
-        with chunk_progress(pipe.vae, bar):
-            frames = generate(pipe, variant, prompt, s, a.num_frames, a.height, a.width, a.seed + i,
-                              a.negative_prompt, image, video)
-        path = out / f"{i:03d}_{slug(prompt)}.mp4"
-        write_mp4(frames, path)
-        settings = {"prompt": prompt, "variant": variant, "checkpoint": str(a.checkpoint), "seed": a.seed + i,
-                    "task": "i2v" if image is not None else "v2v" if video is not None else "t2v",
-                    "frames": int(frames.shape[0]), "height": a.height, "width": a.width, "fps": FPS, **asdict(s)}
-        path.with_suffix(".json").write_text(json.dumps(settings, indent=2))
-        tqdm.write(f"wrote {path} ({frames.shape[0]} frames)")
-        written.append(path)
-    bar.close()
-    return written
+    return run_inference(job, inputs)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def sample_members(key: str, prompt: str, embed: torch.Tensor, chunks: list[list
 def make_ode_pairs(teacher, prompts_file, out_dir, num_chunks=5, height=384, width=640, steps=(20, 20, 20),
                    student_steps=(2, 2, 2), guidance=5.0, per_shard=100, seed=42, shard_index=0,
                    num_shards_total=1, device="cpu", mu_from="level", max_length=512, dtype="fp32") -> dict:
-    from helios_train.sampling.variants import NEGATIVE_PROMPT
+    from helios_train.model.variants import NEGATIVE_PROMPT
 
     from helios_train.runtime.prompt_file import read_prompt_lines
 

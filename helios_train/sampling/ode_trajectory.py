@@ -30,13 +30,11 @@ import torch
 from diffusers import HeliosDMDScheduler, HeliosScheduler
 
 from helios_train.algorithms.timesteps import calculate_mu
-from helios_train.algorithms.sigma_table import level_sigma
+from helios_train.algorithms.sigma_table import PYRAMID, sigma_of  # noqa: F401  (sigma_of: re-exported)
 
 # calculate_mu is linear in the token count: mu = m·seq + b
 _MU_SLOPE = calculate_mu(1) - calculate_mu(0)
 _MU_OFFSET = calculate_mu(0)
-PYRAMID = dict(stages=3, stage_range=[0, 1 / 3, 2 / 3, 1], gamma=1 / 3, use_dynamic_shifting=True,
-               time_shift_type="linear")
 
 
 class LevelMu:
@@ -123,12 +121,6 @@ def recording_scheduler(student_steps=(2, 2, 2), amplify_first_chunk: bool = Tru
     """The ODE teacher's scheduler (official get_ode-pairs.py: UniPC, linear dynamic shift, pyramid table)."""
     return TrajectoryRecorder(scheduler_type="unipc", **PYRAMID).configure(student_steps, amplify_first_chunk,
                                                                           mu_from)
-
-
-def sigma_of(timesteps: torch.Tensor, level: int, mu: float, scheduler=None) -> torch.Tensor:
-    """σ of recorded timesteps as the official `_ode_regression_loss` takes it: the nearest entry of level
-    `level`'s table shifted by μ of the level's resolution (helios_train/algorithms/sigma_table.py)."""
-    return level_sigma(timesteps, scheduler or HeliosDMDScheduler(**PYRAMID), level, mu)
 
 
 class skip_pixel_decode:

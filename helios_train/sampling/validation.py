@@ -1,6 +1,6 @@
 """In-loop validation (when: helios_train/training/callbacks/validation.py): rank 0 renders the configured prompts with the stage's sampler and logs them.
 
-Sampling goes through diffusers' Helios pipelines (helios_train/sampling/variants.py) with the *live*
+Sampling goes through diffusers' Helios pipelines (helios_train/model/variants.py) with the *live*
 training transformer (LoRA attached, not fused), so what is logged is exactly what an export of
 this step would produce. Besides the videos (W&B + `<run>/validation/step-N/`), a **drift curve**
 is logged: per 33-frame chunk of the first prompt's rollout, mean brightness, saturation and
@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from helios_train.runtime.precision import forward_autocast, mixed_precision
 from helios_train.runtime.progress import chunk_progress
-from helios_train.sampling.variants import DEFAULTS, SamplerSettings, build_pipeline, round_frames
+from helios_train.model.variants import DEFAULTS, SamplerSettings, build_pipeline, round_frames
 
 TOKYO = ("A stylish woman walks down a Tokyo street filled with warm glowing neon and animated city signage. She "
          "wears a black leather jacket, a long red dress, and black boots, and carries a black purse.")
@@ -69,7 +69,7 @@ class Validator:
         """Render the prompts. Under ZeRO-3 every rank calls this in lockstep (each forward gathers the
         sharded weights collectively) and only the one with `write` saves and logs the videos."""
         from helios_train.sampling.infer import generate, slug, write_mp4
-        from helios_train.sampling.variants import NEGATIVE_PROMPT
+        from helios_train.model.variants import NEGATIVE_PROMPT
 
         vae, enc, tok = self._components()
         was_training = transformer.training

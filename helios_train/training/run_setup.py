@@ -294,8 +294,8 @@ def prepare_run_dir(cfg: DictConfig, is_main: bool) -> tuple[Path, Optional[Path
 
 def check_sequence_parallel(cfg: DictConfig, dry_run: bool = False) -> None:
     """launcher.ulysses_degree / ring_degree against the world size, the stage and every forward's token count
-    (helios_train/model/sequence_lengths.py; the dry run measures one rank of a sequence group)."""
-    from helios_train.model.sequence_lengths import check_sequence_split
+    (helios_train/training/sequence_checks.py; the dry run measures one rank of a sequence group)."""
+    from helios_train.training.sequence_checks import check_sequence_split
 
     try:
         if dry_run:

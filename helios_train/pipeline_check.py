@@ -1,6 +1,6 @@
 """One-command toy pipeline check: the whole Helios recipe, each stage starting from the previous one's export.
 
-    python -m helios_train.sampling.pipeline_check [--out checkpoints/_pipeline] [--steps 20] [--skip base ...]
+    python -m helios_train pipeline-check [--out checkpoints/_pipeline] [--steps 20] [--skip base ...]
                                           [--from-manifest M] [--base-manifest B]
 
 Chain (toy data, CPU, a few minutes):
@@ -45,15 +45,9 @@ HEIGHT, WIDTH = 64, 128
 
 
 def _train(out: Path, stage_dir: str, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
+    from helios_train.api import train
 
-    from helios_train.__main__ import run
-    from helios_train.config import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"output_root={out}", f"run_name={stage_dir}",
-                                                       "validation.every=0", *overrides])
-    run(cfg)
+    train([f"output_root={out}", f"run_name={stage_dir}", "validation.every=0", *overrides])
 
 
 def _toy_overrides(steps: int, toy_root: str) -> list[str]:
@@ -64,7 +58,7 @@ def _toy_overrides(steps: int, toy_root: str) -> list[str]:
 
 def _render(export: Path, variant: str, path: Path) -> int:
     from helios_train.sampling.infer import generate, load_pipeline, write_mp4
-    from helios_train.sampling.variants import DEFAULTS, SamplerSettings
+    from helios_train.model.variants import DEFAULTS, SamplerSettings
 
     pipe, variant = load_pipeline(export, variant)
     settings = SamplerSettings(**DEFAULTS[variant].__dict__)
@@ -170,7 +164,7 @@ def distance_to_teacher(teacher: str, students: dict[str, str], seeds=(100, 101)
     from helios_train.sampling.ode_pair_capture import load_teacher
     from helios_train.sampling.infer import load_pipeline
     from helios_train.sampling.ode_trajectory import LevelMuDMDScheduler, skip_pixel_decode
-    from helios_train.sampling.variants import NEGATIVE_PROMPT
+    from helios_train.model.variants import NEGATIVE_PROMPT
 
     def sample(pipe, prompt, seed, **kw):
         with skip_pixel_decode(pipe):
@@ -194,6 +188,53 @@ def distance_to_teacher(teacher: str, students: dict[str, str], seeds=(100, 101)
     return result
 
 
+def _manifests(out: Path, base_manifest: str | None, from_manifest: str | None) -> dict[str, dict]:
+    """Earlier runs' manifests in this --out (for stages skipped now), then the ones given on the command line."""
+    manifests: dict[str, dict] = {}
+    for stage in STAGES:
+        path = out / stage / "manifest.json"
+        if path.is_file():
+            manifests[stage] = json.loads(path.read_text())
+    if base_manifest:
+        manifests["base"] = json.loads(Path(base_manifest).read_text())
+    if from_manifest:
+        given = json.loads(Path(from_manifest).read_text())
+        manifests[given["stage"]] = given
+    return manifests
+
+
+def _print_summary(done: list[dict]) -> None:
+    print(f"\n{'stage':<10} {'steps':>5} {'time s':>7}  {'loss first → final':<40} {'frames':>6}  video / output")
+    for m in done:
+        if "losses" in m:
+            losses = ", ".join(f"{k} {a:.4f} → {b:.4f}" for k, (a, b) in m["losses"].items())
+            print(f"{m['stage']:<10} {m['step']:>5} {m['seconds']:>7.1f}  {losses:<40} {m['frames']:>6}  {m['video']}")
+        else:
+            print(f"{m['stage']:<10} {'':>5} {m['seconds']:>7.1f}  {m['samples']} ODE-pair samples → {m['shards']}")
+
+
+def _distance_check(out: Path, manifests: dict, done: list[dict], max_ratio: float) -> None:
+    """The few-step student's latent distance to the Mid teacher before / after ODE / after DMD; fails (exit 1)
+    when the ODE phase did not bring it `max_ratio` of the way on the judged schedules."""
+    students = {k: manifests[s]["export"] for k, s in (("before (Mid weights)", "mid"), ("after ODE", "ode"),
+                                                      ("after DMD", "distilled")) if s in manifests}
+    if "mid" not in manifests or len(students) < 2:
+        return
+    dist = distance_to_teacher(manifests["mid"]["export"], students)
+    print("\nfew-step student (no CFG) vs Mid teacher ([20,20,20], CFG 5): RMS latent distance, one chunk")
+    print(f"  {'student':<22}" + "".join(f"{name:>20}" for name in dist))
+    for student in students:
+        print(f"  {student:<22}" + "".join(f"{dist[name][student]:>20.4f}" for name in dist))
+    (out / "distance_to_teacher.json").write_text(json.dumps(dist, indent=2))
+    for m in done:
+        m["distance_to_teacher"] = dist
+    if "after ODE" in students:
+        failures = distillation_failures(dist, max_ratio)
+        if failures:
+            raise DistillationCheckFailed("distillation check FAILED: " + "; ".join(failures))
+        print(f"distillation check passed: after ODE <= {max_ratio} x before on {', '.join(JUDGED)}")
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="checkpoints/_pipeline")
@@ -213,21 +254,10 @@ def main(argv=None) -> list[dict]:
     from helios_train.data.toy_assets import ensure_toy_assets
 
     ensure_toy_assets(Path(a.toy_root))
-    manifests: dict[str, dict] = {}
-    for stage in STAGES:  # earlier runs' manifests in this --out (for stages skipped now)
-        path = out / stage / "manifest.json"
-        if path.is_file():
-            manifests[stage] = json.loads(path.read_text())
-    if a.base_manifest:
-        manifests["base"] = json.loads(Path(a.base_manifest).read_text())
+    manifests = _manifests(out, a.base_manifest, a.from_manifest)
     start = json.loads(Path(a.from_manifest).read_text())["export"] if a.from_manifest else None
-    if a.from_manifest:
-        given = json.loads(Path(a.from_manifest).read_text())
-        manifests[given["stage"]] = given
     done = []
-    for stage in STAGES:
-        if stage in a.skip:
-            continue
+    for stage in (s for s in STAGES if s not in a.skip):
         began = time.perf_counter()
         manifest = run_stage(stage, out, start, a.steps, a.toy_root, manifests, a.ode_steps)
         manifest["seconds"] = round(time.perf_counter() - began, 1)
@@ -236,30 +266,9 @@ def main(argv=None) -> list[dict]:
         manifests[stage] = manifest
         start = manifest["export"]
         done.append(manifest)
-
-    print(f"\n{'stage':<10} {'steps':>5} {'time s':>7}  {'loss first → final':<40} {'frames':>6}  video / output")
-    for m in done:
-        if "losses" in m:
-            losses = ", ".join(f"{k} {a:.4f} → {b:.4f}" for k, (a, b) in m["losses"].items())
-            print(f"{m['stage']:<10} {m['step']:>5} {m['seconds']:>7.1f}  {losses:<40} {m['frames']:>6}  {m['video']}")
-        else:
-            print(f"{m['stage']:<10} {'':>5} {m['seconds']:>7.1f}  {m['samples']} ODE-pair samples → {m['shards']}")
-    students = {k: manifests[s]["export"] for k, s in (("before (Mid weights)", "mid"), ("after ODE", "ode"),
-                                                      ("after DMD", "distilled")) if s in manifests}
-    if not a.no_distance and "mid" in manifests and len(students) > 1:
-        dist = distance_to_teacher(manifests["mid"]["export"], students)
-        print("\nfew-step student (no CFG) vs Mid teacher ([20,20,20], CFG 5): RMS latent distance, one chunk")
-        print(f"  {'student':<22}" + "".join(f"{name:>20}" for name in dist))
-        for student in students:
-            print(f"  {student:<22}" + "".join(f"{dist[name][student]:>20.4f}" for name in dist))
-        (out / "distance_to_teacher.json").write_text(json.dumps(dist, indent=2))
-        for m in done:
-            m["distance_to_teacher"] = dist
-        if "after ODE" in students:
-            failures = distillation_failures(dist, a.max_ratio)
-            if failures:
-                raise DistillationCheckFailed("distillation check FAILED: " + "; ".join(failures))
-            print(f"distillation check passed: after ODE <= {a.max_ratio} x before on {', '.join(JUDGED)}")
+    _print_summary(done)
+    if not a.no_distance:
+        _distance_check(out, manifests, done, a.max_ratio)
     return done
 
 

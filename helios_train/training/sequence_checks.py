@@ -1,5 +1,5 @@
-"""The token counts of every transformer forward a run makes, and whether a sequence degree splits them —
-checked before any work (the model itself refuses at its first forward, helios_train/model/sequence_parallel.py).
+"""The sequence-parallel rules checked before any work: the token counts of every transformer forward a run makes,
+and whether a sequence degree splits them (the model itself refuses at its first forward, helios_train/model/sequence_parallel.py).
 
 Both plans (helios_train/model/sequence_parallel.py) need the history and the noisy token counts to divide by
 ulysses_degree × ring_degree — `split_once` gives each rank an equal share of each, diffusers' `per_branch`
@@ -9,14 +9,19 @@ pyramid level — 8 divides the first, not the second.
 """
 from __future__ import annotations
 
+from helios_train.algorithms.gan import crop_size
+from helios_train.algorithms.pyramid import level_token_counts
+from helios_train.backends.sequence_groups import check_world, degrees
+from helios_train.config.run import latent_size
+from helios_train.model import adapter_for
+
 
 def _geometries(cfg, model) -> dict[str, tuple[int, int]]:
     """{label: (latent height, width)} of the transformer forwards of the configured stage and validation."""
-    from helios_train.planning.activation_memory import _gan_crop_hw, latent_hw
-
-    out = {"training latents": latent_hw(cfg)}
+    out = {"training latents": latent_size(cfg.data)}
     if cfg.stage.name == "distilled" and cfg.stage.objective == "dmd" and cfg.stage.gan.enabled:
-        out["GAN crop"] = _gan_crop_hw(cfg, model)
+        out["GAN crop"] = crop_size(out["training latents"], float(cfg.stage.gan.crop_fraction),
+                                    int(model.config.patch_size[1]))
     v = cfg.validation
     if v.every > 0 and v.height and v.width:
         out["validation"] = (int(v.height) // 8, int(v.width) // 8)
@@ -25,17 +30,15 @@ def _geometries(cfg, model) -> dict[str, tuple[int, int]]:
 
 def forward_lengths(cfg, model) -> dict[str, tuple[int, int]]:
     """{forward: (whole sequence, noisy tokens)} for every distinct forward geometry of the run."""
-    from helios_train.model.inputs import token_counts
-    from helios_train.algorithms.pyramid import level_token_counts
-
+    adapter = adapter_for(cfg.model)
     hist_cfg = cfg.stage.history
     pyramid = cfg.stage.name in ("mid", "distilled")
     out = {}
     for label, hw in _geometries(cfg, model).items():
-        counts = token_counts(model, hw, hist_cfg)
+        counts = adapter.token_counts(model, hw, hist_cfg)
         out[f"{label} {hw[0]}x{hw[1]}"] = (counts["total"], counts["noisy"])
         if pyramid and label != "GAN crop":  # the GAN scores full-level crops
-            levels = level_token_counts(hw, int(hist_cfg.latent_window_size), patch=tuple(model.config.patch_size))
+            levels = level_token_counts(hw, int(hist_cfg.latent_window_size), patch=adapter.patch_size(model))
             for k, noisy in enumerate(levels[:-1]):
                 out[f"{label} {hw[0]}x{hw[1]}, pyramid level {k}"] = (counts["history"] + noisy, noisy)
     return out
@@ -50,9 +53,7 @@ def indivisible(cfg, model, degree: int) -> list[str]:
 def check_sequence_split(cfg, world_size: int, device_type: str) -> None:
     """Every rule of `launcher.ulysses_degree` / `ring_degree` that the config, the world size and the model's
     config.json decide (ValueError naming the key, the numbers and the fix); nothing is loaded."""
-    from helios_train.backends.sequence_groups import check_world, degrees
     from helios_train.model.sequence_parallel import check_model
-    from helios_train.planning.plan import build_meta_transformer
 
     check_world(cfg.launcher, world_size, device_type)
     ring, ulysses = degrees(cfg.launcher)
@@ -62,7 +63,7 @@ def check_sequence_split(cfg, world_size: int, device_type: str) -> None:
         raise ValueError("stage.pyramid.execution=packed with sequence parallelism: the packed forward runs its own "
                          "attention over segment boundaries, which the sequence split does not cover; use "
                          "stage.pyramid.execution=separate or batch_levels")
-    model = build_meta_transformer(cfg.model)
+    model = adapter_for(cfg.model).meta_model(cfg.model)
     check_model(model, ring, ulysses, cfg.launcher.sequence_plan)
     bad = indivisible(cfg, model, ring * ulysses)
     if bad:
