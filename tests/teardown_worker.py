@@ -12,10 +12,15 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from helios_train.backends.ddp import DDPBackend  # noqa: E402
-# The schema module imports most of the framework (diffusers, transformers): the process then holds what a
-# trainer holds at exit. With a bare torch worker the old exit never hung here (0 of 45); with this one it
-# hung in 2 of 30 launches.
 from helios_train.config import LauncherConfig, TrainerConfig  # noqa: E402
+# The trainer's module imports the framework (diffusers, transformers, PEFT): the process then holds what a
+# trainer holds at exit. With a bare torch worker the old exit never hung here (0 of 45); with the framework
+# imported it hung in 2 of 30 launches.
+import diffusers  # noqa: E402,F401
+import peft  # noqa: E402,F401
+import transformers  # noqa: E402,F401
+
+import helios_train.training.trainer  # noqa: E402,F401
 
 
 def main() -> None:

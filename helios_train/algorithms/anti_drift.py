@@ -19,7 +19,6 @@ cast back; the unused `is_chunk_independent` key is not carried over.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch

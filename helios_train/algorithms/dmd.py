@@ -16,7 +16,6 @@ not t / 1000.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 

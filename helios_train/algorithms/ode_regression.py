@@ -16,7 +16,6 @@ truncated to int64 while the pair was recorded, helios/pipelines/pipeline_helios
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch

@@ -28,10 +28,11 @@ e.g. 833.96) come from the table extremes, so :meth:`PyramidSchedule.timestep_fo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from helios_train.config.mechanisms import PyramidConfig  # noqa: F401  (the schema's; re-exported)
 
 NUM_TRAIN_TIMESTEPS = 1000

@@ -17,9 +17,8 @@ inputs are never modified in place (the official code zeroes views of the loader
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
+
 from helios_train.config.mechanisms import TaskDropoutConfig  # noqa: F401  (the schema's; re-exported)
 
 TASKS = ("t2v", "i2v", "v2v", "none")

@@ -12,7 +12,6 @@ Every draw comes from an explicit ``torch.Generator`` (exact resume); the global
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence, Union
 

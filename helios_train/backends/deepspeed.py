@@ -45,13 +45,13 @@ import torch
 
 from safetensors.torch import load_file
 
-from helios_train.runtime import checkpoint as ckpt
 from helios_train.backends import zero_portable
 from helios_train.backends.base import Backend
-from helios_train.backends.sequence_groups import SequenceGroups
-from helios_train.runtime.process_guard import teardown_by_exit
 from helios_train.backends.lockstep import ForwardLockstep
 from helios_train.backends.run_shape import RunShape
+from helios_train.backends.sequence_groups import SequenceGroups
+from helios_train.runtime import checkpoint as ckpt
+from helios_train.runtime.process_guard import teardown_by_exit
 from helios_train.runtime.roles import Calls, PreparedRole
 
 # Keys the trainer's loop owns; a user JSON may repeat them only with the same values.

@@ -142,7 +142,8 @@ class LauncherConfig:
     offload_param: bool = False  # deepspeed (ZeRO-3 only): parameters in CPU memory
     deepspeed_config: Optional[str] = None  # deepspeed: JSON merged over the generated config
     # Sequence parallelism (helios_train/backends/sequence_groups.py): each sample's tokens split over
-    # ulysses_degree x ring_degree ranks (1 = off); ring needs CUDA (an attention kernel with log-sum-exp).
+    # ulysses_degree x ring_degree ranks (1 = off); ring on CUDA needs an attention backend that returns the
+    # log-sum-exp (model.attention_backend=flash | _flash_3 | _native_cudnn), on CPU the native one does.
     ulysses_degree: int = 1
     ring_degree: int = 1
     # where the sequence is split: split_once (each rank's share of history and noisy tokens from the first block

@@ -11,9 +11,9 @@ import hashlib
 
 import torch
 
+from helios_train.algorithms.history import assemble_history_sample
 from helios_train.data.decoding import to_unit_range
 from helios_train.data.samples import PIXEL_FRAMES_PER_CHUNK, context_chunks
-from helios_train.algorithms.history import assemble_history_sample
 from helios_train.model.text_codec import encode_prompts
 from helios_train.model.vae_codec import encode_chunks, encode_first_frame
 

@@ -16,8 +16,8 @@ import math
 import numpy as np
 import torch
 
-from helios_train.data.decoding import BadSample, caption_of, decode_json, decode_npy, open_mp4, read_frames
 from helios_train.algorithms.history import HistoryConfig, assemble_history_sample
+from helios_train.data.decoding import BadSample, caption_of, decode_json, decode_npy, open_mp4, read_frames
 
 PIXEL_FRAMES_PER_CHUNK = 33  # (9 - 1) * 4 + 1 pixel frames per 9-latent chunk (causal Wan VAE)
 

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from helios_train.data.shard_writer import ShardWriter, file_fingerprint, run_tool
 from helios_train.data.decoding import BadSample
+from helios_train.data.shard_writer import ShardWriter, file_fingerprint, run_tool
 from helios_train.runtime.prompt_file import InputError
 
 # Official "640" bucket family (h, w), helios/dataset/dataloader_mp4_dist.py.

@@ -13,8 +13,6 @@ the *last* ``original_context_length`` tokens of every block's output, on the gr
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 

@@ -24,7 +24,8 @@ back-propagates the same loss through an exact distributed graph, the sequence r
 degree × the one-process gradient, and a mean over all data × sequence ranks (plain DDP / ZeRO on the world
 group) is the one-process data-parallel mean (tests/test_sequence_parallel.py). On CPU-only torch
 `enable_parallelism` divides by the accelerator count (0), so its set-up is done here directly. Ring attention
-needs an attention kernel that returns the log-sum-exp (CUDA only), so CPU runs Ulysses with `native`.
+needs an attention kernel that returns the log-sum-exp: on CUDA the flash / cuDNN backends (`model.attention_backend`),
+on CPU torch's CPU flash kernel behind the native backend (helios_train/model/cpu_ring_attention.py).
 """
 from __future__ import annotations
 
@@ -186,6 +187,10 @@ def enable_sequence_parallel(transformer: torch.nn.Module, mesh, device: torch.d
     """Split `transformer`'s token sequence over the mesh's ("ring", "ulysses") dimensions (other mesh dimensions,
     e.g. "dp", are left to the caller) with `plan` (module docstring); returns the context-parallel config in use."""
     check_model(transformer, mesh["ring"].size(), mesh["ulysses"].size(), plan)
+    if mesh["ring"].size() > 1 and device.type == "cpu":
+        from helios_train.model.cpu_ring_attention import install
+
+        install()
     cp = ContextParallelConfig(ring_degree=mesh["ring"].size(), ulysses_degree=mesh["ulysses"].size(), mesh=mesh)
     config = ParallelConfig(context_parallel_config=cp)
     config.setup(dist.get_rank(), dist.get_world_size(), device, mesh=mesh)

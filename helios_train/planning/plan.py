@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import torch
 from omegaconf import OmegaConf
 
-from helios_train.planning.activation_memory import phase_peak, phases
 from helios_train.backends.sequence_groups import sequence_degree
+from helios_train.planning.activation_memory import phase_peak, phases
 
 GB = 1e9
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -126,7 +126,7 @@ def stage_roles(cfg) -> tuple[list[RolePlan], RolePlan | None, object]:
     dmd = cfg.stage.name == "distilled" and cfg.stage.objective == "dmd"
     if not dmd:
         frozen, trainable, model = count_role(cfg.model, cfg.stage.trainables)
-        # The ODE generator and the packed Mid forward are reduced by the backend itself (RoleSpec.multi_forward).
+        # The ODE generator and the packed Mid forward are reduced by the backend itself (their RoleSpec.calls is not ONCE).
         wrapped = not (cfg.stage.name == "distilled" or
                        (cfg.stage.name == "mid" and cfg.stage.pyramid.execution == "packed"))
         roles = [RolePlan("generator", frozen, trainable, wb, ddp_wrapped=wrapped, frozen_bytes=frozen_bytes(model, wb))]

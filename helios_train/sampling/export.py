@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from helios_train.runtime import checkpoint as ckpt
 from helios_train.model.loading import cast_weights, torch_dtype
 from helios_train.model.variants import build_pipeline, check_variant
+from helios_train.runtime import checkpoint as ckpt
 
 COMPONENTS = ("vae", "text_encoder", "tokenizer")
 

@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 from diffusers import HeliosDMDScheduler, HeliosScheduler
 
-from helios_train.algorithms.timesteps import calculate_mu
 from helios_train.algorithms.sigma_table import PYRAMID, sigma_of  # noqa: F401  (sigma_of: re-exported)
+from helios_train.algorithms.timesteps import calculate_mu
 
 # calculate_mu is linear in the token count: mu = m·seq + b
 _MU_SLOPE = calculate_mu(1) - calculate_mu(0)

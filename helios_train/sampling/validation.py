@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from helios_train.model.variants import DEFAULTS, SamplerSettings, build_pipeline, round_frames
 from helios_train.runtime.precision import forward_autocast, mixed_precision
 from helios_train.runtime.progress import chunk_progress
-from helios_train.model.variants import DEFAULTS, SamplerSettings, build_pipeline, round_frames
 
 TOKYO = ("A stylish woman walks down a Tokyo street filled with warm glowing neon and animated city signage. She "
          "wears a black leather jacket, a long red dress, and black boots, and carries a black purse.")

@@ -32,10 +32,10 @@ from helios_train.algorithms.timesteps import calculate_mu
 from helios_train.model.gan_taps import attach_gan_heads
 from helios_train.model.loading import encode_text
 from helios_train.model.low_vram import FrozenBaseResidency
+from helios_train.model.variants import NEGATIVE_PROMPT, make_scheduler
 from helios_train.runtime.callbacks import Callback
 from helios_train.runtime.roles import Calls, RoleSpec
 from helios_train.runtime.seeding import shared_generator
-from helios_train.model.variants import NEGATIVE_PROMPT, make_scheduler
 from helios_train.stages.base import ConditionedStage
 from helios_train.stages.dmd_gan import HierarchicalGan
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from helios_train.algorithms.ode_regression import ode_regression_loss
-from helios_train.runtime.roles import Calls, RoleSpec
 from helios_train.model.variants import make_scheduler
+from helios_train.runtime.roles import Calls, RoleSpec
 from helios_train.stages.base import ConditionedStage
 
 

@@ -15,12 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 from helios_train.config import ConfigError
 from helios_train.config.keys import check_known_keys
 
-from helios_train.runtime import checkpoint as ckpt
-from helios_train.backends.sequence_groups import sequence_degree
-from helios_train.data.shards import expand_shards
-from helios_train.data.readers import choose_layout
 from helios_train.backends.lockstep import params_sharded
 from helios_train.backends.run_shape import ShapeError, check_resume_shape, current_shape, saved_shape
+from helios_train.backends.sequence_groups import sequence_degree
+from helios_train.data.readers import choose_layout
+from helios_train.data.shards import expand_shards
+from helios_train.runtime import checkpoint as ckpt
 from helios_train.training.tracking import redact
 
 log = logging.getLogger(__name__)

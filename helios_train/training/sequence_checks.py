@@ -15,6 +15,10 @@ from helios_train.backends.sequence_groups import check_world, degrees
 from helios_train.config.run import latent_size
 from helios_train.model import adapter_for
 
+# diffusers attention backends whose context-parallel op cannot return the log-sum-exp on CUDA (on CPU the native
+# backend gets it from torch's CPU flash kernel: helios_train/model/cpu_ring_attention.py)
+NO_LOG_SUM_EXP = ("native", "_native_math", "_native_efficient")
+
 
 def _geometries(cfg, model) -> dict[str, tuple[int, int]]:
     """{label: (latent height, width)} of the transformer forwards of the configured stage and validation."""
@@ -59,6 +63,11 @@ def check_sequence_split(cfg, world_size: int, device_type: str) -> None:
     ring, ulysses = degrees(cfg.launcher)
     if ring * ulysses == 1:
         return
+    if ring > 1 and device_type == "cuda" and str(cfg.model.attention_backend) in NO_LOG_SUM_EXP:
+        raise ValueError(f"launcher.ring_degree={ring} on CUDA with model.attention_backend="
+                         f"{cfg.model.attention_backend}: ring attention merges the ranks' partial attention by their "
+                         "log-sum-exp, which this backend does not return; set model.attention_backend=flash, "
+                         "_flash_3 or _native_cudnn")
     if cfg.stage.name == "mid" and cfg.stage.pyramid.execution == "packed":
         raise ValueError("stage.pyramid.execution=packed with sequence parallelism: the packed forward runs its own "
                          "attention over segment boundaries, which the sequence split does not cover; use "

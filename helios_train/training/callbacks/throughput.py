@@ -16,13 +16,12 @@ is tiny, which is the honest answer).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from helios_train.runtime.callbacks import Callback
 from helios_train.config.mechanisms import PerfConfig  # noqa: F401  (the schema's; re-exported)
+from helios_train.runtime.callbacks import Callback
 
 
 class Throughput:
