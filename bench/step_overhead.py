@@ -1,8 +1,8 @@
 """Framework overhead of a Base-stage training step vs a bare PyTorch loop, measured side by side.
 
 Both sides use the same diffusers HeliosTransformer3DModel weights, LoRA policy, batch shapes, AdamW
-and clipping. Ours runs through the real entry (`helios_train.__main__.run`: shard loader, stage,
-backend, logging, throughput metrics, checkpoint-free); the bare loop is the minimal hand-written
+and clipping. Ours runs through the real entry (`helios_train.api.run`, what `python -m helios_train` runs:
+shard loader, stage, backend, logging, throughput metrics, checkpoint-free); the bare loop is the minimal hand-written
 step on pre-loaded batches. Degradations/task dropout are switched off on our side so both do the
 same maths. Goal: ours / bare ≤ 1.05 at sizes where compute dominates.
 
@@ -67,7 +67,7 @@ def ours(root: Path, steps: int, h: int, w: int) -> list[float]:
     sys.argv = sys.argv[:1]
     from helios_train.config import compose
 
-    from helios_train.__main__ import run
+    from helios_train.api import run
 
     cfg = compose([
         f"model.path={root}/model", "model.build_toy=false", "data.build_toy=false",

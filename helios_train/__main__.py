@@ -25,7 +25,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from helios_train.api import build_trainer, run  # noqa: F401  (build_trainer: the tests' and benches' entry)
+from helios_train.api import run
 from helios_train.config import CONF_DIR, register_configs
 
 register_configs()

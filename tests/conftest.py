@@ -35,7 +35,7 @@ def compose(overrides: list[str]):
 
 def train(toy_root: Path, out: Path, overrides: list[str]) -> dict:
     """Run a training job in-process on the session's toy assets; returns the trainer's result."""
-    from helios_train.__main__ import run
+    from helios_train.api import run
 
     # Validation renders videos (seconds each): off unless a test asks for it in `overrides`.
     cfg = compose([f"toy_root={toy_root}", f"output_root={out}", "tracker.mode=offline", "validation.every=0",

@@ -33,7 +33,7 @@ def role_summary(trainer) -> dict:
 
 def run_one(overrides: list[str]) -> dict:
     from conftest import compose
-    from helios_train.__main__ import build_trainer
+    from helios_train.api import build_trainer
     from helios_train.training.callbacks.ema import EMACallback
     from helios_train.training.tracking import read_metrics
 

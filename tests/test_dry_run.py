@@ -14,7 +14,7 @@ SHARDS = "data.shards='{root}/latents/latent-{{000000..000007}}.tar'"  # read by
 
 
 def _dry(toy_root, overrides, capsys):
-    from helios_train.__main__ import run
+    from helios_train.api import run
 
     result = run(compose([f"toy_root={toy_root}", "dry_run=true", *overrides]))
     return result, capsys.readouterr().out

@@ -103,7 +103,7 @@ def test_offload_moves_rows_to_cpu():
 
 
 def test_plan_entry_prints_and_returns_fit(toy_root, capsys):
-    from helios_train.__main__ import run
+    from helios_train.api import run
 
     result = run(compose([f"toy_root={toy_root}", "plan=true", "plan_gpus=8"]))
     out = capsys.readouterr().out

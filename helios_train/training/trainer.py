@@ -31,7 +31,7 @@ from helios_train.runtime.seeding import micro_batch_key
 from helios_train.stages import build_stage
 from helios_train.training import checkpointing
 from helios_train.training.callbacks import default_callbacks
-from helios_train.training.roles import build_optimizer, prepare_roles  # noqa: F401  (build_optimizer: re-exported)
+from helios_train.training.roles import prepare_roles
 from helios_train.training.step_metrics import RANK_MEAN_SUFFIXES, StepMetrics
 from helios_train.training.tracking import Tracker
 
