@@ -56,14 +56,15 @@ def pick(batch: dict, cfg: OdeConfig, generator: torch.Generator) -> list[tuple[
 
 
 def ode_regression_loss(velocity: Velocity, batch: dict, cfg: OdeConfig, history_cfg: HistoryConfig,
-                        generator: torch.Generator, scheduler=None, device=None) -> tuple[torch.Tensor, dict]:
+                        generator: torch.Generator, scheduler=None, device=None, patch=(1, 2, 2)
+                        ) -> tuple[torch.Tensor, dict]:
     terms, losses = pick(batch, cfg, generator), []
     for c, k, j in terms:
         x0, history = teacher_history(batch, c, history_cfg)
         latents = batch[f"ode_c{c}_s{k}_latents"].to(device)  # [B, n+1, C, 9, h, w]
         t = batch[f"ode_c{c}_s{k}_timesteps"][:, j].to(device)
         x_t, end = latents[:, j], latents[:, -1]
-        mu = calculate_mu(seq_len_for(x_t.shape))  # the level's own resolution
+        mu = calculate_mu(seq_len_for(x_t.shape, patch))  # the level's own resolution, under the model's patch
         sigma = sigma_of(t, k, mu, scheduler).float().to(x_t.device).view(-1, 1, 1, 1, 1)
         # the recorded float timestep, as the official loss feeds it (not truncated to int64)
         v = velocity(x_t, t.float(), None if x0 is None else x0.to(device), history.to(device))

@@ -169,8 +169,8 @@ class DmdStage(HierarchicalGan, ConditionedStage):
         target = None
         if lockstep is not None and exit_steps is None:
             target = lockstep.agree([rollout_forwards(self.scheduler, d.rollout_steps, amplified)])[0]
-        result = pyramid_rollout(velocity, noise, self.scheduler, d.rollout_steps, amplified,
-                                 generator, "level", exit_steps, lockstep=agreed)
+        result = pyramid_rollout(velocity, noise, self.scheduler, d.rollout_steps, amplified, generator, "level",
+                                 exit_steps, patch=self.adapter.patch_size(self.transformer), lockstep=agreed)
         if target is not None:
             t0 = torch.zeros(noise.shape[0], dtype=torch.int64, device=self.device)
             lockstep.pad(result.nfe, lambda: velocity(result.x0, t0), target)

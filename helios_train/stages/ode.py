@@ -30,7 +30,7 @@ class OdeStage(ConditionedStage):
         def velocity(x_t, t, x0, history):
             return self.velocity(model, x0, history, embeds)(x_t, t)
         return ode_regression_loss(velocity, batch, self.cfg.stage.ode, self.cfg.stage.history, generator,
-                                   self.scheduler, self.device)
+                                   self.scheduler, self.device, patch=self.adapter.patch_size(self.transformer))
 
     def tokens_per_sample(self, batch: dict) -> dict[str, int]:
         """num_chunks × (one forward per pyramid level, each with the full history)."""
