@@ -11,7 +11,8 @@ import torch
 
 from conftest import compose, train
 from helios_train.algorithms.history import HistoryConfig
-from helios_train.sampling.ode_trajectory import recording_scheduler, sigma_of
+from helios_train.algorithms.sigma_table import sigma_of
+from helios_train.sampling.ode_trajectory import recording_scheduler
 from helios_train.algorithms.ode_regression import OdeConfig, ode_regression_loss
 from helios_train.algorithms.timesteps import calculate_mu
 from helios_train.training.tracking import read_metrics
@@ -56,7 +57,7 @@ def test_ode_sigma_is_the_nearest_entry_of_the_levels_shifted_table():
     argmin |t_min + σ·(t_max − t_min) − t| (convert_flow_pred_to_x0) — not the exact inverse of t."""
     from diffusers import HeliosDMDScheduler
 
-    from helios_train.sampling.ode_trajectory import PYRAMID
+    from helios_train.algorithms.sigma_table import PYRAMID
 
     sch = HeliosDMDScheduler(**PYRAMID)
     for k, hw in enumerate([(12, 20), (24, 40), (48, 80)]):

@@ -290,12 +290,11 @@ def block_noise(shape, gamma: float = 1 / 3, generator: torch.Generator | None =
     return n.to(device) if device is not None else n
 
 
-def renoised_upsample(x: torch.Tensor, orig_start_sigma: float, gamma: float,
+def renoised_upsample(x: torch.Tensor, alpha: float, beta: float, gamma: float,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """Enter a stage from the previous stage's output (official ``HeliosPipeline.stage2_sample``): nearest x2,
-    then α·x + β·block_noise with the stage's `renoise_coefficients`. The Mid sampler and the few-step rollout
+    then α·x + β·block_noise, (α, β) the stage's `renoise_coefficients`. The Mid sampler and the few-step rollout
     (helios_train/algorithms/rollout.py) both enter their levels here."""
-    alpha, beta = renoise_coefficients(orig_start_sigma, gamma)
     up = nearest_up2(x)
     return alpha * up + beta * block_noise(tuple(up.shape), gamma, generator, dtype=up.dtype, device=up.device)
 
@@ -303,9 +302,7 @@ def renoised_upsample(x: torch.Tensor, orig_start_sigma: float, gamma: float,
 def upsample_renoise(x: torch.Tensor, k: int, schedule: PyramidSchedule,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """Enter stage k > 0 of `schedule` from stage k-1's output (`renoised_upsample`)."""
-    if not 0 < k < schedule.num_stages:
-        raise ValueError(f"renoise only exists for stages 1..{schedule.num_stages - 1}, got {k}")
-    return renoised_upsample(x, schedule.levels[k].orig_start_sigma, schedule.gamma, generator)
+    return renoised_upsample(x, *schedule.renoise_coefficients(k), schedule.gamma, generator)
 
 
 def level_token_counts(latent_hw: tuple[int, int], num_frames: int, patch=(1, 2, 2),

@@ -32,9 +32,9 @@ from typing import Callable, Optional
 
 import torch
 
-from helios_train.algorithms.pyramid import noise_pyramid, renoised_upsample
+from helios_train.algorithms.pyramid import noise_pyramid, renoise_coefficients, renoised_upsample
 from helios_train.algorithms.sigma_table import level_table, nearest_sigma
-from helios_train.algorithms.timesteps import calculate_mu
+from helios_train.algorithms.timesteps import calculate_mu, seq_len_for
 
 # transformer_fn(latents [B,C,9,h,w], timestep [B]) -> velocity [B,C,9,h,w]; history/prompt are bound in.
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -77,11 +77,13 @@ def pyramid_rollout(velocity: VelocityFn, noise: torch.Tensor, scheduler, steps=
     start = latents
     outputs, nfe = [], 0
     for k in range(n_stages):
-        prev_tokens = latents.shape[2] * latents.shape[3] * latents.shape[4] // (patch[0] * patch[1] * patch[2])
+        prev_tokens = seq_len_for(latents.shape, patch)
         if k > 0:
-            latents = renoised_upsample(latents, float(scheduler.ori_start_sigmas[k]), scheduler.config.gamma, generator)
+            gamma = scheduler.config.gamma
+            latents = renoised_upsample(latents, *renoise_coefficients(float(scheduler.ori_start_sigmas[k]), gamma),
+                                        gamma, generator)
             start = latents
-        tokens = latents.shape[2] * latents.shape[3] * latents.shape[4] // (patch[0] * patch[1] * patch[2])
+        tokens = seq_len_for(latents.shape, patch)
         mu = calculate_mu(tokens if mu_from == "level" else prev_tokens)
         scheduler.set_timesteps(steps[k], k, device=latents.device, mu=mu, is_amplify_first_chunk=amplify_first_chunk)
         timesteps = scheduler.timesteps

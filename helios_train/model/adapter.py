@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
+from helios_train.algorithms.timesteps import seq_len_for
 from helios_train.runtime.precision import autocast
 
 
@@ -62,6 +63,4 @@ class ModelAdapter:
 
     def seq_len(self, model: torch.nn.Module, latent_shape) -> int:
         """Noisy tokens of a latent [.., T, H, W] under the model's patch (official T·H·W // 4 at (1, 2, 2))."""
-        from helios_train.algorithms.timesteps import seq_len_for
-
         return seq_len_for(latent_shape, self.patch_size(model))

@@ -131,7 +131,7 @@ def synthetic_batch(cfg, in_channels: int, text_dim: int) -> dict:
 def _ode_members(cfg, chunks, channels, window, h, w, rng) -> dict:
     from diffusers import HeliosDMDScheduler
 
-    from helios_train.sampling.ode_trajectory import PYRAMID
+    from helios_train.algorithms.sigma_table import PYRAMID
 
     levels, states = int(cfg.stage.ode.levels), 2
     table = HeliosDMDScheduler(**PYRAMID).timesteps_per_stage

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from diffusers import HeliosDMDScheduler, HeliosScheduler
 
-from helios_train.algorithms.sigma_table import PYRAMID, sigma_of  # noqa: F401  (sigma_of: re-exported)
+from helios_train.algorithms.sigma_table import PYRAMID
 from helios_train.algorithms.timesteps import calculate_mu
 
 # calculate_mu is linear in the token count: mu = m·seq + b

@@ -77,6 +77,12 @@ class ConditionedStage(Stage):
             self._tokens = (hw, self.adapter.token_counts(self.transformer, hw, self.cfg.stage.history))
         return self._tokens[1]
 
+    def tokens_per_sample(self, batch: dict) -> dict[str, int]:
+        """Noisy and history token counts of one sample (one forward on the target chunk), from the model's own
+        patch layers."""
+        counts = self.token_counts(tuple(batch["target"].shape[-2:]))
+        return {"noisy": counts["noisy"], "history": counts["history"]}
+
 
 class BaseStage(ConditionedStage):
     name = "base"
@@ -102,8 +108,3 @@ class BaseStage(ConditionedStage):
         loss = per_sample.mean()
         logs.update({"sigma_mean": float(sigma.float().mean())})
         return loss, logs
-
-    def tokens_per_sample(self, batch: dict) -> dict[str, int]:
-        """Noisy and history token counts of one sample, from the model's own patch layers."""
-        counts = self.token_counts(tuple(batch["target"].shape[-2:]))
-        return {"noisy": counts["noisy"], "history": counts["history"]}

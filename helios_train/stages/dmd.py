@@ -136,10 +136,6 @@ class DmdStage(HierarchicalGan, ConditionedStage):
     def work_variant(self) -> str:
         return "".join(self._rollout_kinds)
 
-    def tokens_per_sample(self, batch: dict) -> dict[str, int]:
-        counts = self.token_counts(tuple(batch["target"].shape[-2:]))
-        return {"noisy": counts["noisy"], "history": counts["history"]}
-
     def before_optimizer_step(self, role: str, step: int) -> None:
         g = self.cfg.stage.gan
         if role == "critic" and g.enabled and not gan_active(g, step) and g.idle_head_updates:
