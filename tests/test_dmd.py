@@ -89,3 +89,83 @@ def test_sigma_of_every_integer_timestep_is_the_official_table_entry(mu):
     _, s = sample_critic_t(64, DMDConfig(), mu, torch.Generator().manual_seed(0))
     tc, _ = sample_critic_t(64, DMDConfig(), mu, torch.Generator().manual_seed(0))
     np.testing.assert_allclose(s.numpy(), official_table_sigma(tc.numpy(), mu), rtol=0, atol=1e-12)
+
+
+def official_warp(u: np.ndarray, shift: float, t_min: int = 20, t_max: int = 980) -> np.ndarray:
+    """The official timestep warping, written out from helios/utils/utils_helios_post.py `sample_dynamic_timestep`
+    (min_timestep 0, max_timestep 1000 as in stage_3_post): timestep = 1000·u; `if timestep_shift > 1:` the linear
+    shift; clamp(min_step, max_step); round. `timestep_shift` is μ there (`_generator_loss` / `_critic_loss`
+    overwrite it with `apply_schedule_shift(..., return_mu=True)`'s μ under use_dynamic_shifting)."""
+    t = 1000 * u
+    if shift > 1:
+        t = shift * (t / 1000) / (1 + (shift - 1) * (t / 1000)) * 1000
+    return np.round(np.clip(t, t_min, t_max))
+
+
+def _mu_at(h: int, w: int) -> float:
+    """μ as the DMD stage takes it (stages/dmd.py `_mu`): calculate_mu of the x̂0 chunk's noisy tokens, 9 latent frames."""
+    from helios_train.algorithms.timesteps import calculate_mu, seq_len_for
+
+    return calculate_mu(seq_len_for((1, 16, 9, h, w), (1, 2, 2)))
+
+
+def _generator_u(n: int, step: int, seed: int) -> np.ndarray:
+    """The u that sample_generator_t draws from a generator seeded `seed` (the same _one_beta sequence)."""
+    from helios_train.algorithms.dmd import _one_beta
+
+    a, b = beta_annealing(step, DMDConfig().anneal_steps)
+    g = torch.Generator().manual_seed(seed)
+    return np.array([_one_beta(a, b, g) for _ in range(n)])
+
+
+@pytest.mark.parametrize("step", [0, 250, 600])
+def test_default_shift_rule_is_official_dynamic_shift_only_above_one(step):
+    """Default (stage.dmd.shift_rule=official): the timestep is shifted only while μ > 1. At 48×80 latents
+    (μ 1.919) that is the old always-shift result; at 16×24 (864 tokens, μ 0.603) t = round(clamp(1000·u)),
+    unshifted, while σ(t) is still the nearest entry of the μ-shifted table (the official `_generator_loss`
+    / `_critic_loss` shift the table with apply_schedule_shift whatever μ is)."""
+    n = 4000
+    small, large = _mu_at(16, 24), _mu_at(48, 80)
+    assert small < 1 < large and abs(large - 1.919) < 1e-3
+    u = _generator_u(n, step, seed=step)
+    for mu in (small, large):
+        t, sigma = sample_generator_t(n, step, DMDConfig(), mu, torch.Generator().manual_seed(step))
+        expected = official_warp(u, mu)
+        np.testing.assert_array_equal(t.numpy(), expected)
+        np.testing.assert_allclose(sigma.numpy(), official_table_sigma(expected, mu), rtol=0, atol=1e-12)
+    # At 48×80 the official rule is the old one: t = round(clamp(1000·μσ/(1 + (μ − 1)σ))).
+    t_large, _ = sample_generator_t(n, step, DMDConfig(), large, torch.Generator().manual_seed(step))
+    old_large = np.round(np.clip(1000 * large * u / (1 + (large - 1) * u), 20, 980))
+    np.testing.assert_array_equal(t_large.numpy(), old_large)
+    # At 16×24 the range of t is the range of 1000·u: every quantile is 1000× u's (monotone map), and the
+    # old always-shift rule would have put it lower (μ < 1 pulls σ towards 0).
+    t_small, _ = sample_generator_t(n, step, DMDConfig(), small, torch.Generator().manual_seed(step))
+    for q in (0.05, 0.5, 0.95):
+        uq = np.quantile(u, q, method="lower")
+        assert np.quantile(t_small.numpy(), q, method="lower") == official_warp(np.array([uq]), small)[0]
+        assert official_warp(np.array([uq]), small)[0] > round(1000 * small * uq / (1 + (small - 1) * uq))
+    # The critic's U(0.001, 1) draw follows the same rule.
+    g = torch.Generator().manual_seed(1)
+    uc = (0.001 + 0.999 * torch.rand(n, generator=g, dtype=torch.float64)).numpy()
+    tc, sc = sample_critic_t(n, DMDConfig(), small, torch.Generator().manual_seed(1))
+    np.testing.assert_array_equal(tc.numpy(), official_warp(uc, small))
+    np.testing.assert_allclose(sc.numpy(), official_table_sigma(tc.numpy(), small), rtol=0, atol=1e-12)
+
+
+def test_shift_rule_always_reproduces_the_old_timesteps_below_one():
+    """stage.dmd.shift_rule=always keeps the linear shift at every μ (the behaviour before the official rule)."""
+    n, mu = 4000, _mu_at(16, 24)
+    cfg = DMDConfig(shift_rule="always")
+    u = _generator_u(n, 0, seed=3)
+    t, sigma = sample_generator_t(n, 0, cfg, mu, torch.Generator().manual_seed(3))
+    old = np.round(np.clip(1000 * mu * u / (1 + (mu - 1) * u), 20, 980))
+    np.testing.assert_array_equal(t.numpy(), old)
+    np.testing.assert_allclose(sigma.numpy(), official_table_sigma(old, mu), rtol=0, atol=1e-12)
+    assert (t.numpy() < official_warp(u, mu)).mean() > 0.9  # the shift pulls most draws down
+    g = torch.Generator().manual_seed(4)
+    uc = (0.001 + 0.999 * torch.rand(n, generator=g, dtype=torch.float64)).numpy()
+    tc, _ = sample_critic_t(n, cfg, mu, torch.Generator().manual_seed(4))
+    np.testing.assert_array_equal(tc.numpy(), np.round(np.clip(1000 * mu * uc / (1 + (mu - 1) * uc), 20, 980)))
+    t_large, _ = shifted_timesteps(torch.tensor(u), _mu_at(48, 80), 20, 980, "always")
+    t_large_official, _ = shifted_timesteps(torch.tensor(u), _mu_at(48, 80), 20, 980)
+    torch.testing.assert_close(t_large, t_large_official)

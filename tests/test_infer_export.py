@@ -108,6 +108,33 @@ def test_validation_logs_videos_and_drift_to_offline_wandb(toy_root, tmp_path, c
     assert media, "validation video not stored in the W&B run"
 
 
+def test_mid_renders_64x64_with_cfg_zero_star(toy_root, tmp_path):
+    """At 64×64 the lowest pyramid level has one 2×2 patch, where HeliosTransformer3DModel's unpatchify returns a
+    non-contiguous view and diffusers' CFG-Zero* (`noise_pred_text.view(batch_size, -1)`) raised; every pipeline we
+    build makes the output contiguous (model/variants.py: contiguous_transformer_output). Covers in-loop
+    validation (build_pipeline on the live model), infer on a training checkpoint (build_pipeline) and on an
+    export (load_pipeline's from_pretrained path, also pipeline-check's)."""
+    from helios_train.model.variants import DEFAULTS, SamplerSettings
+    from helios_train.sampling.export import export
+    from helios_train.sampling.infer import generate, load_pipeline, main
+
+    tiny = ["validation.height=64", "validation.width=64", "validation.num_frames=33", "validation.pyramid_steps=[1,1,1]"]
+    train(toy_root, tmp_path, ["stage=mid", "trainer.max_steps=2", "trainer.checkpoint_every=2", "validation.every=2",
+                               "data.num_workers=0", "run_name=mid", *tiny])
+    records = [json.loads(x) for x in (tmp_path / "mid" / "validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2]
+    assert decoded(Path(records[-1]["videos"][0])).shape == (33, 64, 64, 3)
+    video = main(["--checkpoint", str(tmp_path / "mid"), "--prompt", "a red circle", "--height", "64", "--width", "64",
+                  "--pyramid-steps", "1", "1", "1", "--num-frames", "33", "--cfg-zero-star", "--guidance", "5.0",
+                  "--out", str(tmp_path / "out")])[0]
+    assert decoded(video).shape == (33, 64, 64, 3)
+    pipe, variant = load_pipeline(export(tmp_path / "mid", tmp_path / "export"))
+    assert variant == "mid" and pipe.config.is_cfg_zero_star
+    s = SamplerSettings(**{**DEFAULTS["mid"].__dict__, "pyramid_steps": [1, 1, 1]})
+    frames = generate(pipe, variant, "a red circle", s, 33, 64, 64, seed=0)
+    assert frames.shape == (33, 64, 64, 3) and np.isfinite(frames).all()
+
+
 def test_bad_inputs_fail_naming_the_file_before_any_model_loads(tmp_path, capsys):
     """An empty prompt file, a file that is not an image, a video that does not decode: each stops the command
     with the file's path — with a checkpoint path that does not exist, so any model load would fail first."""

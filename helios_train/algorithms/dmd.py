@@ -9,9 +9,13 @@ whose gradient w.r.t. x̂0 is grad / numel. Critic: flow matching on generator s
 Timesteps: generator u ~ Beta(1 + 3c, 1 + 0.5c), c = ½(1 + cos(π·min(step / anneal, 1))) — Beta(4, 1.5)
 biased to high noise at the start, uniform after `anneal` (500) steps; critic u ~ U(0.001, 1). Both
 are shifted with the linear dynamic shift of the full-resolution chunk (μ = 1.919 at 48×80), scaled to
-t = 1000·σ', rounded and clamped to [20, 980]. σ(t) is then the nearest entry of the shifted 1000-entry
-table (helios_train/algorithms/sigma_table.py), as the official `add_noise` / `convert_flow_pred_to_x0` look it up —
-not t / 1000.
+t = 1000·σ', rounded and clamped to [20, 980] — but, as the official `sample_dynamic_timestep` does
+(`if timestep_shift > 1:`, with timestep_shift = μ under dynamic shifting), only while μ > 1: a chunk under
+~3,200 noisy tokens (μ ≤ 1, e.g. 16×24 latents, μ 0.603) takes t = round(clamp(1000·u)) unshifted.
+`stage.dmd.shift_rule=always` shifts at every μ instead (our earlier rule). σ(t) is then the nearest entry
+of the μ-shifted 1000-entry table (helios_train/algorithms/sigma_table.py) under either rule — the official
+`_generator_loss` / `_critic_loss` shift that table by μ unconditionally — as the official `add_noise` /
+`convert_flow_pred_to_x0` look it up, not t / 1000.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import math
 import torch
 
 from helios_train.algorithms.sigma_table import dmd_sigma, linear_shift
+from helios_train.config.choices import DMDShiftRule
 from helios_train.config.mechanisms import DMDConfig  # noqa: F401  (the schema's; re-exported)
 
 
@@ -28,16 +33,20 @@ def beta_annealing(step: int, anneal_steps: int) -> tuple[float, float]:
     return 1 + 3 * c, 1 + 0.5 * c
 
 
-def shifted_timesteps(u: torch.Tensor, mu: float, t_min: int, t_max: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """u in (0, 1] → (t integer-valued float in [t_min, t_max], σ(t) from the μ-shifted table)."""
-    t = (linear_shift(u, mu) * 1000).round().clamp(t_min, t_max)
+def shifted_timesteps(u: torch.Tensor, mu: float, t_min: int, t_max: int,
+                      rule: str = DMDShiftRule.official) -> tuple[torch.Tensor, torch.Tensor]:
+    """u in (0, 1] → (t integer-valued float in [t_min, t_max], σ(t) from the μ-shifted table).
+
+    rule "official": u is shifted only while μ > 1 (official sample_dynamic_timestep); "always": at every μ."""
+    shift = DMDShiftRule(rule) == DMDShiftRule.always or mu > 1  # (an unknown rule raises ValueError)
+    t = ((linear_shift(u, mu) if shift else u) * 1000).round().clamp(t_min, t_max)
     return t, dmd_sigma(t, mu)
 
 
 def sample_generator_t(batch: int, step: int, cfg: DMDConfig, mu: float, generator: torch.Generator):
     a, b = beta_annealing(step, cfg.anneal_steps)
     u = torch.tensor([_one_beta(a, b, generator) for _ in range(batch)], dtype=torch.float64)
-    return shifted_timesteps(u, mu, cfg.t_min, cfg.t_max)
+    return shifted_timesteps(u, mu, cfg.t_min, cfg.t_max, cfg.shift_rule)
 
 
 def _gamma(shape: float, generator: torch.Generator) -> float:
@@ -63,7 +72,7 @@ def _one_beta(a: float, b: float, generator: torch.Generator) -> float:
 
 def sample_critic_t(batch: int, cfg: DMDConfig, mu: float, generator: torch.Generator):
     u = 0.001 + 0.999 * torch.rand(batch, generator=generator, dtype=torch.float64)
-    return shifted_timesteps(u, mu, cfg.t_min, cfg.t_max)
+    return shifted_timesteps(u, mu, cfg.t_min, cfg.t_max, cfg.shift_rule)
 
 
 def dmd_gradient(x0_gen: torch.Tensor, fake_x0: torch.Tensor, real_x0: torch.Tensor) -> torch.Tensor:

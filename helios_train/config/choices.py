@@ -79,6 +79,11 @@ class GeneratorSchedule(StrEnum):
     official = "official"
 
 
+class DMDShiftRule(StrEnum):  # stage.dmd.shift_rule: when the DMD timesteps take the linear dynamic shift
+    official = "official"  # only while μ > 1 (official sample_dynamic_timestep: `if timestep_shift > 1`)
+    always = "always"  # at every μ (this framework's earlier rule)
+
+
 class LrScheduler(StrEnum):  # diffusers.optimization.SchedulerType (tests/test_config.py checks the names)
     linear = "linear"
     cosine = "cosine"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from helios_train.config.choices import (Degradation, GeneratorSchedule, PyramidExecution, TableSource, TimeShift,
-                                         WeightingScheme)
+from helios_train.config.choices import (Degradation, DMDShiftRule, GeneratorSchedule, PyramidExecution, TableSource,
+                                         TimeShift, WeightingScheme)
 
 
 @dataclass
@@ -136,6 +136,11 @@ class DMDConfig:  # helios_train/algorithms/dmd.py
     generator_schedule: GeneratorSchedule = GeneratorSchedule.own_updates
     real_guidance_scale: float = 3.0  # teacher: cond + 3·(cond − neg) = classic CFG 4.0
     anneal_steps: int = 500
+    # The generator's / critic's timestep draw u → t: "official" shifts it with the linear dynamic shift only
+    # while μ of the chunk is > 1 (official sample_dynamic_timestep, utils_helios_post.py: `if timestep_shift > 1`),
+    # so chunks under ~3,200 noisy tokens take t = 1000·u; "always" shifts at every μ (our earlier rule; μ < 1
+    # then pulls t down). σ(t) comes from the μ-shifted table either way, as in the official code.
+    shift_rule: DMDShiftRule = DMDShiftRule.official
     t_min: int = 20
     t_max: int = 980
     rollout_steps: list[int] = field(default_factory=lambda: [2, 2, 2])

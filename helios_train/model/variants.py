@@ -77,6 +77,7 @@ def build_pipeline(variant: str, transformer, vae, text_encoder, tokenizer, cfg_
     cls = pipeline_class(variant)
     parts = dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                  scheduler=make_scheduler(variant))
+    contiguous_transformer_output(transformer)
     if variant == "base":
         return cls(**parts)
     zero_star = DEFAULTS[variant].cfg_zero_star if cfg_zero_star is None else cfg_zero_star
@@ -117,6 +118,34 @@ def use_float64_block_noise(pipe) -> None:
                            generator, device=device)
 
     pipe.sample_block_noise = sample_block_noise
+
+
+def _contiguous_output(module, args, output):
+    """Forward hook: the output tensor(s) made contiguous (a no-op, no copy, when they already are)."""
+    if isinstance(output, tuple):  # return_dict=False, as the pipelines call it
+        return tuple(o.contiguous() if hasattr(o, "is_contiguous") else o for o in output)
+    sample = getattr(output, "sample", None)  # Transformer2DModelOutput
+    if hasattr(sample, "is_contiguous") and not sample.is_contiguous():
+        output.sample = sample.contiguous()
+    return output
+
+
+def contiguous_transformer_output(transformer) -> None:
+    """Register `_contiguous_output` on the transformer's forward, once per module (every pipeline we build:
+    build_pipeline, and infer.load_pipeline's from_pretrained path).
+
+    Why: HeliosTransformer3DModel.forward unpatchifies with `permute(0, 7, 1, 4, 2, 5, 3, 6)` then
+    `.flatten(6, 7).flatten(4, 5).flatten(2, 3)`; flatten returns a view where it can, and it can for every
+    merge when the patched height and width are both 1 — the lowest pyramid level of a 64×64 video (8×8
+    latents → 2×2 → one 2×2 patch). The output is then a channel-strided, non-contiguous view, and the
+    CFG-Zero* branch of HeliosPyramidPipeline.__call__ (`positive_flat = noise_pred_text.view(batch_size, -1)`)
+    raises on it. At any larger size flatten already copies and this hook changes nothing. The hook stays on
+    the module, so in-loop validation's live transformer carries it into training forwards too, where it is a
+    no-op at every training resolution (and a value-preserving copy otherwise)."""
+    hooks = getattr(transformer, "_forward_hooks", None)
+    if hooks is None or any(h is _contiguous_output for h in hooks.values()):  # None: no model (tests)
+        return
+    transformer.register_forward_hook(_contiguous_output)
 
 
 def call_kwargs(variant: str, s: SamplerSettings) -> dict:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from helios_train.runtime.progress import chunk_progress
 from helios_train.runtime.prompt_file import InputError, read_prompt_lines
 from helios_train.model.variants import (DEFAULTS, NEGATIVE_PROMPT, SamplerSettings, build_pipeline, call_kwargs,
-                                   round_frames, use_float64_block_noise)
+                                   contiguous_transformer_output, round_frames, use_float64_block_noise)
 
 log = logging.getLogger(__name__)
 FPS = 24
@@ -54,6 +54,7 @@ def load_pipeline(checkpoint, variant: str | None = None, dtype=torch.float32, d
         # fp32 modules itself (`_keep_in_fp32_modules`).
         pipe = pipeline_class(variant).from_pretrained(path, dtype={"default": dtype, "vae": torch.float32})
         use_float64_block_noise(pipe)
+        contiguous_transformer_output(pipe.transformer)  # what build_pipeline does for the other path
         if variant != saved:  # e.g. --variant distilled on a Mid folder: the few-step sampler on Mid weights
             sample_as(pipe, variant)
         return pipe.to(device), variant
