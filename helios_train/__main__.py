@@ -4,6 +4,8 @@ and the other commands, `python -m helios_train <command> [--help]`:
     infer           render videos from a run, checkpoint, export or official folder (helios_train/sampling/infer.py)
     export          a checkpoint → a diffusers folder (helios_train/sampling/export.py)
     pipeline-check  the whole recipe on the toy, each stage from the previous export (helios_train/pipeline_check.py)
+    miniature       the whole recipe on a miniature that learns, measured against ground truth (helios_train/miniature.py)
+    evaluate        score exports on held-out clips: continuation, drift, adherence, cost (helios_train/evaluation/)
     plan-table      the memory planner over the official recipes at 14B (helios_train/planning/plan.py)
     dry-run-table   planned vs measured memory of the official recipes at 14B (helios_train/planning/dry_run.py)
 """
@@ -34,6 +36,8 @@ COMMANDS = {
     "infer": "helios_train.sampling.infer",
     "export": "helios_train.sampling.export",
     "pipeline-check": "helios_train.pipeline_check",
+    "miniature": "helios_train.miniature",
+    "evaluate": "helios_train.evaluation.evaluate",
     "plan-table": "helios_train.planning.plan",
     "dry-run-table": "helios_train.planning.dry_run",
 }

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from helios_train.evaluation.distillation import distance_to_teacher
 from helios_train.training.tracking import read_metrics
 
 STAGES = ("base", "mid", "ode_pairs", "ode", "distilled")
@@ -131,8 +132,6 @@ def run_stage(stage: str, out: Path, start_from: str | None, steps: int, toy_roo
     raise ValueError(f"unknown stage {stage!r}")
 
 
-# Few-step schedules the distance is measured with: (steps per level, amplified first chunk).
-SCHEDULES = {"[1,1,1]": ([1, 1, 1], False), "[2,2,2]": ([2, 2, 2], False), "[2,2,2] amplified": ([2, 2, 2], True)}
 # The pass criterion's schedules: the ones the ODE pairs train directly. The amplified first-chunk schedule
 # is reported, not judged (on the toy it moves away, see README "pipeline check").
 JUDGED = ("[1,1,1]", "[2,2,2]")
@@ -150,42 +149,6 @@ def distillation_failures(dist: dict[str, dict[str, float]], max_ratio: float) -
 
 class DistillationCheckFailed(RuntimeError):
     pass
-
-
-@torch.no_grad()
-def distance_to_teacher(teacher: str, students: dict[str, str], seeds=(100, 101)) -> dict[str, dict[str, float]]:
-    """RMS latent distance of each few-step student to the Mid teacher's [20,20,20] CFG samples, one chunk,
-    averaged over PROMPTS × seeds (seeds differ from the ODE pairs', so these are not training trajectories).
-
-    The teacher is exactly the ODE pairs' (classic CFG 5, linear shift, per-level μ) and the students
-    sample with the μ they were trained with (LevelMuDMDScheduler). Per schedule: [1,1,1] is one jump per
-    level from the level's start (what the ODE regression trains most directly); [2,2,2] is the later
-    chunks' schedule; "amplified" the first chunk's (4 steps per level). Returns {schedule: {student: d}}."""
-    from helios_train.sampling.ode_pair_capture import load_teacher
-    from helios_train.sampling.infer import load_pipeline
-    from helios_train.sampling.ode_trajectory import LevelMuDMDScheduler, skip_pixel_decode
-    from helios_train.model.variants import NEGATIVE_PROMPT
-
-    def sample(pipe, prompt, seed, **kw):
-        with skip_pixel_decode(pipe):
-            out = pipe(prompt=prompt, negative_prompt=NEGATIVE_PROMPT, height=HEIGHT, width=WIDTH, num_frames=33,
-                       generator=torch.Generator().manual_seed(seed), output_type="latent", **kw)
-        return out.frames.float()
-
-    pipe = load_teacher(teacher, "cpu")
-    targets = {(p, s): sample(pipe, p, s, pyramid_num_inference_steps_list=TEACHER_STEPS,
-                              guidance_scale=TEACHER_GUIDANCE, use_zero_init=False)
-               for p in PROMPTS for s in seeds}
-    result: dict[str, dict[str, float]] = {name: {} for name in SCHEDULES}
-    for student, export in students.items():
-        pipe, _ = load_pipeline(export, "distilled")
-        pipe.scheduler = LevelMuDMDScheduler.from_config(pipe.scheduler.config)
-        for name, (steps, amplify) in SCHEDULES.items():
-            d = [torch.sqrt(torch.mean((sample(pipe, p, s, pyramid_num_inference_steps_list=steps, guidance_scale=1.0,
-                                               is_amplify_first_chunk=amplify) - target) ** 2))
-                 for (p, s), target in targets.items()]
-            result[name][student] = float(torch.stack(d).mean())
-    return result
 
 
 def _manifests(out: Path, base_manifest: str | None, from_manifest: str | None) -> dict[str, dict]:
@@ -220,7 +183,8 @@ def _distance_check(out: Path, manifests: dict, done: list[dict], max_ratio: flo
                                                       ("after DMD", "distilled")) if s in manifests}
     if "mid" not in manifests or len(students) < 2:
         return
-    dist = distance_to_teacher(manifests["mid"]["export"], students)
+    dist = distance_to_teacher(manifests["mid"]["export"], students, PROMPTS, HEIGHT, WIDTH, TEACHER_STEPS,
+                               TEACHER_GUIDANCE)
     print("\nfew-step student (no CFG) vs Mid teacher ([20,20,20], CFG 5): RMS latent distance, one chunk")
     print(f"  {'student':<22}" + "".join(f"{name:>20}" for name in dist))
     for student in students:

@@ -20,11 +20,13 @@ BELOW = {
     "data": {"config", "runtime", "algorithms", "model"},
     "backends": {"config", "runtime", "algorithms", "model"},
     "sampling": {"config", "runtime", "algorithms", "model", "data"},
+    "evaluation": {"config", "runtime", "algorithms", "model", "data", "sampling"},
     "stages": {"config", "runtime", "algorithms", "model", "data"},
-    "training": {"config", "runtime", "algorithms", "model", "data", "backends", "sampling", "stages"},
-    "planning": {"config", "runtime", "algorithms", "model", "data", "backends", "sampling", "stages", "training"},
+    "training": {"config", "runtime", "algorithms", "model", "data", "backends", "sampling", "evaluation", "stages"},
+    "planning": {"config", "runtime", "algorithms", "model", "data", "backends", "sampling", "evaluation", "stages",
+                 "training"},
 }
-TOP = {"__init__", "__main__", "api", "pipeline_check"}
+TOP = {"__init__", "__main__", "api", "pipeline_check", "miniature"}
 def module_names(root: Path) -> dict[str, Path]:
     out = {}
     for part in PARTS:

@@ -19,6 +19,7 @@ else:  # Python 3.10: the same behaviour (str(), format() and == give the value)
 
 
 class StageName(StrEnum):
+    t2v = "t2v"  # text-to-video pretraining on single chunks (the Wan2.1-T2V analogue the Base stage starts from)
     base = "base"
     mid = "mid"
     distilled = "distilled"
@@ -133,6 +134,7 @@ class SequencePlan(StrEnum):
 class ToySpec(StrEnum):
     toy = "toy"
     helios_14b_shape = "helios_14b_shape"
+    miniature = "miniature"  # the learning miniature: its own clips, a trained VAE (helios_train/data/miniature_assets.py)
 
 
 class TrackerName(StrEnum):
@@ -143,3 +145,8 @@ class TrackerMode(StrEnum):
     online = "online"
     offline = "offline"
     disabled = "disabled"
+
+
+class MiniatureSize(StrEnum):  # data.toy.miniature_size (helios_train/data/miniature_assets.py SIZES)
+    full = "full"
+    ci = "ci"

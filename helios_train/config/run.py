@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from helios_train.config.choices import (DataMode, DeviceKind, LauncherName, LrScheduler, MixedPrecision,
+from helios_train.config.choices import (DataMode, DeviceKind, LauncherName, LrScheduler, MiniatureSize, MixedPrecision,
                                          ProcessGroupBackend, SequencePlan, ToySpec, TrackerMode, TrackerName,
                                          WeightDtype)
 from helios_train.config.mechanisms import PerfConfig
@@ -43,6 +43,9 @@ class ToyDataConfig:
     # The toy videos' size and count are fixed by helios_train/data/toy_videos.py (the assets are cached per
     # toy_root, so a per-run size would silently reuse another size's clips); only the seed is a knob.
     seed: int = 0
+    # model=miniature: how many clips and VAE steps (helios_train/data/miniature_assets.py SIZES): full (the
+    # README's run) | ci (the suite's learning test). A root holds one size; another size there is refused.
+    miniature_size: MiniatureSize = MiniatureSize.full
 
 
 OFFICIAL_LATENT_SIZE = (48, 80)  # 384×640 pixels / 8: the official training resolution

@@ -39,6 +39,9 @@ class TrainablesConfig:
     # "official" derives them from a random patch embedding (the official order bug in
     # HeliosTransformer3DModel.__init__, helios/modules/transformer_helios.py).
     memory_patch_init: MemoryPatchInit = MemoryPatchInit.after_load
+    # Train every parameter of the transformer and attach no LoRA: pretraining a model from scratch (stage=t2v,
+    # the miniature's Wan2.1 analogue). The official stages never do (they adapt a 14B base through LoRA).
+    full_model: bool = False
 
 
 @dataclass
@@ -50,6 +53,19 @@ class StageCommon:
     anti_drift: AntiDriftConfig = field(default_factory=AntiDriftConfig)
     task_dropout: TaskDropoutConfig = field(default_factory=TaskDropoutConfig)
     trainables: TrainablesConfig = field(default_factory=TrainablesConfig)
+
+
+@dataclass
+class T2VStageConfig:
+    """stage=t2v (helios_train/stages/t2v.py): bidirectional text-to-video flow matching on one chunk, no history
+    — the analogue of Wan2.1-T2V, which the official stage 1 starts from. Not a Helios stage: it makes the base
+    model the miniature (helios_train/miniature/) has no download for."""
+
+    name: StageName = StageName.t2v
+    # Only `latent_window_size` (the chunk) and the data loader's chunk choice are used: no history reaches the model.
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    trainables: TrainablesConfig = field(default_factory=lambda: TrainablesConfig(full_model=True))
+    timesteps: TimestepConfig = field(default_factory=TimestepConfig)
 
 
 @dataclass
@@ -81,5 +97,10 @@ class DistilledStageConfig(StageCommon):
     ema: EMAConfig = field(default_factory=EMAConfig)  # EMA of the generator's trainables
 
 
-STAGE_CONFIGS = {StageName.base: BaseStageConfig, StageName.mid: MidStageConfig,
+STAGE_CONFIGS = {StageName.t2v: T2VStageConfig, StageName.base: BaseStageConfig, StageName.mid: MidStageConfig,
                  StageName.distilled: DistilledStageConfig}
+
+
+def uses_history(stage_cfg) -> bool:
+    """Whether the stage's model takes history (and so needs its multi-term memory patches): every Helios stage."""
+    return str(stage_cfg.name) != StageName.t2v

@@ -12,12 +12,10 @@ ranks, parallel tests) call `ensure_toy_assets` at once: one builds, the others 
 """
 from __future__ import annotations
 
-import fcntl
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-MARKER = "COMPLETE"
+from helios_train.data.asset_parts import locked_root, part
 
 
 @dataclass
@@ -27,34 +25,26 @@ class ToyAssets:
     latent_shards: list[Path]
 
 
-def _part(path: Path, label: str, build) -> None:
-    if (path / MARKER).is_file():
-        return
-    t0 = time.perf_counter()
-    build()
-    (path / MARKER).write_text("ok")
-    print(f"[helios-train] built toy {label} in {time.perf_counter() - t0:.1f}s -> {path}", flush=True)
-
-
-def ensure_toy_assets(root, seed: int = 0, spec: str = "toy") -> ToyAssets:
+def ensure_toy_assets(root, seed: int = 0, spec: str = "toy", miniature_size: str = "full"):
+    """The toy's (or `spec`'s) assets under `root`; spec=miniature builds helios_train/data/miniature_assets.py's."""
     from helios_train.data.encode_latents import encode_shards
     from helios_train.data.toy_checkpoint import build_toy_checkpoint
     from helios_train.data.toy_videos import build_toy_videos
 
     root = Path(root)
+    if spec == "miniature":
+        from helios_train.data.miniature_assets import ensure_miniature_assets
+
+        return ensure_miniature_assets(root / "miniature", seed, str(miniature_size))
     home = root if spec == "toy" else root / spec
     home.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            _part(home / "model", f"{spec} checkpoint", lambda: build_toy_checkpoint(home / "model", seed, spec))
-            _part(root / "raw", "videos", lambda: build_toy_videos(root / "raw", seed=seed))
-            raw = sorted((root / "raw").glob("raw-*.tar"))
-            # Other specs check production settings, not learning: two shards (6 videos) are enough to feed
-            # two ranks and cost a quarter of the encoding.
-            mine = raw if spec == "toy" else raw[:2]
-            _part(home / "latents", f"{spec} latents",
-                  lambda: encode_shards(mine, home / "latents", home / "model", min_frames=99, seed=seed))
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with locked_root(root):
+        part(home / "model", f"{spec} checkpoint", lambda: build_toy_checkpoint(home / "model", seed, spec))
+        part(root / "raw", "toy videos", lambda: build_toy_videos(root / "raw", seed=seed))
+        raw = sorted((root / "raw").glob("raw-*.tar"))
+        # Other specs check production settings, not learning: two shards (6 videos) are enough to feed
+        # two ranks and cost a quarter of the encoding.
+        mine = raw if spec == "toy" else raw[:2]
+        part(home / "latents", f"{spec} latents",
+             lambda: encode_shards(mine, home / "latents", home / "model", min_frames=99, seed=seed))
     return ToyAssets(home / "model", raw, sorted((home / "latents").glob("latent-*.tar")))

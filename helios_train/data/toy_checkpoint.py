@@ -32,8 +32,15 @@ VAE = dict(base_dim=16, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temper
            latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
 SHAPE_14B = dict(num_attention_heads=2, attention_head_dim=128, in_channels=16, out_channels=16, text_dim=64,
                  freq_dim=256, ffn_dim=692, num_layers=2, rope_dim=(44, 42, 42))
+# The miniature (helios_train/data/miniature_assets.py): a 7 M-parameter Helios sized to learn in CPU minutes at
+# 8×8 latents (64×64 pixels), 16 latent channels as Wan's; no memory patches, like a Wan2.1 folder: stage=t2v
+# pretrains it, stage=base then adds them. Its VAE is trained on the miniature's clips after this build.
+MINIATURE = dict(num_attention_heads=8, attention_head_dim=32, in_channels=16, out_channels=16, text_dim=64,
+                 freq_dim=64, ffn_dim=768, num_layers=6, rope_dim=(8, 12, 12), has_multi_term_memory_patch=False)
 SPECS = {
     "toy": {"transformer": TRANSFORMER, "vae": VAE},
+    "miniature": {"transformer": MINIATURE,
+                  "vae": {**VAE, "z_dim": 16, "latents_mean": [0.0] * 16, "latents_std": [1.0] * 16}},
     "helios_14b_shape": {"transformer": SHAPE_14B,
                          "vae": {**VAE, "z_dim": 16, "latents_mean": [0.0] * 16, "latents_std": [1.0] * 16}},
 }
@@ -57,7 +64,7 @@ def build_toy_checkpoint(out_dir, seed: int = 0, spec: str = "toy") -> Path:
     from diffusers import AutoencoderKLWan, HeliosScheduler, HeliosTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from helios_train.data.toy_videos import caption_vocabulary
+    from helios_train.data import miniature_world, toy_videos
 
     if spec not in SPECS:
         raise ValueError(f"toy spec {spec!r}: expected one of {sorted(SPECS)}")
@@ -73,7 +80,8 @@ def build_toy_checkpoint(out_dir, seed: int = 0, spec: str = "toy") -> Path:
             HeliosTransformer3DModel(**transformer).save_pretrained(tmp / "transformer")
             torch.manual_seed(seed + 1)
             AutoencoderKLWan(**vae).save_pretrained(tmp / "vae")
-            tokenizer = build_tokenizer(caption_vocabulary() + [NEGATIVE_PROMPT])
+            world = miniature_world if spec == "miniature" else toy_videos  # the captions it will read
+            tokenizer = build_tokenizer(world.caption_vocabulary() + [NEGATIVE_PROMPT])
             tokenizer.save_pretrained(tmp / "tokenizer")
             torch.manual_seed(seed + 2)
             # d_model = the DiT's text_dim, as UMT5-XXL's 4096 matches Helios' text_dim.

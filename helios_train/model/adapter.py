@@ -21,8 +21,9 @@ class ModelAdapter:
     family = ""
 
     # -- what a family implements ------------------------------------------------------------------
-    def load(self, model_cfg, trainables_cfg=None, device="cpu") -> torch.nn.Module:
-        """The transformer of `model_cfg` (weights, `model.weight_dtype`, gradient checkpointing), frozen."""
+    def load(self, model_cfg, trainables_cfg=None, device="cpu", history: bool = True) -> torch.nn.Module:
+        """The transformer of `model_cfg` (weights, `model.weight_dtype`, gradient checkpointing), frozen; with the
+        layers that take history when `history` (every Helios stage; stage=t2v has none)."""
         raise NotImplementedError
 
     def add_trainables(self, model: torch.nn.Module, trainables_cfg, adapter_name: str = "default") -> list[str]:
@@ -31,7 +32,8 @@ class ModelAdapter:
 
     def forward_kwargs(self, noisy: torch.Tensor, x0: Optional[torch.Tensor], history: torch.Tensor,
                        timestep: torch.Tensor, prompt_embeds: torch.Tensor, history_cfg) -> dict:
-        """Keyword arguments of the model's forward for a noisy chunk with its history and anchor."""
+        """Keyword arguments of the model's forward for a noisy chunk with its history and anchor (history None:
+        the chunk alone)."""
         raise NotImplementedError
 
     def token_counts(self, model: torch.nn.Module, latent_hw: tuple[int, int], history_cfg) -> dict[str, int]:

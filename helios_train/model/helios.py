@@ -9,10 +9,10 @@ from helios_train.model.adapter import ModelAdapter
 class HeliosAdapter(ModelAdapter):
     family = "helios"
 
-    def load(self, model_cfg, trainables_cfg=None, device="cpu"):
+    def load(self, model_cfg, trainables_cfg=None, device="cpu", history: bool = True):
         from helios_train.model.loading import load_transformer
 
-        return load_transformer(model_cfg, trainables_cfg, device=device)
+        return load_transformer(model_cfg, trainables_cfg, device=device, history=history)
 
     def add_trainables(self, model, trainables_cfg, adapter_name: str = "default") -> list[str]:
         from helios_train.model.trainables import apply_trainable_policy

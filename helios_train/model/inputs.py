@@ -61,7 +61,7 @@ def split_history(
 def model_inputs(
     noisy: torch.Tensor,
     x0: torch.Tensor | None,
-    history: torch.Tensor,
+    history: torch.Tensor | None,
     timestep: torch.Tensor,
     prompt_embeds: torch.Tensor,
     cfg: HistoryConfig,
@@ -70,8 +70,11 @@ def model_inputs(
 
     ``timestep`` is the noisy chunk's t = 1000·σ per sample [B]; the model itself gives every
     history token t = 0 (``zero_history_timestep``, official ``HeliosTransformer3DModel.forward``). Add
-    ``return_dict`` yourself.
+    ``return_dict`` yourself. ``history`` None: the chunk alone, no history tokens at all (the bidirectional
+    Wan2.1-style forward of stage=t2v).
     """
+    if history is None:
+        return {"hidden_states": noisy, "timestep": timestep, "encoder_hidden_states": prompt_embeds}
     if noisy.shape[2] != cfg.latent_window_size:
         raise ValueError(f"noisy chunk has {noisy.shape[2]} frames, latent_window_size is {cfg.latent_window_size}")
     short, mid, long_ = split_history(x0, history, cfg)

@@ -73,7 +73,10 @@ def check_model_dir(model_cfg) -> None:
         )
 
 
-def load_transformer(model_cfg, trainables_cfg=None, device="cpu"):
+def load_transformer(model_cfg, trainables_cfg=None, device="cpu", history: bool = True):
+    """`history`: the stage feeds history, so the model must have its multi-term memory patches — a folder whose
+    config has none (a Wan2.1-style base, the miniature's stage=t2v export) gets them, initialised below. False
+    (stage=t2v): the folder's architecture as it is."""
     from diffusers import HeliosTransformer3DModel
 
     source = _WEIGHTS_SOURCE.get()
@@ -89,6 +92,8 @@ def load_transformer(model_cfg, trainables_cfg=None, device="cpu"):
     else:
         kwargs = {"pretrained_model_name_or_path": model_cfg.path, "subfolder": model_cfg.transformer_subfolder}
     dtype = torch_dtype(model_cfg.weight_dtype)
+    if history:
+        kwargs["has_multi_term_memory_patch"] = True  # overrides the folder's config.json
     model, info = HeliosTransformer3DModel.from_pretrained(**kwargs, dtype=dtype, output_loading_info=True)
     policy = trainables_cfg.memory_patch_init if trainables_cfg is not None else "after_load"
     if memory_patches_missing(info):

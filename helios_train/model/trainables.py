@@ -8,12 +8,15 @@ transformers models, while the official code adapts it.
 """
 from __future__ import annotations
 
+import logging
+
 from peft import LoraConfig as PeftLoraConfig
 from torch import nn
 
 from helios_train.model.fake_weights import same_mode_as
 
 MEMORY_PATCHES = ("patch_short", "patch_mid", "patch_long")
+log = logging.getLogger(__name__)
 
 
 def lora_targets(transformer: nn.Module, trainables_cfg) -> list[str]:
@@ -49,7 +52,16 @@ def _add_lora(transformer: nn.Module, trainables_cfg, adapter_name: str) -> None
 
 
 def apply_trainable_policy(transformer: nn.Module, trainables_cfg, adapter_name: str = "default") -> list[str]:
-    """Freeze the base, add the LoRA adapter, unfreeze full-trained tensors. Returns trainable names."""
+    """Freeze the base, add the LoRA adapter, unfreeze full-trained tensors. Returns trainable names.
+    `full_model`: every parameter trains, no adapter (pretraining from scratch, stage=t2v)."""
+    if getattr(trainables_cfg, "full_model", False):
+        if trainables_cfg.lora.rank > 0:  # e.g. the toy preset's rank 8 under stage=t2v
+            log.warning("stage.trainables.full_model=true trains every weight: stage.trainables.lora.rank=%d is not "
+                        "used", trainables_cfg.lora.rank)
+        transformer.requires_grad_(True)
+        for p in transformer.parameters():
+            p.data = p.data.float()
+        return [n for n, _ in transformer.named_parameters()]
     transformer.requires_grad_(False)
     with same_mode_as(transformer):  # adapters on a fake (dry-run) model are fake too
         _add_lora(transformer, trainables_cfg, adapter_name)

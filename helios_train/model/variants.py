@@ -6,6 +6,7 @@ sampled the way its stage was meant to be:
 
 | variant   | pipeline              | scheduler                        | steps          | guidance            |
 |-----------|-----------------------|----------------------------------|----------------|---------------------|
+| t2v       | HeliosPipeline, no history (a Wan2.1-style model, `stage=t2v`; every chunk on its own) | as base | 50 | CFG 5.0 |
 | base      | HeliosPipeline        | HeliosScheduler, 1 stage, UniPC  | 50             | CFG 5.0             |
 | mid       | HeliosPyramidPipeline | HeliosScheduler, 3 stages, UniPC | [20, 20, 20]   | CFG-Zero* 5.0       |
 | distilled | HeliosPyramidPipeline | HeliosDMDScheduler (x0, linear)  | [2, 2, 2]      | none (1.0), amplify |
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-VARIANTS = ("base", "mid", "distilled")
+VARIANTS = ("t2v", "base", "mid", "distilled")
 # Wan's default English negative prompt (official `negative_prompt`, infer_helios.py /
 # helios/utils/train_config.py): unconditional branch of CFG and the teacher's negative branch in DMD.
 NEGATIVE_PROMPT = (
@@ -38,6 +39,7 @@ class SamplerSettings:
 
 
 DEFAULTS = {
+    "t2v": SamplerSettings(num_inference_steps=50, guidance_scale=5.0),
     "base": SamplerSettings(num_inference_steps=50, guidance_scale=5.0),
     "mid": SamplerSettings(pyramid_steps=[20, 20, 20], guidance_scale=5.0, cfg_zero_star=True),
     "distilled": SamplerSettings(pyramid_steps=[2, 2, 2], guidance_scale=1.0, amplify_first_chunk=True),
@@ -53,7 +55,7 @@ def pipeline_class(variant: str):
     from diffusers import HeliosPipeline, HeliosPyramidPipeline
 
     check_variant(variant)
-    return HeliosPipeline if variant == "base" else HeliosPyramidPipeline
+    return HeliosPipeline if variant in ("t2v", "base") else HeliosPyramidPipeline
 
 
 def make_scheduler(variant: str):
@@ -63,7 +65,7 @@ def make_scheduler(variant: str):
     from diffusers import HeliosDMDScheduler, HeliosScheduler
 
     check_variant(variant)
-    if variant == "base":
+    if variant in ("t2v", "base"):
         return HeliosScheduler(stages=1, stage_range=[0, 1], scheduler_type="unipc", use_dynamic_shifting=True,
                                time_shift_type="exponential")
     if variant == "mid":
@@ -78,7 +80,9 @@ def build_pipeline(variant: str, transformer, vae, text_encoder, tokenizer, cfg_
     parts = dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                  scheduler=make_scheduler(variant))
     contiguous_transformer_output(transformer)
-    if variant == "base":
+    if variant in ("t2v", "base"):
+        if variant == "t2v":
+            without_history(transformer)
         return cls(**parts)
     zero_star = DEFAULTS[variant].cfg_zero_star if cfg_zero_star is None else cfg_zero_star
     pipe = cls(**parts, is_cfg_zero_star=zero_star, is_distilled=(variant == "distilled"))
@@ -90,7 +94,7 @@ def sample_as(pipe, variant: str):
     """Reconfigure a pyramid pipeline to sample as `variant` (scheduler + pipeline flags), e.g. a Mid
     export with the distilled few-step sampler — the student before distillation."""
     check_variant(variant)
-    if variant == "base" or not hasattr(pipe, "sample_block_noise"):
+    if variant in ("t2v", "base") or not hasattr(pipe, "sample_block_noise"):
         raise ValueError(f"only HeliosPyramidPipeline can switch between mid and distilled, not to {variant!r}")
     pipe.scheduler = make_scheduler(variant)
     pipe.register_to_config(is_distilled=(variant == "distilled"), is_cfg_zero_star=DEFAULTS[variant].cfg_zero_star)
@@ -148,9 +152,30 @@ def contiguous_transformer_output(transformer) -> None:
     transformer.register_forward_hook(_contiguous_output)
 
 
+_HISTORY_ARGS = ("latents_history_short", "latents_history_mid", "latents_history_long",
+                 "indices_latents_history_short", "indices_latents_history_mid", "indices_latents_history_long",
+                 "indices_hidden_states")
+
+
+def _drop_history(module, args, kwargs):
+    """Forward pre-hook: the call without its history inputs (and with the chunk's own frame indices)."""
+    return args, {k: (None if k in _HISTORY_ARGS else v) for k, v in kwargs.items()}
+
+
+def without_history(transformer) -> None:
+    """Make HeliosPipeline sample a history-free (stage=t2v, Wan2.1-style) model: every forward drops the history
+    the pipeline assembles, so each chunk is generated from the caption alone — the bidirectional T2V model
+    "rolled out chunk by chunk without history". Why a hook: the pipeline always passes history (zeros for the
+    first chunk), which a model without memory patches cannot take; the sampler itself stays diffusers'."""
+    hooks = getattr(transformer, "_forward_pre_hooks", None)
+    if hooks is None or any(h is _drop_history for h in hooks.values()):
+        return
+    transformer.register_forward_pre_hook(_drop_history, with_kwargs=True)
+
+
 def call_kwargs(variant: str, s: SamplerSettings) -> dict:
     """Keyword arguments of the pipeline's __call__ for these settings."""
-    if variant == "base":
+    if variant in ("t2v", "base"):
         return {"num_inference_steps": s.num_inference_steps, "guidance_scale": s.guidance_scale}
     out = {"pyramid_num_inference_steps_list": list(s.pyramid_steps), "guidance_scale": s.guidance_scale,
            "use_zero_init": s.use_zero_init, "zero_steps": s.zero_steps}

@@ -59,11 +59,12 @@ def config_hash(cfg) -> str:
 
 def load_trained_transformer(checkpoint_dir: Path, role: str = "generator", cfg=None):
     """Base weights + the checkpoint's trainables, adapters attached (not fused)."""
+    from helios_train.config.stages import uses_history
     from helios_train.model.loading import load_transformer
     from helios_train.model.trainables import apply_trainable_policy
 
     cfg = cfg if cfg is not None else run_config(checkpoint_dir)
-    transformer = load_transformer(cfg.model, cfg.stage.trainables)
+    transformer = load_transformer(cfg.model, cfg.stage.trainables, history=uses_history(cfg.stage))
     apply_trainable_policy(transformer, cfg.stage.trainables)
     ckpt.load_trainables(transformer, checkpoint_dir / f"{role}.trainable.safetensors")
     return transformer.requires_grad_(False).eval()
@@ -127,11 +128,38 @@ def export(checkpoint, out_dir, variant: str | None = None, link: bool = False, 
     return out
 
 
+def export_initial(model_dir, out_dir, variant: str = "base") -> Path:
+    """The folder a Helios stage would start from, sampled as `variant`: `model_dir`'s transformer with multi-term
+    memory patches (initialised from its patch embedding when the folder has none, as stage=base does for Wan2.1),
+    no training. The evaluation's "untrained model" baseline (helios_train/miniature.py)."""
+    from diffusers import AutoencoderKLWan
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    from helios_train.config.run import ModelConfig
+    from helios_train.model.loading import load_transformer
+
+    model_dir, out = Path(model_dir), Path(out_dir)
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model_cfg = OmegaConf.structured(ModelConfig(name="initial", path=str(model_dir)))
+    transformer = load_transformer(model_cfg, history=variant != "t2v").requires_grad_(False).eval()
+    build_pipeline(variant, transformer, AutoencoderKLWan.from_pretrained(model_dir, subfolder="vae"),
+                   UMT5EncoderModel.from_pretrained(model_dir, subfolder="text_encoder"),
+                   AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer")).save_pretrained(tmp)
+    manifest = {"variant": variant, "source_checkpoint": None, "source_model": str(model_dir.resolve()), "step": 0,
+                "ema": False, "dtype": "fp32", "stage": "initial", "config_hash": None, "run_name": None}
+    (tmp / "helios_export.json").write_text(json.dumps(manifest, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="run dir or checkpoint-N dir")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--variant", choices=["base", "mid", "distilled"], help="default: the run's stage")
+    ap.add_argument("--variant", choices=["t2v", "base", "mid", "distilled"], help="default: the run's stage")
     ap.add_argument("--link", action="store_true", help="symlink vae/text_encoder/tokenizer instead of copying")
     ap.add_argument("--ema", action="store_true", help="export the EMA weights (Distilled stage)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], help="saved transformer dtype (default: the run's model.weight_dtype)")

@@ -27,7 +27,8 @@ from tqdm import tqdm
 from helios_train.runtime.progress import chunk_progress
 from helios_train.runtime.prompt_file import InputError, read_prompt_lines
 from helios_train.model.variants import (DEFAULTS, NEGATIVE_PROMPT, SamplerSettings, build_pipeline, call_kwargs,
-                                   contiguous_transformer_output, round_frames, use_float64_block_noise)
+                                   contiguous_transformer_output, round_frames, use_float64_block_noise,
+                                   without_history)
 
 log = logging.getLogger(__name__)
 FPS = 24
@@ -55,6 +56,8 @@ def load_pipeline(checkpoint, variant: str | None = None, dtype=torch.float32, d
         pipe = pipeline_class(variant).from_pretrained(path, dtype={"default": dtype, "vae": torch.float32})
         use_float64_block_noise(pipe)
         contiguous_transformer_output(pipe.transformer)  # what build_pipeline does for the other path
+        if variant == "t2v":
+            without_history(pipe.transformer)
         if variant != saved:  # e.g. --variant distilled on a Mid folder: the few-step sampler on Mid weights
             sample_as(pipe, variant)
         return pipe.to(device), variant
@@ -173,7 +176,7 @@ def _settings(job: InferenceConfig, variant: str, pipe) -> SamplerSettings:
     s.num_inference_steps = job.steps or s.num_inference_steps
     s.pyramid_steps = list(job.pyramid_steps) if job.pyramid_steps else s.pyramid_steps
     s.guidance_scale = s.guidance_scale if job.guidance is None else job.guidance
-    if job.cfg_zero_star is not None and variant != "base":
+    if job.cfg_zero_star is not None and variant not in ("t2v", "base"):
         s.cfg_zero_star = job.cfg_zero_star
         pipe.register_to_config(is_cfg_zero_star=job.cfg_zero_star)
     return s
@@ -211,7 +214,7 @@ def run_inference(job: InferenceConfig, inputs: Optional[tuple] = None) -> list[
 def main(argv=None) -> list[Path]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--variant", choices=["base", "mid", "distilled"], help="default: from the checkpoint")
+    ap.add_argument("--variant", choices=["t2v", "base", "mid", "distilled"], help="default: from the checkpoint")
     ap.add_argument("--prompt", action="append", default=[], help="repeat for several prompts")
     ap.add_argument("--prompt-file", help="one prompt per line")
     ap.add_argument("--negative-prompt", default=NEGATIVE_PROMPT)

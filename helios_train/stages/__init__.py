@@ -7,6 +7,7 @@ import importlib
 import torch
 
 STAGES = {
+    ("t2v", None): "helios_train.stages.t2v:T2VStage",
     ("base", None): "helios_train.stages.base:BaseStage",
     ("mid", None): "helios_train.stages.mid:MidStage",
     ("distilled", "ode"): "helios_train.stages.ode:OdeStage",

@@ -14,6 +14,7 @@ import torch
 from helios_train.algorithms.anti_drift import add_saturation, corrupt_history, corrupt_target
 from helios_train.algorithms.task_dropout import apply_task_dropout
 from helios_train.algorithms.timesteps import add_noise, flow_target, sample_training_sigmas
+from helios_train.config.stages import uses_history
 from helios_train.model import adapter_for
 from helios_train.model.loading import apply_speed_options
 from helios_train.runtime.precision import mixed_precision
@@ -29,7 +30,10 @@ class ConditionedStage(Stage):
         super().__init__(cfg, device, distribution)
         self.adapter = adapter_for(cfg.model)
         self.precision = mixed_precision(cfg)
-        self.transformer = self.adapter.load(cfg.model, cfg.stage.trainables, device="cpu")
+        # A history-free stage (t2v) asks for the folder's architecture as it is; a family that has no such stage
+        # never sees the keyword.
+        no_history = {} if uses_history(cfg.stage) else {"history": False}
+        self.transformer = self.adapter.load(cfg.model, cfg.stage.trainables, device="cpu", **no_history)
         self.trainable_names = self.adapter.add_trainables(self.transformer, cfg.stage.trainables)
         self.transformer.to(device)
         apply_speed_options(self.transformer, cfg.model)

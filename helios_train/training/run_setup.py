@@ -106,7 +106,8 @@ def ensure_toy_assets(cfg: DictConfig) -> None:
     if cfg.model.build_toy or cfg.data.build_toy:
         from helios_train.data.toy_assets import ensure_toy_assets as build
 
-        build(Path(cfg.toy_root), seed=cfg.data.toy.seed, spec=cfg.model.toy_spec)
+        build(Path(cfg.toy_root), seed=cfg.data.toy.seed, spec=cfg.model.toy_spec,
+              miniature_size=cfg.data.toy.miniature_size)
 
 
 def resolve_shards(cfg: DictConfig, world_size: int) -> list[str]:
