@@ -86,14 +86,14 @@ def _loss_curves(rows: list[dict]) -> dict[str, list[float]]:
     return {k: [r[k] for r in rows if k in r] for k in keys}
 
 
-def ode_pairs(out: Path, size: str, mid_export: str, captions: list[str]) -> dict:
+def ode_pairs(out: Path, size: str, mid_export: str, prompt_lines: list[str]) -> dict:
     from helios_train.sampling.ode_pair_capture import make_ode_pairs
 
     began = time.perf_counter()
     folder = out / "ode_pairs"
     folder.mkdir(parents=True, exist_ok=True)
     prompts = folder / "prompts.txt"
-    prompts.write_text("\n".join(captions[: STEPS[size]["ode_pairs"]]) + "\n")
+    prompts.write_text("\n".join(prompt_lines[: STEPS[size]["ode_pairs"]]) + "\n")
     summary = make_ode_pairs(mid_export, prompts, folder / "shards", num_chunks=TEACHER["chunks"], height=64, width=64,
                              steps=TEACHER["steps"], guidance=TEACHER["guidance"], per_shard=100, max_length=32)
     return {"stage": "ode_pairs", "export": mid_export, "shards": str(folder / "shards"), "samples": summary["samples"],
@@ -109,14 +109,14 @@ def run_chain(out: Path, size: str, toy_root: str, assets, first: str = "t2v", l
     """Run the stages `first`..`last` (earlier stages' manifests in `given`), skipping those already done."""
     done = dict(given or {})
     extra = extra or {}
-    captions = [c for _, c, _ in _training_captions(assets)]
+    train_captions = captions(assets, "train")
     for stage in STAGES[STAGES.index(first):STAGES.index(last) + 1]:
         path = _manifest_path(out, stage)
         if path.is_file():
             done[stage] = json.loads(path.read_text())
             continue
         if stage == "ode_pairs":
-            manifest = ode_pairs(out, size, done["mid"]["export"], captions)
+            manifest = ode_pairs(out, size, done["mid"]["export"], train_captions)
         else:
             start = {"t2v": None, "base": done.get("t2v", {}).get("export"), "mid": done.get("base", {}).get("export"),
                      "ode": done.get("mid", {}).get("export"),
@@ -131,10 +131,10 @@ def run_chain(out: Path, size: str, toy_root: str, assets, first: str = "t2v", l
     return done
 
 
-def _training_captions(assets) -> list:
-    from helios_train.data.raw_clips import decoded_clips
-
-    return decoded_clips(assets.raw_train[:2])
+def captions(assets, split: str) -> list[str]:
+    """The captions of a split, in clip order (the world's captions.jsonl: no video is decoded for them)."""
+    rows = (assets.root / "clips" / split / "captions.jsonl").read_text().splitlines()
+    return [json.loads(row)["caption"] for row in rows]
 
 
 def evaluate_chain(out: Path, exports: dict[str, str], assets, size: str) -> dict:
@@ -142,25 +142,24 @@ def evaluate_chain(out: Path, exports: dict[str, str], assets, size: str) -> dic
     from helios_train.evaluation.evaluate import main as evaluate
 
     exports = [f"{label}={folder}" for label, folder in exports.items()]
-    chunks, clips = (11, None) if size == "full" else (4, 2)
+    # Sampler steps below the official 50 / [20,20,20]: on a CPU the evaluation would otherwise outlast the chain.
+    chunks, clips, steps, pyramid = (11, 8, 25, 10) if size == "full" else (4, 2, 10, 4)
     argv = [x for e in exports for x in ("--export", e)] + [
         "--data", ",".join(str(p) for p in assets.raw_heldout), "--out", str(out / "evaluation"), "--chunks",
-        str(chunks), "--t2v-clips", "4" if size == "full" else "1"]
-    if clips:
-        argv += ["--clips", str(clips), "--steps", "10", "--pyramid-steps", "4", "4", "4"]
+        str(chunks), "--clips", str(clips), "--t2v-clips", "4" if size == "full" else "1", "--steps", str(steps),
+        "--pyramid-steps", *[str(pyramid)] * 3]
     return evaluate(argv)
 
 
 def distillation(out: Path, done: dict, assets, size: str) -> dict:
     """The few-step student's distance to the Mid teacher before distillation, after ODE and after DMD, on held-out
     captions (helios_train/evaluation/distillation.py)."""
-    from helios_train.data.raw_clips import decoded_clips
     from helios_train.evaluation.distillation import distance_to_teacher
 
-    captions = [c for _, c, _ in decoded_clips(assets.raw_heldout[:1])][: 4 if size == "full" else 2]
+    prompts = captions(assets, "heldout")[: 4 if size == "full" else 2]
     students = {"before (Mid weights)": done["mid"]["export"], "after ODE": done["ode"]["export"],
                 "after DMD": done["dmd"]["export"]}
-    dist = distance_to_teacher(done["mid"]["export"], students, captions, 64, 64, TEACHER["steps"], TEACHER["guidance"])
+    dist = distance_to_teacher(done["mid"]["export"], students, prompts, 64, 64, TEACHER["steps"], TEACHER["guidance"])
     (out / "distance_to_teacher.json").write_text(json.dumps(dist, indent=2))
     return dist
 

@@ -10,7 +10,7 @@ k + 1 of the clip. A history-free model (variant `t2v`) ignores the given video 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,7 +28,6 @@ class Cost:
     flops: float = 0.0  # transformer forwards only (FlopCounterMode), counted on the rollouts with `count_flops`
     flop_chunks: int = 0  # chunks `flops` covers
     seconds: float = 0.0  # wall time of whole pipeline calls (VAE encode / decode and text encoding included)
-    per_shape: dict = field(default_factory=dict)
 
     def per_chunk(self) -> dict[str, float]:
         return {"forwards": self.forwards / max(self.chunks, 1),
@@ -66,13 +65,13 @@ def _as_uint8(frames: np.ndarray) -> np.ndarray:
 
 
 def rollout(pipe, variant: str, settings, caption: str, chunks: int, seed: int, counter: ForwardCounter,
-            given: np.ndarray | None = None, count_flops: bool = False) -> np.ndarray:
-    """uint8 frames [≤ chunks·33, H, W, 3] generated after `given` (uint8 [33, H, W, 3]; None = T2V)."""
+            size: tuple[int, int], given: np.ndarray | None = None, count_flops: bool = False) -> np.ndarray:
+    """uint8 frames [≤ chunks·33, height, width, 3] generated after `given` (uint8 [33, H, W, 3]; None = T2V)."""
     from PIL import Image
 
     from helios_train.sampling.infer import generate
 
-    height, width = (given.shape[1:3] if given is not None else (settings_size(pipe)))
+    height, width = size
     video = [Image.fromarray(f) for f in given] if given is not None else None
     counter.flops = count_flops
     began = time.perf_counter()
@@ -83,11 +82,6 @@ def rollout(pipe, variant: str, settings, caption: str, chunks: int, seed: int, 
     counter.cost.chunks += chunks
     counter.cost.flop_chunks += chunks if count_flops else 0
     return _as_uint8(frames)
-
-
-def settings_size(pipe) -> tuple[int, int]:
-    """The (height, width) a T2V rollout renders at: set on the pipeline by the caller (`pipe.eval_size`)."""
-    return getattr(pipe, "eval_size")
 
 
 def copy_last_frame(given: np.ndarray, chunks: int) -> np.ndarray:

@@ -34,12 +34,16 @@ def parse_export(text: str) -> tuple[str, str, str | None]:
     """"name=folder[:variant]" → (name, folder, variant or None)."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--export {text!r}: expected NAME=FOLDER[:VARIANT]")
-    name, _, rest = text.partition("=")
-    folder, _, variant = rest.partition(":") if rest.rsplit(":", 1)[-1] in ("t2v", "base", "mid", "distilled") \
-        else (rest, "", "")
+    from helios_train.model.variants import VARIANTS
+
+    name, _, folder = text.partition("=")
+    variant = None
+    head, _, tail = folder.rpartition(":")
+    if head and tail in VARIANTS:
+        folder, variant = head, tail
     if not (Path(folder) / "model_index.json").is_file():
         raise argparse.ArgumentTypeError(f"--export {name}={folder}: no model_index.json there (not a diffusers folder)")
-    return name, folder, variant or None
+    return name, folder, variant
 
 
 def load_clips(pattern: str, chunks: int, limit: int | None) -> list[tuple[str, str, np.ndarray]]:
@@ -78,15 +82,15 @@ def evaluate_export(folder: str, variant: str | None, clips, args) -> dict:
 
     pipe, variant = load_pipeline(folder, variant)
     pipe.set_progress_bar_config(disable=True)
-    pipe.eval_size = clips[0][2].shape[1:3]
+    size = tuple(clips[0][2].shape[1:3])  # the clips' own resolution
     settings = sampler_settings(variant, args)
     cost, t2v_cost = Cost(), Cost()
     counter = ForwardCounter(pipe.transformer, cost)
     cont, dist, bench, videos = [], [], [], []
     for i, (key, caption, frames) in enumerate(clips):
         log.info("%s: continuing %s (%d/%d)", folder, key, i + 1, len(clips))
-        gen = rollout(pipe, variant, settings, caption, args.chunks, args.seed + i, counter, given=frames[:CHUNK_FRAMES],
-                      count_flops=i == 0)
+        gen = rollout(pipe, variant, settings, caption, args.chunks, args.seed + i, counter, size,
+                      given=frames[:CHUNK_FRAMES], count_flops=i == 0)
         cont.append(continuation_scores(gen, frames, args.chunks))
         dist.append(distribution_scores(gen, frames, args.chunks))
         if i < args.bench_clips:  # HeliosBench's flow runs at 640 px wide: ~5 s per 33 frames on a CPU core
@@ -95,7 +99,7 @@ def evaluate_export(folder: str, variant: str | None, clips, args) -> dict:
     counter.cost = t2v_cost
     adherence = []
     for i, (key, caption, frames) in enumerate(clips[: args.t2v_clips]):
-        gen = rollout(pipe, variant, settings, caption, args.t2v_chunks, args.seed + 1000 + i, counter)
+        gen = rollout(pipe, variant, settings, caption, args.t2v_chunks, args.seed + 1000 + i, counter, size)
         scored = adherence_scores(gen, caption)
         if scored is not None:
             adherence.append(scored)
