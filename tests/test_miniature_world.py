@@ -134,3 +134,24 @@ def test_t2v_stage_trains_every_weight_and_hands_base_a_history_free_model(toy_r
     pipe, variant = load_pipeline(untrained)
     assert variant == "base" and hasattr(pipe.transformer, "patch_long")
     assert not any(True for _ in pipe.transformer._forward_pre_hooks.values())  # history reaches this one
+
+
+def test_the_documented_commands_make_clips_the_data_tools_accept(tmp_path):
+    """`python -m data_prep.miniature_videos` then `videos_to_shards` with the options the docstring gives: every clip
+    is kept (64×64 is in the 512×512 bucket, 396 frames pass --min-frames 396) and decodes whole."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from helios_train.data.raw_clips import decoded_clips
+
+    run = lambda *args: subprocess.run([sys.executable, "-m", *args], cwd=REPO, check=True, capture_output=True,  # noqa: E731
+                                       text=True)
+    run("data_prep.miniature_videos", "--out", str(tmp_path), "--train", "2", "--heldout", "1")
+    out = run("data_prep.videos_to_shards", "--videos", str(tmp_path / "train"), "--captions",
+              str(tmp_path / "train" / "captions.jsonl"), "--out", str(tmp_path / "raw"), "--height", "64", "--width",
+              "64", "--bucket", "512x512", "--min-frames", "396")
+    assert json.loads(out.stdout.strip().splitlines()[-1])["samples_in_output"] == 2
+    clips = decoded_clips(sorted((tmp_path / "raw").glob("raw-*.tar")))
+    assert [len(f) for _, _, f in clips] == [world.CLIP_FRAMES] * 2
+    assert all(world.parse_caption(c) is not None for _, c, _ in clips)

@@ -1,6 +1,8 @@
 """The miniature's world: long procedural clips whose future is known, with captions that describe them.
 
-    python -m data_prep.miniature_videos --out checkpoints/_miniature/clips [--train 64 --heldout 16]
+    python -m data_prep.miniature_videos --out data/miniature [--train 64 --heldout 16 --seed 0]
+    python -m data_prep.videos_to_shards --videos data/miniature/train --captions data/miniature/train/captions.jsonl \
+        --out data/miniature/raw/train --height 64 --width 64 --bucket 512x512 --min-frames 396
 
 Each clip is one object (circle, square or triangle) on a plain or two-colour gradient background, moving at
 constant speed and bouncing off the borders (left and right, up and down, or diagonally), optionally cycling
@@ -217,3 +219,16 @@ def clip_from_record(record: dict) -> Optional[Clip]:
     """The Clip of a captions.jsonl / shard json record that carries its world parameters, else None."""
     world = record.get("world")
     return Clip(**world) if isinstance(world, dict) else None
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="folder; clips go to <out>/train and <out>/heldout")
+    ap.add_argument("--train", type=int, default=64, help="training clips")
+    ap.add_argument("--heldout", type=int, default=16, help="held-out clips (other seeds, unseen combinations)")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    for split, count in (("train", a.train), ("heldout", a.heldout)):
+        print(f"wrote {count} clips: {write_split(a.out, split, count, a.seed)}")
