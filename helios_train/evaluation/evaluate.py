@@ -64,10 +64,10 @@ def load_clips(pattern: str, chunks: int, limit: int | None) -> list[tuple[str, 
 
 
 def sampler_settings(variant: str, args):
-    from helios_train.model.variants import DEFAULTS, SamplerSettings
+    from helios_train.model.variants import DEFAULTS, SINGLE_LEVEL, SamplerSettings
 
     s = SamplerSettings(**asdict(DEFAULTS[variant]))
-    if variant in ("t2v", "base") and args.steps:
+    if variant in SINGLE_LEVEL and args.steps:
         s.num_inference_steps = args.steps
     if variant == "mid" and args.pyramid_steps:
         s.pyramid_steps = list(args.pyramid_steps)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 VARIANTS = ("t2v", "base", "mid", "distilled")
+SINGLE_LEVEL = ("t2v", "base")  # sampled by HeliosPipeline at one resolution; the others by the pyramid pipeline
 # Wan's default English negative prompt (official `negative_prompt`, infer_helios.py /
 # helios/utils/train_config.py): unconditional branch of CFG and the teacher's negative branch in DMD.
 NEGATIVE_PROMPT = (
@@ -55,7 +56,7 @@ def pipeline_class(variant: str):
     from diffusers import HeliosPipeline, HeliosPyramidPipeline
 
     check_variant(variant)
-    return HeliosPipeline if variant in ("t2v", "base") else HeliosPyramidPipeline
+    return HeliosPipeline if variant in SINGLE_LEVEL else HeliosPyramidPipeline
 
 
 def make_scheduler(variant: str):
@@ -65,7 +66,7 @@ def make_scheduler(variant: str):
     from diffusers import HeliosDMDScheduler, HeliosScheduler
 
     check_variant(variant)
-    if variant in ("t2v", "base"):
+    if variant in SINGLE_LEVEL:
         return HeliosScheduler(stages=1, stage_range=[0, 1], scheduler_type="unipc", use_dynamic_shifting=True,
                                time_shift_type="exponential")
     if variant == "mid":
@@ -80,7 +81,7 @@ def build_pipeline(variant: str, transformer, vae, text_encoder, tokenizer, cfg_
     parts = dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                  scheduler=make_scheduler(variant))
     contiguous_transformer_output(transformer)
-    if variant in ("t2v", "base"):
+    if variant in SINGLE_LEVEL:
         if variant == "t2v":
             without_history(transformer)
         return cls(**parts)
@@ -94,7 +95,7 @@ def sample_as(pipe, variant: str):
     """Reconfigure a pyramid pipeline to sample as `variant` (scheduler + pipeline flags), e.g. a Mid
     export with the distilled few-step sampler — the student before distillation."""
     check_variant(variant)
-    if variant in ("t2v", "base") or not hasattr(pipe, "sample_block_noise"):
+    if variant in SINGLE_LEVEL or not hasattr(pipe, "sample_block_noise"):
         raise ValueError(f"only HeliosPyramidPipeline can switch between mid and distilled, not to {variant!r}")
     pipe.scheduler = make_scheduler(variant)
     pipe.register_to_config(is_distilled=(variant == "distilled"), is_cfg_zero_star=DEFAULTS[variant].cfg_zero_star)
@@ -105,7 +106,8 @@ def use_float64_block_noise(pipe) -> None:
     """Route diffusers' pyramid block noise through our float64 Cholesky (helios_train/algorithms/pyramid.py).
 
     Why: HeliosPyramidPipeline factors the singular block covariance (1+γ)I − γ11ᵀ in fp32, which
-    fails at γ = 1/3 (eigenvalue ≈ −1e-7, torch 2.13 on CPU). Our block_noise draws the same random stream
+    is not positive definite at γ = 1/3 (eigenvalue ≈ −1e-7, torch 2.13 on CPU): the factorisation fails on some CPUs
+    and returns a factor with a near-zero last pivot (4e-4) on others. Our block_noise draws the same random stream
     and block layout, so results are unchanged wherever the fp32 path works.
     """
     if not hasattr(pipe, "sample_block_noise"):
@@ -175,7 +177,7 @@ def without_history(transformer) -> None:
 
 def call_kwargs(variant: str, s: SamplerSettings) -> dict:
     """Keyword arguments of the pipeline's __call__ for these settings."""
-    if variant in ("t2v", "base"):
+    if variant in SINGLE_LEVEL:
         return {"num_inference_steps": s.num_inference_steps, "guidance_scale": s.guidance_scale}
     out = {"pyramid_num_inference_steps_list": list(s.pyramid_steps), "guidance_scale": s.guidance_scale,
            "use_zero_init": s.use_zero_init, "zero_steps": s.zero_steps}

@@ -26,9 +26,9 @@ from tqdm import tqdm
 
 from helios_train.runtime.progress import chunk_progress
 from helios_train.runtime.prompt_file import InputError, read_prompt_lines
-from helios_train.model.variants import (DEFAULTS, NEGATIVE_PROMPT, SamplerSettings, build_pipeline, call_kwargs,
-                                   contiguous_transformer_output, round_frames, use_float64_block_noise,
-                                   without_history)
+from helios_train.model.variants import (DEFAULTS, NEGATIVE_PROMPT, SINGLE_LEVEL, SamplerSettings, build_pipeline,
+                                         call_kwargs, contiguous_transformer_output, round_frames,
+                                         use_float64_block_noise, without_history)
 
 log = logging.getLogger(__name__)
 FPS = 24
@@ -176,7 +176,7 @@ def _settings(job: InferenceConfig, variant: str, pipe) -> SamplerSettings:
     s.num_inference_steps = job.steps or s.num_inference_steps
     s.pyramid_steps = list(job.pyramid_steps) if job.pyramid_steps else s.pyramid_steps
     s.guidance_scale = s.guidance_scale if job.guidance is None else job.guidance
-    if job.cfg_zero_star is not None and variant not in ("t2v", "base"):
+    if job.cfg_zero_star is not None and variant not in SINGLE_LEVEL:
         s.cfg_zero_star = job.cfg_zero_star
         pipe.register_to_config(is_cfg_zero_star=job.cfg_zero_star)
     return s
