@@ -149,8 +149,10 @@ def test_training_steps_with_ulysses_equal_one_process_and_data_parallel_groups_
         tol = dict(rtol=2e-3, atol=1e-5) if bf16 else dict(FP32_EXACT)
         if name == "dmd":  # the generator's gradient is a difference of two critic scores and the critic's
             # gradient norm is ~3e3: fp32 noise of step 1 shows at 2e-5 in step 2's critic loss and at 2e-4 in
-            # the generator's gradient norm (the building-block test holds every gradient of one step to 1e-6)
-            tol.update(rtol=1e-4, norm_rtol=1e-3)
+            # the generator's gradient norm (the building-block test holds every gradient of one step to 1e-6).
+            # Under the official DMD shift rule the toy's chunks (μ < 1) draw unshifted, noisier timesteps: step 2's
+            # critic loss then differed by 1.4e-4 (2026-12-07, this machine), so 3e-4.
+            tol.update(rtol=3e-4, norm_rtol=1e-3)
         _assert_same(_losses(tmp_path / f"{name}_sp"), _losses(tmp_path / f"{name}_one"), **tol)
         _assert_same_weights(tmp_path / f"{name}_sp/checkpoint-{last[name]}",
                              tmp_path / f"{name}_one/checkpoint-{last[name]}", 5e-3 if bf16 else 5e-5)
