@@ -15,7 +15,6 @@ distribution numbers. Sampler settings: each variant's defaults (helios_train/mo
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -95,7 +94,8 @@ def evaluate_export(folder: str, variant: str | None, clips, args) -> dict:
         dist.append(distribution_scores(gen, frames, args.chunks))
         if i < args.bench_clips:  # HeliosBench's flow runs at 640 px wide: ~5 s per 33 frames on a CPU core
             bench.append(heliosbench_scores(gen))
-        videos.append(gen)
+        if not videos:  # only the first clip's rollout goes into the grid: ~270 MB a clip at 384×640
+            videos.append(gen)
     counter.cost = t2v_cost
     adherence = []
     for i, (key, caption, frames) in enumerate(clips[: args.t2v_clips]):
@@ -138,7 +138,7 @@ def baselines(clips, chunks: int, bench_clips: int) -> dict:
         "ground truth": {"variant": "data", "distribution": mean_curves([distribution_scores(t, f, chunks)
                                                                          for t, (_, _, f) in zip(truth, clips)]),
                          "heliosbench": _bench_summary([heliosbench_scores(t) for t in truth[:bench_clips]]),
-                         "_videos": truth},
+                         "_videos": truth[:1]},
     }
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from helios_train.data.miniature_world import CHUNK_FRAMES
 
 MARKS = (1, 5, 10)  # chunk indices (1 = the first generated chunk) the table shows besides the mean
 
