@@ -1,7 +1,8 @@
 """Process-level reliability, from outside the trainer (real torchrun / python processes, toy model, gloo):
 workers die with their launcher, one trainer per run directory, clean exits never hang, signals before the
 first step lose nothing, a frozen rank ends the job naming it, resumed W&B history continues after the
-checkpoint, and the thread count follows the checkpoint."""
+checkpoint, a job-wide SIGTERM that also ends W&B's service loses nothing, and the thread count follows the
+checkpoint."""
 from __future__ import annotations
 
 import json
@@ -17,12 +18,16 @@ import pytest
 
 from conftest import REPO, compose, train, wait_until
 from helios_train.training.tracking import read_metrics
+from wandb_history import history_steps
 
 COMMON = ["data.num_workers=0", "trainer.log_every=1", "validation.every=0"]
 
 
 def env(**extra) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **extra}
+    # Without WANDB_SERVICE: an in-process W&B run of an earlier test exports it, and a trainer started with it
+    # would use this process's W&B service instead of starting its own as on a cluster.
+    inherited = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**inherited, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **extra}
 
 
 def entry(toy_root, out, *overrides, torchrun: bool = False) -> list[str]:
@@ -53,6 +58,13 @@ def children(pid: int) -> list[int]:
             continue
         if int(fields[1]) == pid:
             out.append(int(stat.parent.name))
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    out = []
+    for child in children(pid):
+        out += [child, *descendants(child)]
     return out
 
 
@@ -207,6 +219,39 @@ def test_resumed_history_continues_after_the_checkpoint_in_metrics_and_wandb(toy
     segments = json.loads((tmp_path / "hist/wandb_segments.json").read_text())
     assert [(s["resumed_after_step"], s["starting_step"]) for s in segments] == [(None, 0), (2, 3)]
     assert segments[0]["id"] == segments[1]["id"] and all(Path(s["dir"]).is_dir() for s in segments)
+
+
+@pytest.mark.slow
+def test_a_job_wide_sigterm_with_wandb_on_checkpoints_and_wandb_keeps_every_step(toy_root, tmp_path):
+    """`scancel` and `scontrol requeue` signal every process of the job step, W&B's service (wandb-core, in a
+    session of its own) included: the trainer's next W&B call fails (`ConnectionResetError`). The trainer must
+    still checkpoint the step it reached and exit 0 (it died before saving, rc 1, before the tracker was
+    guarded), and the resumed run must leave W&B one copy of every step: the killed service wrote nothing to its
+    offline file, so the resume rewinds W&B to the killed segment's start and re-sends from metrics.jsonl."""
+    run = tmp_path / "wb"
+    proc = start(entry(toy_root, tmp_path, "trainer.max_steps=500", "trainer.checkpoint_every=1000",
+                       "trainer.debug.step_sleep_s=0.3", "tracker.mode=offline", "run_name=wb"))
+    wait_for_step(run, 3, proc)
+    job = [proc.pid, *descendants(proc.pid)]
+    assert any(b"wandb-core" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in job)
+    for pid in job:
+        os.kill(pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "W&B failed during" in out  # the path under test: the service was gone when the trainer logged
+    step = read_metrics(run)[-1]["step"]
+    assert (run / f"checkpoint-{step}/COMPLETE").is_file(), sorted(p.name for p in run.iterdir())
+    assert f"received SIGTERM: checkpoint-{step} written" in out
+
+    train(toy_root, tmp_path, [*COMMON, f"trainer.max_steps={step + 2}", "tracker.mode=offline", "run_name=wb"])
+    assert [m["step"] for m in read_metrics(run)] == list(range(1, step + 3))
+    segments = json.loads((run / "wandb_segments.json").read_text())
+    assert [(s["finished"], s["checkpoint_step"]) for s in segments] == [(False, None), (True, step)]
+    history: list[int] = []  # what `wandb sync` of the folders in order gives: each segment rewinds to its start
+    for segment in segments:
+        history = [s for s in history if s <= (segment["resumed_after_step"] or 0)]
+        history += history_steps(next(Path(segment["dir"]).glob("*.wandb")))
+    assert history == list(range(1, step + 3))
 
 
 def test_resume_adopts_the_checkpoints_thread_count(toy_root, tmp_path, capsys):

@@ -3,6 +3,19 @@
 Only rank 0 tracks. The config sent to W&B and written to disk passes through `redact`, so keys
 that look like credentials never leave the process (API keys come from the environment or
 `wandb login`, never from our config).
+
+The tracker can never take training down. Once the run has started, a W&B failure (its service gone, the
+network, a full disk) is one warning and W&B is dropped for the rest of the process; metrics.jsonl keeps every
+value. The case that made this necessary: SLURM signals every process of a job step, W&B's service
+(wandb-core) included, and the trainer's next `wandb.log` raised `ConnectionResetError` before it could
+checkpoint (a plain `scancel` lost every step since the last checkpoint). Blocking the signals while wandb-core
+starts does not help (measured: it unblocks SIGTERM for its own handler), and a service killed that way
+leaves its offline file empty (measured: the header only, after 4 logged steps). So: while a stop signal is
+pending, values for W&B are held back until the trainer has written its checkpoint (`hold_remote`); every
+process's W&B segment is recorded in `wandb_segments.json` and marked `finished` only when `wandb.finish`
+returned; a resumed run whose previous segment did not finish rewinds W&B to that segment's start and re-sends
+the steps from metrics.jsonl, so the W&B history (online, or every offline folder synced in order) is one
+consistent copy of metrics.jsonl whatever killed the previous process.
 """
 from __future__ import annotations
 
@@ -12,6 +25,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -41,6 +55,9 @@ class Tracker:
         self.metrics_path = run_dir / "metrics.jsonl"
         self.segments_path = run_dir / "wandb_segments.json"
         self.run = None
+        self.failure: str | None = None  # why W&B was dropped mid-run, if it was
+        self.hold_remote: Callable[[], bool] = lambda: False  # set by the trainer: a stop signal is pending
+        self._held: list[dict] = []  # W&B calls held back while `hold_remote()`, sent by `flush_held`
         if enabled and tracker_cfg.mode not in ("online", "offline", "disabled"):
             raise ValueError(f"tracker.mode={tracker_cfg.mode!r}: expected online | offline | disabled")
 
@@ -56,8 +73,27 @@ class Tracker:
         id_file = self.run_dir / "wandb_run_id.txt"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
-        self.run = self._init_with_retry(wandb, run_id, id_file, resume_step)
-        self._record_segment(resume_step)
+        rewind = resume_step
+        previous = self.segments()[-1] if self.segments() else None
+        if resume_step is not None and previous and previous["id"] == run_id and not previous.get("finished"):
+            # that process's W&B never finished (killed, or its service was): what it sent may be lost
+            rewind = min(resume_step, previous["resumed_after_step"] or 0)
+        self.run = self._init_with_retry(wandb, run_id, id_file, rewind)
+        self._record_segment(rewind, resume_step)
+        if rewind is not None and rewind < resume_step and self.run is not None:
+            self._resend(rewind, resume_step)
+
+    def segments(self) -> list[dict]:
+        return json.loads(self.segments_path.read_text()) if self.segments_path.is_file() else []
+
+    def _resend(self, after: int, upto: int) -> None:
+        """Send metrics.jsonl's steps in (after, upto] to W&B (validation media are not re-sent)."""
+        for row in read_metrics(self.run_dir):
+            if after < row["step"] <= upto:
+                self._remote({k: v for k, v in row.items() if k != "step"}, row["step"])
+        log.warning("the previous process's W&B run did not finish (killed, or its service was), so what it sent "
+                    "may be lost: rewound W&B to step %d and re-sent steps %d-%d from %s", after, after + 1, upto,
+                    self.metrics_path)
 
     def _init_args(self, wandb, run_id: str, resume_step: int | None) -> dict:
         args = dict(project=self.cfg.project, entity=self.cfg.entity, name=self.run_name, id=run_id,
@@ -96,13 +132,14 @@ class Tracker:
                     time.sleep(2.0)
         raise RuntimeError(f"could not start a W&B run in {self.run_dir}")
 
-    def _record_segment(self, resume_step: int | None) -> None:
+    def _record_segment(self, resume_step: int | None, checkpoint_step: int | None) -> None:
         """`wandb_segments.json`: every process that logged to this run's W&B id, where its files are and the
         step it started from — an offline run resumed N times has N folders, synced as one run by
         `wandb sync <run>/wandb/offline-run-*` (same id, in start order; each rewinds to its start)."""
-        segments = json.loads(self.segments_path.read_text()) if self.segments_path.is_file() else []
+        segments = self.segments()
         segments.append({"id": self.run.id, "dir": str(Path(self.run.dir).parent), "mode": self.cfg.mode,
-                         "resumed_after_step": resume_step, "starting_step": int(self.run.starting_step)})
+                         "resumed_after_step": resume_step, "checkpoint_step": checkpoint_step,
+                         "starting_step": int(self.run.starting_step), "finished": False})
         write_text_atomically(self.segments_path, json.dumps(segments, indent=1))
         if self.cfg.mode == "offline" and len(segments) > 1:
             log.info("W&B offline: this run has %d segments; sync them as one run with: wandb sync %s/wandb/"
@@ -122,8 +159,34 @@ class Tracker:
         scalars = {k: (float(v) if hasattr(v, "__float__") else v) for k, v in values.items()}
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps({"step": step, **scalars}) + "\n")
-        if self.run is not None:
-            self.run.log({**scalars, **(media or {})}, step=step)
+        self._remote({**scalars, **(media or {})}, step)
+
+    def _remote(self, values: dict, step: int) -> None:
+        """Send to W&B now, or hold back while a stop signal is pending (the checkpoint comes first)."""
+        if self.run is None:
+            return
+        if self.hold_remote():
+            self._held.append({"values": values, "step": step})
+            return
+        self._guarded("log", lambda: self.run.log(values, step=step))
+
+    def flush_held(self) -> None:
+        """Send what `hold_remote` held back (the trainer calls this once its checkpoint is written)."""
+        held, self._held = self._held, []
+        for item in held:
+            self._remote(item["values"], item["step"])
+
+    def _guarded(self, what: str, call: Callable[[], Any]) -> bool:
+        """Run a W&B call; on any failure warn once and drop W&B for the rest of this process. Whether it ran."""
+        try:
+            call()
+            return True
+        except Exception as exn:  # wandb raises ConnectionResetError, CommError, OSError, its own errors...
+            self.failure = f"{type(exn).__name__}: {exn}"
+            log.warning("W&B failed during %s (%s); training goes on without it, every value is still in %s",
+                        what, self.failure, self.metrics_path)
+            self.run = None
+            return False
 
     def log_media(self, step: int, videos: dict[str, Path], drift: Optional[dict[str, list[float]]]) -> None:
         """Validation videos (mp4 paths) and the per-chunk drift curve (values relative to chunk 0)."""
@@ -141,17 +204,24 @@ class Tracker:
                 media["validation/drift"] = wandb.plot.line_series(
                     xs=chunks, ys=[drift[k] for k in drift], keys=list(drift), title=f"drift vs chunk 0 (step {step})",
                     xname="chunk")
-            self.run.log({**media, **scalars}, step=step)
+            self._remote({**media, **scalars}, step)
 
     def summary(self, values: dict[str, Any]) -> None:
-        if self.run is not None:
+        def write() -> None:
             for k, v in values.items():
                 self.run.summary[k] = v
 
-    def finish(self, exit_code: int | None = None) -> None:
         if self.run is not None:
-            self.run.finish(exit_code=exit_code)
-            self.run = None
+            self._guarded("summary", write)
+
+    def finish(self, exit_code: int | None = None) -> None:
+        self.flush_held()
+        if self.run is not None:
+            run, self.run = self.run, None
+            if self._guarded("finish", lambda: run.finish(exit_code=exit_code)):
+                segments = self.segments()
+                segments[-1]["finished"] = True  # this process's segment: its records are all on disk / sent
+                write_text_atomically(self.segments_path, json.dumps(segments, indent=1))
 
 
 def supports_rewind(wandb) -> bool:

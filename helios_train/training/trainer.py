@@ -73,6 +73,7 @@ class Trainer:
             checkpointing.load(self, resume_from)
         self.tracker.start(self.step if resume_from is not None else None)
         self.stop_signal: str | None = None
+        self.tracker.hold_remote = lambda: self.stop_signal is not None  # checkpoint first, then W&B
         self.run_lock = None  # the run directory lock (rank 0), released by whoever built the trainer
         self.fresh_start = resume_from is None
         self.on_phase = lambda name: None  # observer: called with each phase's role name (dry-run memory labels)
