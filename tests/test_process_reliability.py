@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -199,7 +200,10 @@ def test_a_frozen_rank_ends_the_job_naming_it(toy_root, tmp_path):
     elapsed = time.time() - t0
     assert proc.returncode != 0
     said = [line for line in out.splitlines() if "[helios-train]" in line or "Error" in line]
-    assert f"silent rank 1 (pid {rank1} on {socket.gethostname()}" in out, "\n".join(said[-40:])
+    assert f"rank 1 (pid {rank1} on {socket.gethostname()}, last step" in out, "\n".join(said[-40:])
+    assert "its process is stopped (SIGSTOP or a debugger)" in out
+    waited = int(re.search(r"failed in a collective (\d+) s into step", out).group(1))
+    assert 4 <= waited <= 5 + 15, waited  # the time it spent, about the 5 s timeout (it printed 600 before)
     assert "ended the silent rank(s) [1] on this host" in out
     assert elapsed < 5 + 20, elapsed  # the timeout and a margin: not torchrun's 30 s grace on top
     assert not any(map(alive, workers))
@@ -219,6 +223,28 @@ def test_resumed_history_continues_after_the_checkpoint_in_metrics_and_wandb(toy
     segments = json.loads((tmp_path / "hist/wandb_segments.json").read_text())
     assert [(s["resumed_after_step"], s["starting_step"]) for s in segments] == [(None, 0), (2, 3)]
     assert segments[0]["id"] == segments[1]["id"] and all(Path(s["dir"]).is_dir() for s in segments)
+
+
+@pytest.mark.slow
+@pytest.mark.slow
+def test_a_crashed_rank_is_reported_as_exited_with_its_error_and_not_killed(toy_root, tmp_path):
+    """Rank 0 raises at step 3 (trainer.debug.crash_at_step). Its peer's collective fails once rank 0's process
+    goes; the peer must name rank 0 as exited with its error, give the seconds it really spent (not the
+    600 s timeout: it printed "waited 600 s ... silent rank 0 ... 2 s ago" after a few seconds), and must not
+    SIGKILL rank 0, which is writing its own report."""
+    proc = start(entry(toy_root, tmp_path, "trainer.max_steps=50", "trainer.checkpoint_every=1000",
+                       "trainer.debug.crash_at_step=3", "trainer.debug.crash_rank=0", "run_name=crash",
+                       torchrun=True))
+    t0 = time.time()
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "fault drill: rank 0 crashes at step 3" in out, out[-3000:]
+    reports = [line for line in out.splitlines() if "[helios-train] rank 1 failed in a collective" in line]
+    assert reports, out[-3000:]  # rank 1's allreduce fails at once: gloo's "Connection closed by peer"
+    assert "rank 0 (pid" in reports[0] and "exited with RuntimeError: fault drill" in reports[0], reports
+    assert int(re.search(r"failed in a collective (\d+) s into step", reports[0]).group(1)) < 60
+    assert "ended the silent rank" not in out
+    assert time.time() - t0 < 240
 
 
 @pytest.mark.slow

@@ -100,6 +100,8 @@ class DebugConfig:
     nonfinite_loss_steps: list[int] = field(default_factory=list)  # make the loss NaN at these steps
     nonfinite_roles: list[str] = field(default_factory=list)  # … of these roles only (empty: every role)
     step_sleep_s: float = 0.0  # slow each step down (kill/preemption drills need a run that lasts)
+    crash_at_step: Optional[int] = None  # raise at the start of this step, on rank `crash_rank` only
+    crash_rank: int = 0
 
 
 @dataclass

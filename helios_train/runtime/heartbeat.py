@@ -7,6 +7,12 @@ TCP round trip); when a collective times out, the rank that saw it reads every r
 names the one(s) that stopped beating — with their host and pid, which is what an operator needs to
 find the node. The store is torch.distributed's default store (torchrun's rendezvous store); if it is
 gone too (its host died), the message says so instead.
+
+A rank that fails (any exception out of the training loop) first writes an exit marker `{step, time, error}`,
+so its peers, whose next collective then fails, report it as *exited* with its error rather than as frozen,
+and never kill it while it writes its own report. A silent rank on the same host is told apart by its
+process: gone, stopped (SIGSTOP), or alive. The message gives the time the reporting rank actually spent in
+the failing step, not the configured timeout.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import socket
 import time
 
 KEY = "helios/heartbeat/{rank}"
+EXIT_KEY = "helios/exited/{rank}"
 TIMEOUT_WORDS = ("timed out", "timeout", "pair closure", "connection closed by peer", "connection reset", "gloo",
                  "nccl")
 
@@ -77,22 +84,37 @@ class Heartbeat:
         if self._stop is not None:
             self._stop.set()
 
+    def mark_exited(self, error: BaseException) -> None:
+        """Tell the peers this rank is leaving because of `error` (before it does anything else)."""
+        if self.store is None:
+            return
+        try:
+            self.store.set(EXIT_KEY.format(rank=self.rank), json.dumps(
+                {"step": self.step, "time": time.time(), "error": f"{type(error).__name__}: {error}"[:300]}))
+        except Exception:
+            pass
+
     def read(self) -> dict[int, dict]:
+        """Every rank's last beat, with `exited` (its exit marker) where it left with an error."""
         out: dict[int, dict] = {}
         for r in range(self.world_size):
-            key = KEY.format(rank=r)
             try:
-                if self.store is not None and self.store.check([key]):
-                    out[r] = json.loads(self.store.get(key))
+                if self.store is not None and self.store.check([KEY.format(rank=r)]):
+                    out[r] = json.loads(self.store.get(KEY.format(rank=r)))
+                    if self.store.check([EXIT_KEY.format(rank=r)]):
+                        out[r]["exited"] = json.loads(self.store.get(EXIT_KEY.format(rank=r)))
             except Exception:
                 break
         return out
 
     def silent_ranks(self, my_step: int, beats: dict[int, dict]) -> list[int]:
-        """Ranks with no beat, or none for 3 intervals; failing that, those behind this rank's step; failing
-        that, the one quiet longest. Never this rank."""
+        """Ranks that exited with an error; failing that, those with no beat, or none for 3 intervals; failing that,
+        those behind this rank's step; failing that, the one quiet longest. Never this rank."""
         now = time.time()
         others = {r: b for r, b in beats.items() if r != self.rank}
+        exited = [r for r, b in others.items() if "exited" in b]
+        if exited:
+            return sorted(exited)
         missing = [r for r in range(self.world_size) if r != self.rank and r not in beats]
         stale = [r for r, b in others.items() if now - b["time"] > 3 * self.interval_s]
         if stale or missing:
@@ -114,30 +136,57 @@ class Heartbeat:
         killed = []
         for r in self.silent_ranks(my_step, beats):
             b = beats.get(r)
-            if not b or b["host"] != self.host or b["pid"] == self.pid:
+            if not b or "exited" in b or b["host"] != self.host or b["pid"] == self.pid:
+                continue  # a rank that reported its own failure is leaving: let it finish its report
+            if local_process_state(b["pid"]) in ("gone", "exited"):
                 continue
             try:
                 environ = open(f"/proc/{b['pid']}/environ", "rb").read().split(b"\0")
-            except OSError:
+                if f"TORCHELASTIC_RUN_ID={run_id}".encode() in environ:
+                    os.kill(b["pid"], signal.SIGKILL)
+                    killed.append(r)
+            except (OSError, ProcessLookupError):  # it ended meanwhile
                 continue
-            if f"TORCHELASTIC_RUN_ID={run_id}".encode() in environ:
-                os.kill(b["pid"], signal.SIGKILL)
-                killed.append(r)
         return killed
 
-    def describe_silence(self, my_step: int, waited_s: float, beats: dict[int, dict]) -> str:
-        """One paragraph naming the rank(s) whose heartbeat stopped first (`beats`: `read()`)."""
+    def describe_silence(self, my_step: int, waited_s: float, beats: dict[int, dict], error: str = "") -> str:
+        """One paragraph naming the rank(s) that stopped answering first (`beats`: `read()`), what became of each
+        (exited with an error, gone, stopped, alive but silent) and how long this rank spent in the failing step
+        (`waited_s`); `error` is the collective's own error, which says whether a peer closed its connection."""
+        head = f"rank {self.rank} failed in a collective {waited_s:.0f} s into step {my_step + 1}"
         if not beats:
-            return (f"rank {self.rank} waited {waited_s:.0f} s in a collective at step {my_step}; the heartbeat "
-                    f"store is unreachable too (its host, rank 0's node, may be down)")
+            return f"{head}; the heartbeat store is unreachable too (its host, rank 0's node, may be down)"
         now = time.time()
-        silent = self.silent_ranks(my_step, beats)
-        parts = [f"rank {r}" + (f" (pid {beats[r]['pid']} on {beats[r]['host']}, last step {beats[r]['step']}, "
-                                f"{now - beats[r]['time']:.0f} s ago)" if r in beats else " (never beat)")
-                 for r in silent]
-        return (f"rank {self.rank} waited {waited_s:.0f} s (trainer.collective_timeout_s) in a collective at step "
-                f"{my_step}: silent {', '.join(parts)}. A frozen or dead process there (SIGSTOP, a hung file system, "
-                f"an out-of-memory kill) stops every rank; the job ends so it can be requeued and resumed")
+        parts = []
+        for r in self.silent_ranks(my_step, beats):
+            b = beats.get(r)
+            if b is None:
+                parts.append(f"rank {r} (never beat)")
+                continue
+            where = f"pid {b['pid']} on {b['host']}, last step {b['step']}"
+            if "exited" in b:
+                parts.append(f"rank {r} ({where}) exited with {b['exited']['error']}")
+                continue
+            state = local_process_state(b["pid"]) if b["host"] == self.host else "remote"
+            fate = {"gone": "its process is gone", "exited": "its process has exited",
+                    "stopped": "its process is stopped (SIGSTOP or a debugger)",
+                    "alive": f"its process is alive but silent for {now - b['time']:.0f} s (frozen?)"}.get(state)
+            if fate is None:  # another host: the connection error tells an exit from a freeze
+                closed = any(w in error.lower() for w in ("closed by peer", "connection reset", "pair closure"))
+                fate = ("its connection closed: it exited" if closed
+                        else f"no heartbeat for {now - b['time']:.0f} s (frozen, or its host is down)")
+            parts.append(f"rank {r} ({where}): {fate}")
+        return (f"{head}: {'; '.join(parts)}. One rank gone or frozen stops every rank; the job ends so it can be "
+                f"requeued and resumed (trainer.collective_timeout_s bounds the wait for a frozen rank)")
+
+
+def local_process_state(pid: int) -> str:
+    """gone | exited (a zombie) | stopped | alive — a process on this host, from /proc."""
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+    return {"Z": "exited", "X": "exited", "T": "stopped", "t": "stopped"}.get(state, "alive")
 
 
 class SilentRank(RuntimeError):

@@ -73,6 +73,7 @@ class Trainer:
             checkpointing.load(self, resume_from)
         self.tracker.start(self.step if resume_from is not None else None)
         self.stop_signal: str | None = None
+        self.step_began = time.perf_counter()  # when the current step started (the silent-rank report's wait)
         self.tracker.hold_remote = lambda: self.stop_signal is not None  # checkpoint first, then W&B
         self.run_lock = None  # the run directory lock (rank 0), released by whoever built the trainer
         self.fresh_start = resume_from is None
@@ -241,7 +242,11 @@ class Trainer:
         return {"step": self.step, "stopped_by": self.stop_signal, **last}
 
     def _train_one_step(self, it, bar) -> dict:
-        t0 = time.perf_counter()
+        t0 = self.step_began = time.perf_counter()
+        debug = self.cfg.trainer.debug
+        if debug.crash_at_step == self.step + 1 and self.backend.rank == debug.crash_rank:
+            raise RuntimeError(f"fault drill: rank {self.backend.rank} crashes at step {self.step + 1} "
+                               "(trainer.debug.crash_at_step)")
         logs, batches = self.run_step(self._next_batches(it))
         if self.cfg.trainer.debug.step_sleep_s:
             time.sleep(self.cfg.trainer.debug.step_sleep_s)
@@ -258,10 +263,11 @@ class Trainer:
         """A step raised: close the W&B run as failed (a run left open in this process would swallow the next
         one's logs) and, for a collective that timed out, name the silent rank. The backend is not shut down
         here: its barrier could wait on ranks that did not fail."""
+        self.heartbeat.mark_exited(exn)  # first: peers whose collectives now fail report this rank as exited
         self.tracker.finish(exit_code=1)
         if is_collective_timeout(exn):
             beats = self.heartbeat.read()
-            message = self.heartbeat.describe_silence(self.step, self.cfg.trainer.collective_timeout_s, beats)
+            message = self.heartbeat.describe_silence(self.step, time.perf_counter() - self.step_began, beats, str(exn))
             killed = self.heartbeat.stop_silent_local_ranks(self.step, beats)
             if killed:
                 message += f"; ended the silent rank(s) {killed} on this host"
