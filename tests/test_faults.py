@@ -103,6 +103,44 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one_naming_the_fil
     np.testing.assert_allclose([m["loss"] for m in a], [m["loss"] for m in b], rtol=0, atol=1e-6)
 
 
+def test_same_size_corruption_is_found_by_content_and_a_nonfinite_checkpoint_is_refused(toy_root, tmp_path, capsys):
+    """The newest checkpoint's tensor bytes overwritten with NaN, sizes unchanged (COMPLETE checked sizes only:
+    resume=auto took it, skipped every step as non-finite and wrote NaN weights into the next checkpoint):
+    its content hash no longer matches, so resume=auto names the file and takes the previous checkpoint. A
+    checkpoint whose hashes match but whose weights are non-finite (a state saved diverged) is refused at
+    load, naming the tensor."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from helios_train.runtime import checkpoint as ckpt
+
+    common = ["trainer.checkpoint_every=2", "data.num_workers=0", "trainer.log_every=1"]
+    train(toy_root, tmp_path, common + ["trainer.max_steps=4", "run_name=nanfile"])
+    run = tmp_path / "nanfile"
+    bad = run / "checkpoint-4" / "generator.trainable.safetensors"
+    tensors = load_file(str(bad))
+    size = bad.stat().st_size
+    save_file({k: torch.full_like(v, float("nan")) for k, v in tensors.items()}, str(bad))
+    assert bad.stat().st_size == size  # same header, same sizes: only the content differs
+    capsys.readouterr()
+    result = train(toy_root, tmp_path, common + ["trainer.max_steps=4", "run_name=nanfile"])
+    out = capsys.readouterr().out
+    assert f"skipping checkpoint-4: {bad}: content differs from what was written" in out, out[-2000:]
+    assert "resumed from" in out and "checkpoint-2" in out and result["step"] == 4
+    assert np.isfinite(read_metrics(run)[-1]["loss"])
+
+    # The same NaN tensors in a checkpoint whose marker agrees (as if saved so): refused by content, at load.
+    bad = run / "checkpoint-4" / "generator.trainable.safetensors"
+    save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(str(bad)).items()}, str(bad))
+    marker = json.loads((run / "checkpoint-4" / ckpt.MARKER).read_text())
+    marker["xxh3_64"][bad.name] = ckpt.file_hash(bad)
+    (run / "checkpoint-4" / ckpt.MARKER).write_text(json.dumps(marker))
+    with pytest.raises(ValueError, match=f"{bad}: tensor .* has .* non-finite value"):
+        train(toy_root, tmp_path, common + ["trainer.max_steps=6", "run_name=nanfile", f"resume={run / 'checkpoint-4'}"])
+
+
 def test_half_written_checkpoint_is_ignored_and_removed(toy_root, tmp_path):
     train(toy_root, tmp_path, ["trainer.max_steps=2", "trainer.checkpoint_every=2", "run_name=half"])
     run = tmp_path / "half"
@@ -130,14 +168,26 @@ def test_nonfinite_loss_is_skipped_counted_and_aborts_after_limit(toy_root, tmp_
                                    "trainer.debug.nonfinite_loss_steps=[1,2,3,4]"])
 
 
-def test_nonfinite_step_leaves_weights_untouched(toy_root, tmp_path):
+def test_nonfinite_step_leaves_weights_untouched_and_is_never_checkpointed(toy_root, tmp_path, monkeypatch):
+    """A skipped (non-finite) step leaves the weights as they were; and a checkpoint is never written from a
+    state with no finite step since the last one: the run stops naming the steps instead (it wrote
+    checkpoint-2 before)."""
+    from helios_train.runtime.checkpoint import trainable_state
+    from helios_train.training.trainer import NonFiniteLossError, Trainer
+
     train(toy_root, tmp_path, ["trainer.max_steps=1", "trainer.checkpoint_every=1", "run_name=nanw"])
     before = load_file(str(tmp_path / "nanw/checkpoint-1/generator.trainable.safetensors"))
-    train(toy_root, tmp_path, ["trainer.max_steps=2", "trainer.checkpoint_every=1", "run_name=nanw",
-                               "trainer.debug.nonfinite_loss_steps=[1]"])
-    after = load_file(str(tmp_path / "nanw/checkpoint-2/generator.trainable.safetensors"))
+    at_save = []
+    original = Trainer.save
+    monkeypatch.setattr(Trainer, "save", lambda self: (at_save.append(trainable_state(self.roles["generator"].module)),
+                                                       original(self))[1])
+    with pytest.raises(NonFiniteLossError, match="steps 2-2: every one non-finite, no finite step since the last "
+                                                 "checkpoint; not writing checkpoint-2"):
+        train(toy_root, tmp_path, ["trainer.max_steps=2", "trainer.checkpoint_every=1", "run_name=nanw",
+                                   "trainer.debug.nonfinite_loss_steps=[1]"])
+    assert not (tmp_path / "nanw/checkpoint-2").exists()
     for k in before:
-        assert np.array_equal(before[k].numpy(), after[k].numpy()), k
+        assert np.array_equal(before[k].numpy(), at_save[-1][k].numpy()), k
 
 
 def test_checkpoints_total_limit_keeps_newest(toy_root, tmp_path):

@@ -150,7 +150,9 @@ class Backend:
 
     def load_role(self, role: PreparedRole, directory: Path) -> None:
         ckpt.load_trainables(role.module, directory / f"{role.name}.trainable.safetensors")
-        role.optimizer.load_state_dict(ckpt.load_torch(directory / f"{role.name}.optimizer.pt"))
+        optimizer_state = ckpt.load_torch(directory / f"{role.name}.optimizer.pt")
+        ckpt.check_finite(optimizer_state, directory / f"{role.name}.optimizer.pt")
+        role.optimizer.load_state_dict(optimizer_state)
         role.scheduler.load_state_dict(ckpt.load_torch(directory / f"{role.name}.scheduler.pt"))
 
     def shutdown(self) -> None:

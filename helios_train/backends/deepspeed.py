@@ -313,7 +313,10 @@ class DeepSpeedBackend(Backend):
             raise FileNotFoundError(f"{optimizer_file}: no whole optimizer state for role {role.name!r}; this "
                                     "checkpoint resumes only on the shape and backend that wrote it")
         weights = load_file(str(directory / f"{role.name}.trainable.safetensors"))
-        zero_portable.load_whole_state(self, role, weights, ckpt.load_torch(optimizer_file))
+        ckpt.check_finite(weights, directory / f"{role.name}.trainable.safetensors")
+        optimizer_state = ckpt.load_torch(optimizer_file)
+        ckpt.check_finite(optimizer_state, optimizer_file)
+        zero_portable.load_whole_state(self, role, weights, optimizer_state)
         role.scheduler.load_state_dict(ckpt.load_torch(directory / f"{role.name}.scheduler.pt"))
 
     def shutdown(self) -> None:

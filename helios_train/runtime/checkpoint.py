@@ -6,15 +6,18 @@ Layout of one checkpoint (all ranks take part; rank 0 writes the shared parts):
   rng-rank<r>.pt                torch CPU / device / generator RNG states, python `random` state
   data-rank<r>.json             data-loader position of every worker of rank r
   trainer_state.json            step, counters, stage state
-  COMPLETE                      written last ({"step", "files": {relative path: bytes}}); a directory
-                                without it is never resumed from
+  COMPLETE                      written last ({"step", "files": {relative path: bytes}, "xxh3_64": {relative
+                                path: hex digest}}); a directory without it is never resumed from
 
 Writes go to `.tmp-checkpoint-<step>/` and are renamed at the end, so a kill at any moment leaves
 either the previous complete checkpoint or the new one, never a half one; stale temp dirs are
 removed at start-up. Every file and the directory are fsync'ed before the marker is written, so a
 power loss cannot leave a marked checkpoint with data still in the page cache. `verify` checks a
-marked checkpoint against its marker (every file present with its size, safetensors headers
-readable): `resume=auto` skips one that fails, naming the file, and takes the previous one.
+marked checkpoint against its marker (every file present with its size and content hash, safetensors
+headers readable): `resume=auto` skips one that fails, naming the file, and takes the previous one. The
+hash is xxHash's XXH3-64 (not cryptographic: it detects corruption, not tampering; the files load with
+weights_only anyway), computed by parallel threads; `bench/checkpoint_hash.py` measures what it adds to a
+save. Loading also refuses a non-finite trainable weight or optimizer tensor, naming it (`check_finite`).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import json
 import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -51,9 +55,29 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
+HASH_CHUNK = 16 << 20
+
+
+def file_hash(path: Path) -> str:
+    """XXH3-64 of a file's bytes, read in 16 MiB pieces (xxhash releases the GIL: threads hash in parallel)."""
+    import xxhash
+
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as fh:
+        while piece := fh.read(HASH_CHUNK):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def hash_files(root: Path, rels: list[str], threads: int = 8) -> dict[str, str]:
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(rels)))) as pool:
+        return dict(zip(rels, pool.map(lambda rel: file_hash(root / rel), rels)))
+
+
 def verify(path: Path) -> Optional[str]:
     """What is wrong with the complete-marked checkpoint `path` (None: nothing found). Checks the files its
-    marker lists (checkpoints written before the marker held a file list only get the header check)."""
+    marker lists, by size and then by content hash (checkpoints written before the marker held hashes get the
+    size check only, before it held a file list the header check only)."""
     try:
         marker = json.loads((path / MARKER).read_text())
     except (OSError, ValueError):
@@ -65,6 +89,10 @@ def verify(path: Path) -> Optional[str]:
             return f"{f}: missing"
         if f.stat().st_size != size:
             return f"{f}: {f.stat().st_size} bytes, {size} were written (truncated or overwritten)"
+    hashes = marker.get("xxh3_64", {}) if isinstance(marker, dict) else {}
+    for rel, digest in sorted(hash_files(path, sorted(hashes)).items()):
+        if digest != hashes[rel]:
+            return f"{path / rel}: content differs from what was written (hash {digest}, written {hashes[rel]})"
     for f in sorted(path.rglob("*.safetensors")):
         try:
             with safe_open(str(f), framework="pt") as handle:
@@ -121,8 +149,25 @@ def save_trainables(module: torch.nn.Module, path: Path) -> None:
     save_file(trainable_state(module), str(path))
 
 
+def check_finite(state, source: Path, prefix: str = "") -> None:
+    """Raise naming the first non-finite floating-point tensor in a (nested) state dict read from `source`."""
+    if isinstance(state, torch.Tensor):
+        if state.is_floating_point() and not torch.isfinite(state).all():
+            bad = int((~torch.isfinite(state)).sum())
+            raise ValueError(f"{source}: tensor {prefix or '<root>'} has {bad} non-finite value(s) of "
+                             f"{state.numel()}; this checkpoint holds a diverged state — resume from an earlier "
+                             "one (resume=<run>/checkpoint-N)")
+    elif isinstance(state, dict):
+        for k, v in state.items():
+            check_finite(v, source, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(state, (list, tuple)):
+        for i, v in enumerate(state):
+            check_finite(v, source, f"{prefix}[{i}]")
+
+
 def load_trainables(module: torch.nn.Module, path: Path) -> None:
     state = load_file(str(path))
+    check_finite(state, path)
     params = dict(module.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(state) != expected:
@@ -171,7 +216,9 @@ def finalize(run_dir: Path, step: int, keep: Optional[int]) -> Path:
         _fsync(src / rel)
     for d in sorted({(src / rel).parent for rel in files} | {src}):
         _fsync(d)
-    (src / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=1, sort_keys=True))
+    hashes = hash_files(src, sorted(files))
+    (src / MARKER).write_text(json.dumps({"step": step, "files": files, "xxh3_64": hashes}, indent=1,
+                                         sort_keys=True))
     _fsync(src / MARKER)
     _fsync(src)
     if dst.exists():

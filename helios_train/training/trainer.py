@@ -62,6 +62,10 @@ class Trainer:
         # role's run of non-finite updates is counted on its own.
         self.consecutive_nonfinite = dict.fromkeys(self.roles, 0)
         self.nonfinite_total = 0
+        # steps since the last checkpoint, and how many of them updated every role finitely: a checkpoint is
+        # never written from a state that has produced no finite step since the previous one
+        self.steps_since_save, self.finite_steps_since_save = 0, 0
+        self.step_finite = True
         self.shape = current_shape(cfg, b.world_size)
         # (no shards: the dry run, which feeds synthetic batches to run_step and never builds a loader)
         self.position = DataPosition(choose_layout(len(shards), b.data_world, tc.grad_accum_steps,
@@ -84,7 +88,13 @@ class Trainer:
         return next((c for c in self.callbacks if isinstance(c, kind)), None)
 
     def save(self) -> None:
+        if self.steps_since_save and not self.finite_steps_since_save:
+            raise NonFiniteLossError(
+                f"steps {self.step - self.steps_since_save + 1}-{self.step}: every one non-finite, no finite step "
+                f"since the last checkpoint; not writing checkpoint-{self.step} from this state (resume from the "
+                "last checkpoint, perhaps with a lower learning rate)")
         checkpointing.save(self)
+        self.steps_since_save, self.finite_steps_since_save = 0, 0
 
     # -- one step ----------------------------------------------------------------------------------
     def _next_batches(self, it) -> list[dict]:
@@ -138,6 +148,7 @@ class Trainer:
         if stepped and math.isfinite(total):
             self.consecutive_nonfinite[name] = 0
         else:
+            self.step_finite = False
             self._count_nonfinite(name, total, norm, [k for batch in batches for k in batch.get("keys", [])])
         return out
 
@@ -157,6 +168,7 @@ class Trainer:
         """Every phase of the stage at `self.step` (a role's losses, backward, clipping and optimizer step
         each), inside the callbacks' step contexts; returns the logs and the updated roles."""
         logs: dict = {}
+        self.step_finite = True  # until a role's update is skipped as non-finite
         phases = self.stage.phases(self.step)
         with contextlib.ExitStack() as stack:
             for callback in self.callbacks:
@@ -251,6 +263,8 @@ class Trainer:
         if self.cfg.trainer.debug.step_sleep_s:
             time.sleep(self.cfg.trainer.debug.step_sleep_s)
         self.step += 1
+        self.steps_since_save += 1
+        self.finite_steps_since_save += int(self.step_finite)
         self.heartbeat.beat(self.step)
         last = self.metrics.log(self, logs, batches, time.perf_counter() - t0)
         bar.update(1)
