@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from helios_train.api import run
 from helios_train.config import CONF_DIR, register_configs
+from helios_train.config.errors import UserError
 
 register_configs()
 
@@ -62,7 +63,17 @@ def main(cfg: DictConfig) -> None:
         from helios_train.runtime.process_guard import will_exit_without_teardown
 
         will_exit_without_teardown()
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    except UserError as exn:
+        # The message names the problem and the fix: one line, not a traceback through Hydra.
+        rank = f" (rank {os.environ['RANK']})" if multi_process else ""
+        print(f"[helios-train] error{rank}: {exn}", file=sys.stderr, flush=True)
+        if multi_process:
+            from helios_train.runtime.process_guard import exit_process
+
+            exit_process(2)
+        sys.exit(2)
     if int(os.environ.get("RANK", 0)) == 0:
         print(done_line(result), flush=True)
     if multi_process:

@@ -81,21 +81,25 @@ def build_trainer(cfg: DictConfig):
     from helios_train.training import run_setup
     from helios_train.training.trainer import Trainer
 
-    run_setup.validate(cfg)
-    resolve_precision(cfg, run_setup.training_device(cfg))
     is_main = int(os.environ.get("RANK", 0)) == 0
-    run_setup.ensure_toy_assets(cfg)  # file-locked: every rank may call it
-    shards = run_setup.resolve_shards(cfg, run_setup.data_world(cfg))
-    check_model_dir(cfg.model)
-    run_setup.check_data_fits_model(cfg, shards)
-    run_setup.resolve_validation_defaults(cfg, shards)
-    run_setup.check_sequence_parallel(cfg)  # with the data's latent and validation sizes
     run_path = Path(cfg.output_root) / cfg.run_name
-    fresh = not run_path.exists()
-    # Rank 0 holds the run directory's lock from before its first write until the process ends: a second
-    # trainer on the same directory stops here, naming the holder (helios_train/runtime/run_lock.py).
+    # (Hydra's command line creates the folder, empty, before this runs: empty counts as fresh)
+    fresh = not run_path.exists() or not any(run_path.iterdir())
+    # First, before any check (seconds to minutes) or write: rank 0 takes the run directory's lock and holds it
+    # until the process ends, so a second trainer on the same directory stops here at once, naming the holder,
+    # with the first run's files untouched (helios_train/runtime/run_lock.py).
     lock = RunLock.acquire(run_path) if is_main else None
     try:
+        if is_main:
+            run_setup.record_command(run_path)
+        run_setup.validate(cfg)
+        resolve_precision(cfg, run_setup.training_device(cfg))
+        run_setup.ensure_toy_assets(cfg)  # file-locked: every rank may call it
+        shards = run_setup.resolve_shards(cfg, run_setup.data_world(cfg))
+        check_model_dir(cfg.model)
+        run_setup.check_data_fits_model(cfg, shards)
+        run_setup.resolve_validation_defaults(cfg, shards)
+        run_setup.check_sequence_parallel(cfg)  # with the data's latent and validation sizes
         run_dir, resume_from, config = run_setup.prepare_run_dir(cfg, is_main)
         apply_thread_count(cfg, resume_from)
         trainer = Trainer(cfg, run_dir, shards, resume_from, config)

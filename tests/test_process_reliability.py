@@ -102,10 +102,23 @@ def test_a_second_trainer_on_the_same_run_directory_stops_naming_the_first(toy_r
                         "trainer.debug.step_sleep_s=0.3", "run_name=shared"))
     try:
         wait_for_step(tmp_path / "shared", 1, first)
-        second = subprocess.run(entry(toy_root, tmp_path, "trainer.max_steps=3", "run_name=shared"), cwd=REPO,
-                                env=env(), capture_output=True, text=True, timeout=240)
-        assert second.returncode != 0
-        assert f"in use by another trainer: pid {first.pid} on {socket.gethostname()}" in second.stderr
+        run = tmp_path / "shared"
+        before = {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()
+                  and "checkpoint-" not in str(p) and p.name not in ("metrics.jsonl", "debug-internal.log")}
+        t0 = time.time()
+        second = subprocess.run(entry(toy_root, tmp_path, "trainer.max_steps=3", "trainer.optim.lr=0.5",
+                                      "run_name=shared"), cwd=REPO, env=env(), capture_output=True, text=True,
+                                timeout=240)
+        seconds = time.time() - t0
+        assert second.returncode == 2
+        said = [line for line in (second.stdout + second.stderr).splitlines() if line.strip()]
+        assert said == [f"[helios-train] error: run directory {run} is in use by another trainer: pid {first.pid} "
+                        f"on {socket.gethostname()} (started " + said[0].split("(started ", 1)[1]], said
+        assert seconds < 30, seconds  # before any check or model load (~30 s before: the lock came last)
+        # nothing of the first run rewritten (a different command rewrote its .hydra/*.yaml before)
+        after = {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*") if p.relative_to(run) in before}
+        assert after == before
+        assert not (run / ".hydra").exists()
         assert first.poll() is None  # the first one trains on, its metrics untouched by the second
         steps = [m["step"] for m in read_metrics(tmp_path / "shared")]
         assert steps == list(range(1, len(steps) + 1))
@@ -117,6 +130,22 @@ def test_a_second_trainer_on_the_same_run_directory_stops_naming_the_first(toy_r
     again = subprocess.run(entry(toy_root, tmp_path, f"trainer.max_steps={read_metrics(tmp_path / 'shared')[-1]['step'] + 1}",
                                  "run_name=shared"), cwd=REPO, env=env(), capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stderr[-2000:]
+
+
+@pytest.mark.parametrize("override, said", [
+    ("data.shards=/nonexistent/shard-*.tar", "data.shards: glob '/nonexistent/shard-*.tar' matches no file"),
+    ("trainer.grad_accum_steps=0", "trainer.grad_accum_steps"),
+])
+def test_a_bad_config_or_shard_pattern_says_one_line_and_leaves_no_run_folder(toy_root, tmp_path, override, said):
+    """A ConfigError / ShardSpecError names the problem and the fix: printed alone (it came after a traceback
+    through Hydra), exit status 2, and the run folder it would have created is gone (it kept .hydra/ and
+    __main__.log)."""
+    out = subprocess.run(entry(toy_root, tmp_path, override, "run_name=bad"), cwd=REPO, env=env(),
+                         capture_output=True, text=True, timeout=240)
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+    assert out.returncode == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("[helios-train] error: ") and said in lines[0], lines
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_lock_left_by_a_dead_holder_is_taken_over(tmp_path):

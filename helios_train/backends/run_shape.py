@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from helios_train.backends.sequence_groups import sequence_degree
+from helios_train.config.errors import UserError
 
 
-class ShapeError(ValueError):
+class ShapeError(UserError, ValueError):
     pass
 
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from helios_train.config.errors import UserError
 
-class SequenceConfigError(ValueError):
+
+class SequenceConfigError(UserError, ValueError):
     pass
 
 

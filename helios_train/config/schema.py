@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from helios_train.config.errors import UserError
 from helios_train.config.run import (DataConfig, LauncherConfig, ModelConfig, TrackerConfig, TrainerConfig,
                                      ValidationConfig)
 from helios_train.config.stages import STAGE_CONFIGS
@@ -24,7 +25,7 @@ from helios_train.config.stages import STAGE_CONFIGS
 CONF_DIR = os.environ.get("HELIOS_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot run, found before any work; the message names the key, the value and the fix."""
 
 

@@ -16,8 +16,10 @@ from typing import Callable, Iterator
 
 from webdataset import shardlists, tariterators
 
+from helios_train.config.errors import UserError
 
-class ShardSpecError(ValueError):
+
+class ShardSpecError(UserError, ValueError):
     """A shard pattern that names no readable files (raised at start-up, before any work)."""
 
 

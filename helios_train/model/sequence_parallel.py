@@ -35,6 +35,8 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.context_parallel import apply_context_parallel
 from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
 
+from helios_train.config.errors import UserError
+
 GATHER_HOOK = "helios_sequence_gather"
 SPLIT_HOOK = "helios_sequence_split_once"
 PLANS = ("split_once", "per_branch")
@@ -64,7 +66,7 @@ class ExactAllGather(torch.autograd.Function):
         return out.movedim(0, ctx.dim), None, None
 
 
-class SequenceLengthError(ValueError):
+class SequenceLengthError(UserError, ValueError):
     pass
 
 

@@ -21,11 +21,13 @@ from pathlib import Path
 
 import torch
 
+from helios_train.config.errors import UserError
+
 MIXED_CHOICES = ("auto", "no", "bf16")
 WEIGHT_CHOICES = ("fp32", "bf16")
 
 
-class PrecisionError(ValueError):
+class PrecisionError(UserError, ValueError):
     """A precision combination that cannot run; the message names the keys and the fix."""
 
 

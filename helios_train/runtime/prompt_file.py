@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from helios_train.config.errors import UserError
 
-class InputError(ValueError):
+
+class InputError(UserError, ValueError):
     """An input file that cannot be used; the message names the file and the option."""
 
 

@@ -21,11 +21,13 @@ import sys
 import time
 from pathlib import Path
 
+from helios_train.config.errors import UserError
+
 log = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
 
 
-class RunDirectoryLocked(RuntimeError):
+class RunDirectoryLocked(UserError, RuntimeError):
     """Another live trainer holds this run directory."""
 
 

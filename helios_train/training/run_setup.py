@@ -5,8 +5,12 @@ message that names the key and the rule.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
+import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -275,6 +279,15 @@ def resolve_resume(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
     if problem is not None:
         raise ConfigError(f"resume={mode!r}: {problem}")
     return path
+
+
+def record_command(run_dir: Path) -> None:
+    """Append this process's command line to `<run>/commands.jsonl` (rank 0, with the run lock held): the run's
+    record of every start, resume and change of overrides (config.yaml holds the first start's resolved config)."""
+    line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "pid": os.getpid(),
+            "argv": sys.argv}
+    with open(run_dir / "commands.jsonl", "a") as fh:
+        fh.write(json.dumps(line) + "\n")
 
 
 def prepare_run_dir(cfg: DictConfig, is_main: bool) -> tuple[Path, Optional[Path], dict]:
