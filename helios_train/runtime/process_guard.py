@@ -77,10 +77,11 @@ def install_early_stop() -> None:
         signal.signal(sig, stop)
 
 
-def report_exit(signame: str, safe: bool, detail: str, step: int | None = None) -> None:
-    """Rank 0 tells a wrapping job script how a signalled run ended, in the JSON file named by
-    $HELIOS_EXIT_REPORT (launch/slurm.sbatch requeues only when `safe`: a checkpoint was written or no
-    step had run since the last one). torchrun's own exit code cannot say it: it re-raises the signal."""
+def report_exit(signame: str, safe: bool, detail: str, step: int | None = None, finished: bool = False) -> None:
+    """Rank 0 tells a wrapping job script how the run ended, in the JSON file named by $HELIOS_EXIT_REPORT:
+    `finished` (max_steps reached), or stopped by `signame` and `safe` (a checkpoint was written or no step had
+    run since the last one). launch/slurm.sbatch decides its exit status and whether to requeue from it:
+    torchrun's own exit status cannot say it (a signal it received itself makes it exit 1)."""
     path = os.environ.get("HELIOS_EXIT_REPORT")
     if not path or int(os.environ.get("RANK", 0)) != 0:
         return
@@ -90,7 +91,7 @@ def report_exit(signame: str, safe: bool, detail: str, step: int | None = None) 
     from helios_train.runtime.atomic_file import write_text_atomically
 
     write_text_atomically(path, json.dumps({"signal": signame, "safe": safe, "detail": detail, "step": step,
-                                            "time": time.time()}))
+                                            "finished": finished, "time": time.time()}))
 
 
 def flush_everything() -> None:

@@ -225,6 +225,7 @@ class Trainer:
             if b.is_main:
                 tqdm.write(f"[helios-train] already at step {self.step} >= trainer.max_steps={tc.max_steps}; nothing to do")
             self.close()
+            report_exit("none", safe=True, detail=f"already at step {self.step}", step=self.step, finished=True)
             return {"step": self.step}
         previous_handlers = self._install_signal_handlers()
         self.heartbeat.beat(self.step)
@@ -251,6 +252,8 @@ class Trainer:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
         self.close()
+        if self.step >= tc.max_steps and self.stop_signal is None:
+            report_exit("none", safe=True, detail=f"finished at step {self.step}", step=self.step, finished=True)
         return {"step": self.step, "stopped_by": self.stop_signal, **last}
 
     def _train_one_step(self, it, bar) -> dict:
