@@ -88,6 +88,12 @@ def cli() -> None:
     """`python -m helios_train` and the `helios-train` script: a command of COMMANDS, else training."""
     if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
         command = sys.argv.pop(1)
+        # The early-stop handlers speak of training ("before training started ... rerun to continue"): the other
+        # commands end on SIGTERM / SIGUSR1 as programs do (the stages `miniature` runs install the trainer's own).
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)
         sys.argv[0] = f"python -m helios_train {command}"  # what --help shows
         logging.basicConfig(level=logging.INFO)
         importlib.import_module(COMMANDS[command]).main(sys.argv[1:])

@@ -168,3 +168,18 @@ def test_keys_appended_with_plus_fail_naming_the_key_and_the_nearest_valid_one(o
     if suggested:
         assert f"did you mean {suggested}?" in str(err.value)
     validate(compose([]), dry_run=True)  # every shipped config passes the check
+
+
+def test_toy_validation_renders_the_datas_first_caption_at_the_datas_size(toy_root):
+    """The toy preset sets how often and how briefly validation renders, not what: prompt and size come from the
+    data, so a toy model trained on other data validates on that data's captions (a fixed toy prompt at 64x128
+    was rendered whatever the data before)."""
+    from helios_train.data.first_sample import first_captions
+    from helios_train.training import run_setup
+
+    cfg = compose([f"toy_root={toy_root}", "validation.every=5"])
+    shards = run_setup.resolve_shards(cfg, 1)
+    run_setup.check_data_fits_model(cfg, shards)
+    run_setup.resolve_validation_defaults(cfg, shards)
+    assert list(cfg.validation.prompts) == first_captions(shards[0], 1)
+    assert (cfg.validation.height, cfg.validation.width) == (8 * cfg.data.latent_height, 8 * cfg.data.latent_width)

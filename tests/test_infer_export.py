@@ -161,3 +161,28 @@ def test_bad_inputs_fail_naming_the_file_before_any_model_loads(tmp_path, capsys
         with pytest.raises(InputError, match="empty.txt: no prompt"):
             make()
     assert not (tmp_path / "text").exists() and not (tmp_path / "ode").exists()  # nothing written
+
+
+def test_inputs_of_another_size_are_resized_with_a_warning(tmp_path, caplog):
+    """--image / --video are resized to the output size: said in a warning naming both sizes (it was silent:
+    640x384 became 128x64 without a word); an input already at the output size says nothing."""
+    import logging
+
+    import numpy as np
+    from PIL import Image
+
+    from helios_train.data.video_io import encode_mp4
+    from helios_train.sampling.infer import read_image, read_video_frames
+
+    Image.new("RGB", (96, 64), (200, 10, 10)).save(tmp_path / "wide.png")
+    (tmp_path / "square.mp4").write_bytes(encode_mp4(np.zeros((5, 64, 64, 3), np.uint8), 24))
+    with caplog.at_level(logging.WARNING, logger="helios_train.sampling.infer"):
+        assert read_image(str(tmp_path / "wide.png"), 128, 64).size == (128, 64)
+        read_video_frames(str(tmp_path / "square.mp4"), 128, 64)
+        said = [r.getMessage() for r in caplog.records]
+        assert any(f"--image {tmp_path / 'wide.png'} is 96x64: resized to 128x64" in m and "aspect ratio changes" in m
+                   for m in said), said
+        assert any(f"--video {tmp_path / 'square.mp4'} is 64x64: resized to 128x64" in m for m in said), said
+        caplog.clear()
+        read_image(str(tmp_path / "wide.png"), 96, 64)
+        assert not caplog.records

@@ -92,17 +92,26 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int = FPS) -> None:
     path.write_bytes(encode_mp4(frames, fps))
 
 
+def warn_if_resized(flag: str, path: str, size: tuple[int, int], width: int, height: int) -> None:
+    """The pipelines take inputs at the output size: say so when an --image / --video is resized (its aspect
+    ratio may change), instead of resizing it without a word."""
+    if size != (width, height):
+        log.warning("%s %s is %dx%d: resized to %dx%d (the output size, --width/--height)%s", flag, path, *size,
+                    width, height, "; its aspect ratio changes" if size[0] * height != size[1] * width else "")
+
+
 def read_image(path: str, width: int, height: int):
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
+            warn_if_resized("--image", path, img.size, width, height)
             return img.convert("RGB").resize((width, height))
     except (OSError, UnidentifiedImageError) as exn:
         raise InputError(f"--image {path}: not a readable image ({exn})") from None
 
 
-def read_video_frames(path: str) -> list:
+def read_video_frames(path: str, width: int, height: int) -> list:
     import decord
     from PIL import Image
 
@@ -115,6 +124,7 @@ def read_video_frames(path: str) -> list:
         raise InputError(f"--video {path}: not a decodable video ({exn})") from None
     if len(frames) == 0:
         raise InputError(f"--video {path}: has no frames")
+    warn_if_resized("--video", path, (frames.shape[2], frames.shape[1]), width, height)
     return [Image.fromarray(f) for f in frames]
 
 
@@ -167,7 +177,7 @@ def _inputs(job: InferenceConfig):
     if job.image and job.video:
         raise InputError("give --image (I2V) or --video (V2V), not both")
     image = read_image(job.image, job.width, job.height) if job.image else None
-    video = read_video_frames(job.video) if job.video else None
+    video = read_video_frames(job.video, job.width, job.height) if job.video else None
     return image, video
 
 
