@@ -87,7 +87,10 @@ def test_preemption_requeue_and_cancel_under_slurm(cluster, toy_root, tmp_path):
     assert "requeueing job" in segment1 and "SignalException" not in segment1, segment1[-3000:]
     assert "Exited with exit code" not in segment1, segment1[-3000:]  # srun: every task ended with status 0
 
+    report = json.loads(re.search(r"\[slurm\] (\{.*\}); requeueing job", segment1).group(1))  # as the script read it
+    assert report["safe"] and {"startup_s", "step_s", "checkpoint_s"} <= set(report), report
     wait(cluster, job, reached(run, usr1 + 2), f"step {usr1 + 2} after the resume")
+    assert "previous segment: start-up" in log_of(tmp_path, "pre", job)  # the lead came from that report
     subprocess.run(["scontrol", "requeue", str(job)], env=cluster.env, check=True)
     state = wait(cluster, job, lambda s: s.get("Restarts") == "2" and s.get("JobState") in ("COMPLETED", "FAILED"),
                  "the end of the third segment")
@@ -118,3 +121,22 @@ def test_preemption_requeue_and_cancel_under_slurm(cluster, toy_root, tmp_path):
     step = read_metrics(run)[-1]["step"]
     assert (run / f"checkpoint-{step}/COMPLETE").is_file(), log_of(tmp_path, "cancel", job)[-3000:]
     assert cluster.job(job).get("Restarts") == "0"
+
+
+def test_the_time_limit_warning_covers_the_previous_segments_step_and_checkpoint(tmp_path):
+    """launch/warning_lead.py: 2 x (slowest step + checkpoint) + 30 s, never under SLURM's own 180 s; the first
+    segment (no report) gets 180 s. A 14B segment (30 s steps, a 163 s save) needs 416 s: 180 s would cut the
+    save at the limit."""
+    script = REPO / "launch" / "warning_lead.py"
+
+    def lead(report) -> int:
+        path = tmp_path / "report.json"
+        path.unlink(missing_ok=True)
+        if report is not None:
+            path.write_text(json.dumps(report))
+        return int(subprocess.run(["python3", str(script), str(path), "180"], capture_output=True, text=True,
+                                  check=True).stdout)
+
+    assert lead(None) == 180
+    assert lead({"startup_s": 20, "step_s": 0.4, "checkpoint_s": 0.2}) == 180
+    assert lead({"startup_s": 400, "step_s": 30, "checkpoint_s": 163}) == 416

@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 log = logging.getLogger(__name__)
 
@@ -77,21 +78,26 @@ def install_early_stop() -> None:
         signal.signal(sig, stop)
 
 
-def report_exit(signame: str, safe: bool, detail: str, step: int | None = None, finished: bool = False) -> None:
+PROCESS_START = time.time()  # this module is imported in the first lines of `python -m helios_train`
+
+
+def report_exit(signame: str, safe: bool, detail: str, step: int | None = None, finished: bool = False,
+                timings: dict | None = None) -> None:
     """Rank 0 tells a wrapping job script how the run ended, in the JSON file named by $HELIOS_EXIT_REPORT:
     `finished` (max_steps reached), or stopped by `signame` and `safe` (a checkpoint was written or no step had
     run since the last one). launch/slurm.sbatch decides its exit status and whether to requeue from it:
-    torchrun's own exit status cannot say it (a signal it received itself makes it exit 1)."""
+    torchrun's own exit status cannot say it (a signal it received itself makes it exit 1). `timings`
+    (startup_s, step_s, checkpoint_s) let the next segment's script size its time-limit warning
+    (launch/warning_lead.py)."""
     path = os.environ.get("HELIOS_EXIT_REPORT")
     if not path or int(os.environ.get("RANK", 0)) != 0:
         return
     import json
-    import time
 
     from helios_train.runtime.atomic_file import write_text_atomically
 
     write_text_atomically(path, json.dumps({"signal": signame, "safe": safe, "detail": detail, "step": step,
-                                            "finished": finished, "time": time.time()}))
+                                            "finished": finished, "time": time.time(), **(timings or {})}))
 
 
 def flush_everything() -> None:

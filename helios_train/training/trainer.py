@@ -26,7 +26,7 @@ from helios_train.backends.run_shape import current_shape
 from helios_train.data.readers import choose_layout
 from helios_train.data.video_dataset import DataPosition, build_loader
 from helios_train.runtime.heartbeat import Heartbeat, SilentRank, is_collective_timeout
-from helios_train.runtime.process_guard import report_exit
+from helios_train.runtime.process_guard import PROCESS_START, report_exit
 from helios_train.runtime.seeding import micro_batch_key
 from helios_train.stages import build_stage
 from helios_train.training import checkpointing
@@ -66,6 +66,8 @@ class Trainer:
         # never written from a state that has produced no finite step since the previous one
         self.steps_since_save, self.finite_steps_since_save = 0, 0
         self.step_finite = True
+        # for the exit report (launch/warning_lead.py sizes the next segment's time-limit warning from them)
+        self.timings: dict[str, float] = {}
         self.shape = current_shape(cfg, b.world_size)
         # (no shards: the dry run, which feeds synthetic batches to run_step and never builds a loader)
         self.position = DataPosition(choose_layout(len(shards), b.data_world, tc.grad_accum_steps,
@@ -93,7 +95,9 @@ class Trainer:
                 f"steps {self.step - self.steps_since_save + 1}-{self.step}: every one non-finite, no finite step "
                 f"since the last checkpoint; not writing checkpoint-{self.step} from this state (resume from the "
                 "last checkpoint, perhaps with a lower learning rate)")
+        began = time.perf_counter()
         checkpointing.save(self)
+        self.timings["checkpoint_s"] = round(time.perf_counter() - began, 2)
         self.steps_since_save, self.finite_steps_since_save = 0, 0
 
     # -- one step ----------------------------------------------------------------------------------
@@ -216,7 +220,8 @@ class Trainer:
         if self.backend.is_main:
             tqdm.write(f"[helios-train] received {self.stop_signal or 'a stop signal on another rank'}: "
                        f"checkpoint-{self.step} written, exiting; rerun the same command to resume")
-        report_exit(self.stop_signal or "peer", safe=True, detail=f"checkpoint-{self.step} written", step=self.step)
+        report_exit(self.stop_signal or "peer", safe=True, detail=f"checkpoint-{self.step} written", step=self.step,
+                    timings=self.timings)
 
     # -- the loop ---------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -253,11 +258,13 @@ class Trainer:
                 signal.signal(sig, handler)
         self.close()
         if self.step >= tc.max_steps and self.stop_signal is None:
-            report_exit("none", safe=True, detail=f"finished at step {self.step}", step=self.step, finished=True)
+            report_exit("none", safe=True, detail=f"finished at step {self.step}", step=self.step, finished=True,
+                        timings=self.timings)
         return {"step": self.step, "stopped_by": self.stop_signal, **last}
 
     def _train_one_step(self, it, bar) -> dict:
         t0 = self.step_began = time.perf_counter()
+        self.timings.setdefault("startup_s", round(time.time() - PROCESS_START, 2))
         debug = self.cfg.trainer.debug
         if debug.crash_at_step == self.step + 1 and self.backend.rank == debug.crash_rank:
             raise RuntimeError(f"fault drill: rank {self.backend.rank} crashes at step {self.step + 1} "
@@ -274,6 +281,8 @@ class Trainer:
         bar.set_postfix(loss=f"{next((v for k, v in last.items() if k.endswith('loss')), 0.0):.4f}")
         for callback in self.callbacks:
             callback.on_logged(self, self.step)
+        # the slowest step so far, validation included: what a stop signal may have to wait for before the save
+        self.timings["step_s"] = round(max(self.timings.get("step_s", 0.0), time.perf_counter() - t0), 2)
         return last
 
     def _fail(self, exn: BaseException) -> None:
