@@ -348,7 +348,7 @@ def test_validation_renders_the_data_unless_told_otherwise(toy_root, tmp_path):
 
     shard = str(toy_root / "latents/latent-000003.tar")
     unset = ["data=webdataset", f"data.shards={shard}", "model=toy", "validation.every=5", "validation.prompts=null",
-             "validation.height=null", "validation.width=null"]
+             "validation.height=null", "validation.width=null", "validation.num_data_prompts=2"]  # (toy preset: 1)
 
     def resolved(extra=()):
         cfg = compose([f"toy_root={toy_root}", *unset, *extra])
