@@ -309,6 +309,25 @@ def test_a_job_wide_sigterm_with_wandb_on_checkpoints_and_wandb_keeps_every_step
     assert history == list(range(1, step + 3))
 
 
+@pytest.mark.slow
+def test_a_stop_signal_with_wandb_alive_sends_every_step_once_the_checkpoint_is_written(toy_root, tmp_path):
+    """SIGTERM to the trainer alone (W&B's service lives on): the step in flight is held back from W&B until the
+    checkpoint is written, then sent; the segment finishes cleanly and W&B's offline file holds every step up to
+    the checkpoint (the held values were never sent before: the hold was still on when the run finished)."""
+    run = tmp_path / "alive"
+    proc = start(entry(toy_root, tmp_path, "trainer.max_steps=500", "trainer.checkpoint_every=1000",
+                       "trainer.debug.step_sleep_s=0.3", "tracker.mode=offline", "run_name=alive"))
+    wait_for_step(run, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "W&B failed" not in out, out[-3000:]
+    step = read_metrics(run)[-1]["step"]
+    assert (run / f"checkpoint-{step}/COMPLETE").is_file()
+    segments = json.loads((run / "wandb_segments.json").read_text())
+    assert [s["finished"] for s in segments] == [True]
+    assert history_steps(next(Path(segments[0]["dir"]).glob("*.wandb"))) == list(range(1, step + 1))
+
+
 def test_resume_adopts_the_checkpoints_thread_count(toy_root, tmp_path, capsys):
     import torch
 

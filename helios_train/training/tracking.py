@@ -171,10 +171,13 @@ class Tracker:
         self._guarded("log", lambda: self.run.log(values, step=step))
 
     def flush_held(self) -> None:
-        """Send what `hold_remote` held back (the trainer calls this once its checkpoint is written)."""
+        """Send what `hold_remote` held back, whatever `hold_remote` says now (`finish` calls it: the trainer has
+        written its checkpoint by then)."""
         held, self._held = self._held, []
         for item in held:
-            self._remote(item["values"], item["step"])
+            if self.run is None:
+                return
+            self._guarded("log", lambda item=item: self.run.log(item["values"], step=item["step"]))
 
     def _guarded(self, what: str, call: Callable[[], Any]) -> bool:
         """Run a W&B call; on any failure warn once and drop W&B for the rest of this process. Whether it ran."""
