@@ -155,3 +155,27 @@ def test_the_documented_commands_make_clips_the_data_tools_accept(tmp_path):
     clips = decoded_clips(sorted((tmp_path / "raw").glob("raw-*.tar")))
     assert [len(f) for _, _, f in clips] == [world.CLIP_FRAMES] * 2
     assert all(world.parse_caption(c) is not None for _, c, _ in clips)
+
+
+def test_the_vae_latent_starts_at_unit_scale_on_the_data():
+    """normalise_latent_scale: the posterior mean has zero mean and unit std per channel on the batch it saw (a
+    fresh VAE's latent barely varies with its input: std ~0.13 here, and the decoder learns to ignore it)."""
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from helios_train.data.miniature_world import render, split_clips
+    from helios_train.model.vae_training import _batch, normalise_latent_scale
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    x = _batch([render(c, np.arange(9)) for c in split_clips("train", 3)], np.random.default_rng(1), 3, 5, 64)
+    with torch.no_grad():
+        before = vae.encode(x).latent_dist.mean.std(dim=(0, 2, 3, 4))
+    normalise_latent_scale(vae, x)
+    with torch.no_grad():
+        after = vae.encode(x).latent_dist.mean
+    assert before.max() < 0.5
+    torch.testing.assert_close(after.std(dim=(0, 2, 3, 4)), torch.ones(16), atol=1e-4, rtol=0)
+    torch.testing.assert_close(after.mean(dim=(0, 2, 3, 4)), torch.zeros(16), atol=1e-4, rtol=0)
