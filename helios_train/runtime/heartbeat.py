@@ -145,7 +145,7 @@ class Heartbeat:
                 if f"TORCHELASTIC_RUN_ID={run_id}".encode() in environ:
                     os.kill(b["pid"], signal.SIGKILL)
                     killed.append(r)
-            except (OSError, ProcessLookupError):  # it ended meanwhile
+            except OSError:  # it ended meanwhile (ProcessLookupError is an OSError)
                 continue
         return killed
 
